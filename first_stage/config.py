@@ -1,0 +1,275 @@
+"""Typed, frozen run configuration, loaded from YAML and overridden with ``--set section.key=value``.
+
+Every section is a frozen dataclass. Loading checks every key and type against the dataclass
+fields: an unknown key or a wrong type raises :class:`ConfigError` naming the key, the file it came
+from, and the closest valid key. The resolved config is written back as YAML with
+:func:`save_config` and reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"  # a key of first_stage.model.PRESETS
+    # AutoencoderKL constructor arguments that replace the preset's, e.g. {latent_channels: 16}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a diffusers AutoencoderKL folder to start from (fine-tuning)
+    trainable: Literal["all", "decoder"] = "all"  # "decoder": the sd-vae-ft-MSE recipe
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    pixel_loss: Literal["l1", "l2"] = "l1"
+    perceptual_weight: float = 1.0
+    # "sum": the latent-diffusion reduction (sum over C,H,W, mean over the batch).
+    # "mean": per element; kl_weight_mean = kl_weight_sum * latent_elements / pixel_elements.
+    reduction: Literal["sum", "mean"] = "sum"
+    learn_logvar: bool = False  # the released SD VAE kept it frozen at logvar_init
+    logvar_init: float = 0.0
+    lpips_weights: str | None = None  # path to torchvision's vgg16-397923af.pth
+    lpips_download: bool = True  # try torch.hub when the file is not found locally
+    lpips_missing: Literal["error", "warn"] = "error"  # "warn" trains without the LPIPS term
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    kind: Literal["kl"] = "kl"
+    kl_weight: float = 1e-6  # in the reduction of loss.reduction
+    schedule: Literal["constant", "linear"] = "constant"
+    warmup_steps: int = 0  # "linear": weight ramps from 0 to kl_weight over this many steps
+    free_bits: float = 0.0  # per-channel floor, nats per latent element, below which KL is free
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    enabled: bool = False
+    start: int = 50001  # first step at which the discriminator trains
+    warmup_steps: int = 0  # its term reaches the generator only from start + warmup_steps
+    weight: float = 0.5  # disc_weight: multiplies the adaptive weight
+    n_layers: int = 3
+    channels: int = 64
+    norm: Literal["batch", "group", "none"] = "batch"
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    adaptive_weight_max: float = 1e4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["sample", "imagefolder", "hub", "webdataset"] = "sample"
+    path: str | None = None  # folder, hub dataset name, or tar shard pattern
+    name: str | None = None  # hub dataset configuration
+    split: str = "train"
+    image_column: str = "image"
+    streaming: bool = False
+    resolution: int = 256  # side of the square crop
+    resize: int | None = None  # resize the short side to this before cropping; None keeps it
+    random_crop: bool = True
+    hflip: bool = True
+    num_workers: int = 0
+    pin_memory: bool = False
+    shuffle_buffer: int = 1000  # streaming only
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-4  # effective learning rate, no hidden scaling by batch size
+    disc_lr: float | None = None  # None: same as lr
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.0  # cosine: lr at the last step, relative to lr
+    grad_clip: float | None = None  # max global grad norm; None: no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_name: str = "run"
+    output_dir: str = "outputs"
+    seed: int = 0
+    max_steps: int = 1000  # optimiser updates
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema: bool = True
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    log_every: int = 10
+    image_every: int = 100  # reconstruction grids and latent statistics
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
+    tracker: Literal["auto", "tensorboard", "wandb", "jsonl"] = "auto"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    weights: Literal["ema", "raw"] = "ema"
+    calibration_images: int = 64  # images whose latents give the measured scaling_factor
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    val_data: DataConfig | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the field's type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".", source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        # YAML 1.1 reads "1e-6" (no dot) as a string; accept any string float() reads exactly.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every valid dotted key below dataclass ``cls``."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        keys += _dotted_keys(inner[0], f"{prefix}{name}.") if inner else [prefix + name]
+    return keys
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys with the closest valid one."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            # The same name in another section ('loss.kl_weight' -> 'regularizer.kl_weight'),
+            # else the closest name in this section.
+            elsewhere = [k for k in _dotted_keys(Config) if k.rsplit(".", 1)[-1] == key]
+            close = elsewhere or [prefix + k for k in difflib.get_close_matches(str(key), list(hints), n=1)]
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(hints)})"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key, source)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` to the raw dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    dotted, text = assignment.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config from YAML (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {Path(path).resolve()}") from None
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return _build(Config, raw, "", source)
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain YAML-safe data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML; :func:`load_config` reads it back to an equal object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path
+
+
+def config_hash(config: Config) -> str:
+    """A short, stable hash of the resolved config (recorded in checkpoints and exports)."""
+    return hashlib.sha256(to_yaml(config).encode()).hexdigest()[:16]

@@ -1,0 +1,78 @@
+"""The PatchGAN discriminator of pix2pix / taming-transformers, and its losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiscriminatorConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(32 if channels % 32 == 0 else 1, channels)
+    return nn.Identity()
+
+
+class PatchDiscriminator(nn.Module):
+    """``n_layers`` strided 4x4 convolutions; outputs one logit per overlapping patch, (B,1,h,w).
+
+    With the defaults (3 layers, 64 channels) each logit sees a 70x70 receptive field.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3, norm: str = "batch"):
+        super().__init__()
+        bias = norm == "none"  # a norm layer right after makes a conv bias redundant
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=bias),
+                _norm(norm, channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The pix2pix initialisation: N(0, 0.02) convolutions, N(1, 0.02) norm scales."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator:
+    return PatchDiscriminator(channels=cfg.channels, n_layers=cfg.n_layers, norm=cfg.norm)
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The discriminator's loss on real and (detached) fake logits, in fp32."""
+    real, fake = logits_real.float(), logits_fake.float()
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    if kind == "non_saturating":
+        return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    raise ValueError(f"discriminator.loss must be 'hinge' or 'non_saturating', got {kind!r}")
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's adversarial term: ``-mean(D(x̂))`` (hinge, as latent-diffusion) or
+    ``mean(softplus(-D(x̂)))`` (non-saturating)."""
+    fake = logits_fake.float()
+    if kind == "hinge":
+        return -fake.mean()
+    if kind == "non_saturating":
+        return F.softplus(-fake).mean()
+    raise ValueError(f"discriminator.loss must be 'hinge' or 'non_saturating', got {kind!r}")

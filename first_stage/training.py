@@ -1,0 +1,119 @@
+"""Pieces of the training loop that are not the loop itself: learning-rate schedule, the run's own
+counters, crash-safe checkpoint folders, reconstruction grids and per-batch latent statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+from .config import OptimizerConfig
+from .regularizers import kl_per_element
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to ``final_lr_ratio``; a pure function of the
+    step, so restoring the step restores the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class TrainingState:
+    """The run's counters, saved with every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.step = 0  # optimiser updates done (skipped ones included)
+        self.skipped_steps = 0  # non-finite losses or overflowing fp16 gradients
+        self.consecutive_nonfinite = 0
+        self.last_finite_step = -1
+        self.skipped_images = 0  # corrupt or undecodable
+        self.upsized_images = 0  # smaller than the crop
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (unfinished ones are hidden)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(resume: str, root: Path) -> Path:
+    """``latest`` → the newest complete checkpoint under ``root``; otherwise the given folder."""
+    if resume == "latest":
+        found = checkpoint_dirs(root)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint-<step> folder in {root.resolve()}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "training_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: {path.resolve()} is not a complete checkpoint "
+                                "(no training_state.json)")
+    return path
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: str, keep: int) -> Path:
+    """``save_state`` into a hidden temporary folder, then rename it: a crash mid-save never leaves a
+    folder that looks complete. Keeps the newest ``keep`` checkpoints."""
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "training_state.json").write_text(json.dumps(state.state_dict(), indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_grid(images: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> np.ndarray:
+    """Write a PNG with inputs on the top row and reconstructions below; returns it as (H,W,3) uint8."""
+    rows = [torch.cat(list(t.float().clamp(-1, 1)), dim=2) for t in (images, reconstructions)]  # (3,H,B*W)
+    grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def latent_batch_stats(posterior: DiagonalGaussianDistribution, prefix: str = "val/latent") -> dict:
+    """Cheap statistics of a batch of posteriors: scale, peak, log-variance and KL per channel."""
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()  # (B,C,h,w)
+    kl_channel = kl_per_element(posterior).mean(dim=(0, 2, 3))  # (C,) nats per element
+    stats = {
+        f"{prefix}/std": mean.std().item(),
+        f"{prefix}/max_abs": mean.abs().max().item(),
+        f"{prefix}/mean_logvar": logvar.mean().item(),
+        f"{prefix}/logvar_at_clamp": (logvar <= -30.0).float().mean().item(),
+    }
+    stats.update({f"{prefix}/kl_channel_{c}": v for c, v in enumerate(kl_channel.tolist())})
+    return stats

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from first_stage.config import ConfigError, ModelConfig
+from first_stage.model import PRESETS, AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build(preset):
+    vae = build_autoencoder(ModelConfig(preset=preset))
+    assert isinstance(vae, AutoencoderKL)
+    if preset == "tiny":
+        assert count_parameters(vae) < 1_000_000
+    if preset == "sd-f8c4":
+        assert count_parameters(vae) == 83_653_863  # the SD 1.x kl-f8 autoencoder
+    if preset == "f8c16":
+        assert vae.config.latent_channels == 16
+
+
+def test_encode_decode_shapes(tiny_vae, images):
+    posterior = tiny_vae.encode(images).latent_dist
+    assert posterior.mean.shape == (2, 4, 16, 16)  # tiny is f2
+    assert tiny_vae.decode(posterior.mode()).sample.shape == images.shape
+
+
+def test_sd_layout_downsamples_by_8():
+    vae = build_autoencoder(ModelConfig(preset="sd-f8c4", overrides={"block_out_channels": [32, 32, 64, 64], "norm_num_groups": 8}))
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 4, 4)
+
+
+def test_overrides_are_checked():
+    vae = build_autoencoder(ModelConfig(preset="tiny", overrides={"latent_channels": 8, "use_quant_conv": False}))
+    assert vae.config.latent_channels == 8 and vae.quant_conv is None
+    with pytest.raises(ConfigError, match="latent_chanels"):
+        build_autoencoder(ModelConfig(preset="tiny", overrides={"latent_chanels": 8}))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_autoencoder(ModelConfig(preset="huge"))
+
+
+def test_init_from_diffusers_folder(tiny_vae, tmp_path, images):
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    loaded = build_autoencoder(ModelConfig(init_from=str(tmp_path / "vae")))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images).latent_dist.mean, tiny_vae.encode(images).latent_dist.mean)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_autoencoder(ModelConfig(init_from=str(tmp_path / "missing")))
+
+
+def test_decoder_only_leaves_encoder_unchanged(tiny_vae, images):
+    set_trainable(tiny_vae, "decoder")
+    model = AutoencoderWrapper(tiny_vae)
+    encoder_before = {k: v.clone() for k, v in tiny_vae.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in tiny_vae.decoder.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    reconstruction, _, _ = model(images)
+    (reconstruction - images).abs().mean().backward()
+    optimizer.step()
+    for k, v in tiny_vae.encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k]), k
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in tiny_vae.decoder.state_dict().items())
+
+
+def test_wrapper_forward_uses_every_trainable_parameter(tiny_vae, images):
+    model = AutoencoderWrapper(tiny_vae, learn_logvar=True)
+    reconstruction, posterior, logvar = model(images)
+    loss = (reconstruction - images).abs().mean() / logvar.exp() + logvar + posterior.kl().mean()
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

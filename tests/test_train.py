@@ -1,0 +1,197 @@
+"""Subprocess runs of train/train.py: smoke, exact resume, distributed and accumulation
+equivalence, faults. Tiny preset, 32² crops, a few steps each; nothing is downloaded."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train" / "train.py")
+pytestmark = pytest.mark.slow
+
+# Small and fast, with every loss term on: LPIPS (stand-in weights), KL, and the GAN from step 2.
+BASE = [
+    "data.resolution=32", "val_data.resolution=32", "train.batch_size=2", "train.log_every=1",
+    "train.image_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=5", "optimizer.warmup_steps=0",
+    "optimizer.schedule=constant", "loss.lpips_missing=error", "loss.lpips_download=false",
+    "discriminator.enabled=true", "discriminator.start=2", "discriminator.channels=16",
+    "export.calibration_images=4",
+]
+
+
+# 8 of the 9 sample pictures per epoch in both layouts (batch 4 x 1, or 2 x 2), so the data matches.
+# No GAN: its adaptive weight is computed per process, as in latent-diffusion.
+EQUIVALENCE = ["train.max_steps=2", "train.checkpoint_every=1", "discriminator.enabled=false",
+               "optimizer.lr=1e-3", "data.split=all"]
+
+
+def run_train(tmp_path, name, *overrides, vgg_file=None, launch=None, env=None, check=True, resume=None):
+    """Run train/train.py in a subprocess; return (CompletedProcess, run directory)."""
+    sets = [*BASE, f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides]
+    if vgg_file is not None:
+        sets.append(f"loss.lpips_weights={vgg_file}")
+    else:
+        sets.append("loss.perceptual_weight=0")
+    args = [a for s in sets for a in ("--set", s)] + (["--resume", resume] if resume else [])
+    cmd = (launch or [sys.executable]) + [TRAIN] + args
+    full_env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc, tmp_path / name
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir):
+    return {m["step"]: m["train/loss/total"] for m in metrics(run_dir) if "train/loss/total" in m}
+
+
+def weights(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+
+
+def test_smoke_accelerate_launch(tmp_path, vgg_file):
+    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    _, run = run_train(tmp_path, "smoke", "train.max_steps=4", vgg_file=vgg_file, launch=launch)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    for ckpt in (run / "checkpoints").iterdir():
+        assert {"model.safetensors", "optimizer.bin", "config.yaml", "training_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert (run / "config.yaml").is_file()
+    logged = metrics(run)
+    assert {"train/loss/lpips", "train/loss/g", "train/loss/disc", "val/psnr"} <= set().union(*logged)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    grid = Image.open(run / "samples" / "step-0000004.png")
+    assert grid.size == (32 * 2, 32 * 2)  # 2 validation images, input row and reconstruction row
+    vae = AutoencoderKL.from_pretrained(run / "export")
+    info = json.loads((run / "export" / "training_info.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(info["latent_scale"]["scaling_factor"])
+    assert vae.config.scaling_factor != 0.18215  # measured, not the SD default
+
+
+def test_exact_resume(tmp_path, vgg_file):
+    _, straight = run_train(tmp_path, "straight", "train.max_steps=6", vgg_file=vgg_file)
+    run_train(tmp_path, "resumed", "train.max_steps=3", vgg_file=vgg_file)
+    _, resumed = run_train(tmp_path, "resumed", "train.max_steps=6", vgg_file=vgg_file, resume="latest")
+    losses_a, losses_b = train_losses(straight), train_losses(resumed)
+    assert sorted(losses_a) == sorted(losses_b) == [1, 2, 3, 4, 5, 6]
+    assert losses_a == losses_b
+    a, b = weights(straight, 6), weights(resumed, 6)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the discriminator and the EMA are restored too
+    for extra in ("custom_checkpoint_0.pkl", "custom_checkpoint_2.pkl", "model_1.safetensors"):
+        pa = straight / "checkpoints" / "checkpoint-6" / extra
+        pb = resumed / "checkpoints" / "checkpoint-6" / extra
+        if extra.endswith(".safetensors"):
+            da, db = load_file(pa), load_file(pb)
+            assert all(torch.equal(da[k], db[k]) for k in da), extra
+        else:
+            da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
+            assert str(da) == str(db), extra
+
+
+def assert_same_training(run_a, run_b):
+    """The weights after step 2 agree to float noise, measured against the size of one update.
+
+    Adam divides by sqrt(v): a gradient element near zero flips with summation order, so a few
+    elements differ by up to lr. The norm of the difference must be < 1% of the norm of the step-2
+    update; unsynchronised gradients would give a difference of the order of the update itself.
+    """
+    a, b, b1 = weights(run_a, 2), weights(run_b, 2), weights(run_b, 1)
+    flat = lambda w: torch.cat([w[k].flatten() for k in sorted(w) if k.startswith("vae.")])
+    update = (flat(b) - flat(b1)).norm()
+    assert update > 0
+    assert (flat(a) - flat(b)).norm() < 0.01 * update
+
+
+def test_two_processes_equal_one_with_double_batch(tmp_path):
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    _, two = run_train(tmp_path, "two", *EQUIVALENCE, launch=launch, env={"ACCELERATE_USE_CPU": "1"})
+    _, one = run_train(tmp_path, "one", *EQUIVALENCE, "train.batch_size=4")
+    assert_same_training(two, one)
+
+
+def test_accumulation_equals_larger_batch(tmp_path):
+    _, accum = run_train(tmp_path, "accum", *EQUIVALENCE, "train.batch_size=2", "train.grad_accum=2")
+    _, big = run_train(tmp_path, "big", *EQUIVALENCE, "train.batch_size=4")
+    assert_same_training(accum, big)
+
+
+def write_fault_folder(folder: Path) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"good{i}.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "tiny.png")
+    (folder / "corrupt.jpg").write_bytes(rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / "truncated.jpg")
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_and_tiny_images_are_counted(tmp_path):
+    write_fault_folder(tmp_path / "images")
+    folder = ["data.source=imagefolder", f"data.path={tmp_path / 'images'}", "data.split=train"]
+    _, run = run_train(tmp_path, "faults", *folder, "train.max_steps=6", "discriminator.enabled=false",
+                       "train.batch_size=7", "val_data.source=sample", "val_data.split=validation")
+    last = metrics(run)
+    counts = [m for m in last if "data/skipped_images" in m][-1]
+    # 6 steps over 7 files per epoch: every epoch sees the 2 bad files once and the tiny one once.
+    assert counts["data/skipped_images"] == 2 * 6
+    assert counts["data/upsized_images"] == 6
+
+
+def test_nonfinite_loss_is_skipped(tmp_path):
+    common = ["train.max_steps=4", "discriminator.enabled=false", "train.checkpoint_every=1"]
+    _, run = run_train(tmp_path, "nan", *common, env={"FIRST_STAGE_INJECT_NONFINITE": "2"})
+    logged = [m for m in metrics(run) if "train/skipped_steps" in m]
+    assert logged[-1]["train/skipped_steps"] == 1
+    before, after = weights(run, 2), weights(run, 3)  # the step at index 2 made no update
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(a, weights(run, 4)[k]) for k, a in after.items())
+
+
+def test_too_many_nonfinite_stops_with_checkpoint(tmp_path):
+    proc, run = run_train(tmp_path, "nan_stop", "train.max_steps=10", "discriminator.enabled=false",
+                          "train.max_nonfinite=2", env={"FIRST_STAGE_INJECT_NONFINITE": "1,2,3"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "last finite step was 0" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "checkpoint-3").is_dir()
+
+
+def test_sigterm_saves_resumable_checkpoint(tmp_path):
+    sets = [*BASE, f"train.output_dir={tmp_path}", "train.run_name=preempt", "train.max_steps=100000",
+            "train.checkpoint_every=100000", "discriminator.enabled=false", "loss.perceptual_weight=0"]
+    cmd = [sys.executable, TRAIN] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TORCH_HOME": str(tmp_path / "th")}, start_new_session=True)
+    run = tmp_path / "preempt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    (ckpt,) = (run / "checkpoints").iterdir()
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 2 and json.loads((ckpt / "training_state.json").read_text())["step"] == step
+    resumed, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 1}", "discriminator.enabled=false",
+                           resume="latest")
+    assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr

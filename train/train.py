@@ -1,0 +1,332 @@
+"""Train a KL autoencoder (diffusers' AutoencoderKL) under Hugging Face Accelerate.
+
+    accelerate launch train/train.py [--config configs/X.yaml] [--set section.key=value ...] [--resume latest|PATH]
+
+With no arguments it runs configs/quickstart.yaml. Everything lands in <output_dir>/<run_name>/.
+Exit codes: 0 done; 1 error; 2 stopped after too many consecutive non-finite losses (a checkpoint is
+saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (resume with --resume latest).
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from first_stage.config import config_hash, load_config, save_config, to_yaml
+from first_stage.data import make_dataloader
+from first_stage.discriminator import build_discriminator
+from first_stage.export import export_diffusers, measure_latent_scale
+from first_stage.losses import GeneratorLoss, discriminator_step_loss
+from first_stage.model import AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
+from first_stage.perceptual import LPIPSWeightsNotFound, load_lpips
+from first_stage.regularizers import KLRegularizer
+from first_stage.training import (TrainingState, latent_batch_stats, lr_factor, resolve_resume, save_checkpoint,
+                                  save_grid, set_lr)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+EXIT_NONFINITE = 2
+STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+# Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
+INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: quickstart)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loss.kl_weight=1e-6")
+    parser.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
+    return parser.parse_args()
+
+
+def build_perceptual(cfg, accelerator):
+    """The frozen LPIPS network, or None when its weights are missing and the config says "warn"."""
+    if cfg.perceptual_weight == 0:
+        return None
+    try:
+        return load_lpips(cfg.lpips_weights, download=cfg.lpips_download).to(accelerator.device)
+    except LPIPSWeightsNotFound as err:
+        if cfg.lpips_missing == "error":
+            raise
+        accelerator.print(f"\n{'!' * 78}\nWARNING: training WITHOUT the LPIPS perceptual term "
+                          f"(loss.lpips_missing=warn).\n{err}\n{'!' * 78}\n")
+        return None
+
+
+def infinite_batches(dataloader, accelerator, micro_batches_done: int):
+    """Yield batches forever, epoch after epoch, starting after ``micro_batches_done`` batches."""
+    epoch, skip = divmod(micro_batches_done, len(dataloader))
+    while True:
+        dataloader.set_epoch(epoch)
+        dataloader.dataset.set_epoch(epoch)  # crops and flips are seeded by (seed, epoch, index)
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch in loader:
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n: int, latent_shape) -> torch.Tensor:
+    """N(0, I) noise for this process's ``n`` images of the step, (n, C, h, w).
+
+    Each image's noise comes from its own generator, seeded by (seed, step, its place in the step's
+    global batch in the order the data is sharded), so a run draws the same noise per image
+    whatever its process count, accumulation or resume point.
+    """
+    first = (micro * accelerator.num_processes + accelerator.process_index) * batch
+    draws = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(hash((seed, step, first + i))))
+             for i in range(n)]
+    return torch.stack(draws).to(accelerator.device)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (keeps processes in lock-step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+@torch.no_grad()
+def validate(model, ema, val_images, step, run_dir, accelerator, use_ema: bool) -> dict:
+    """Reconstruct the fixed validation batch with the EMA weights; save a grid; return statistics."""
+    vae = accelerator.unwrap_model(model).vae
+    if use_ema:
+        ema.store(vae.parameters())
+        ema.copy_to(vae.parameters())
+    vae.eval()
+    posterior = vae.encode(val_images).latent_dist
+    reconstruction = vae.decode(posterior.mode()).sample.float()
+    vae.train()
+    if use_ema:
+        ema.restore(vae.parameters())
+    mse = (reconstruction.clamp(-1, 1) - val_images).pow(2).mean(dim=(1, 2, 3))
+    stats = {"val/psnr": (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean().item()}  # range [-1,1]: peak² = 4
+    stats.update(latent_batch_stats(posterior))
+    save_grid(val_images, reconstruction, run_dir / "samples" / f"step-{step:07d}.png")
+    return stats
+
+
+def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
+    """Send to the Accelerate trackers and append to metrics.jsonl (main process)."""
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def main():
+    args = parse_args()
+
+    # Setup config, run directory and accelerator:
+    config = load_config(args.config, args.set)
+    tcfg = config.train
+    run_dir = Path(tcfg.output_dir) / tcfg.run_name
+    trackers = {"auto": "tensorboard", "jsonl": None}.get(tcfg.tracker, tcfg.tracker)
+    if trackers == "tensorboard" and tcfg.tracker == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            trackers = None  # metrics.jsonl is always written
+    accelerator = Accelerator(
+        mixed_precision=tcfg.mixed_precision,
+        # sync_with_dataloader=False: accumulation windows run across epoch ends, so one optimiser
+        # step is always exactly grad_accum batches and the data position is step * grad_accum.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tcfg.grad_accum, sync_with_dataloader=False),
+        # The shuffle order of epoch e depends on (seed, e) only, so a resumed run sees the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tcfg.seed),
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    set_seed(tcfg.seed)
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
+    ckpt_root = run_dir / "checkpoints"
+
+    # Setup data (a data error is reported here, before any step):
+    dataloader = make_dataloader(config.data, tcfg.batch_size, seed=tcfg.seed)
+    val_cfg = config.val_data or config.data
+    val_batch = next(iter(make_dataloader(val_cfg, min(4, tcfg.batch_size), seed=tcfg.seed, shuffle=False,
+                                          drop_last=False)))
+    val_images = val_batch["pixel_values"].to(accelerator.device)
+
+    # Setup model, losses and discriminator:
+    vae = build_autoencoder(config.model)
+    set_trainable(vae, config.model.trainable)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
+    ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
+    ema.to(accelerator.device)
+    loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
+                            config.discriminator, build_perceptual(config.loss, accelerator))
+    dcfg = config.discriminator
+    discriminator = build_discriminator(dcfg) if dcfg.enabled else None
+    if discriminator is not None and dcfg.norm == "batch" and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
+
+    # Setup optimisers. The discriminator keeps its own GradScaler: Accelerate's single scaler
+    # updates at every optimiser step, which would unscale the second optimiser with a changed scale.
+    ocfg = config.optimizer
+    adam = dict(betas=ocfg.betas, weight_decay=ocfg.weight_decay, eps=ocfg.eps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ocfg.lr, **adam)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    disc_optimizer = disc_scaler = None
+    if discriminator is not None:
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=ocfg.disc_lr or ocfg.lr, **adam)
+        discriminator = accelerator.prepare_model(discriminator)
+        disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
+        accelerator.register_for_checkpointing(disc_optimizer, disc_scaler)
+    accelerator.register_for_checkpointing(ema)
+    raw_model = accelerator.unwrap_model(model)
+    raw_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+
+    # Setup resume:
+    state = TrainingState()
+    if args.resume:
+        resume_dir = resolve_resume(args.resume, ckpt_root)
+        accelerator.load_state(str(resume_dir))
+        state.load_state_dict(json.loads((resume_dir / "training_state.json").read_text()))
+        accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(tcfg.run_name)
+        accelerator.print(f"run {run_dir}: {count_parameters(raw_model.vae) / 1e6:.2f} M parameters, "
+                          f"{accelerator.num_processes} process(es), {accelerator.device}, {tcfg.mixed_precision}")
+
+    stop_signal = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    # Training loop:
+    batches = infinite_batches(dataloader, accelerator, state.step * tcfg.grad_accum)
+    progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
+    micro_batches = state.step * tcfg.grad_accum
+    factor = 2 ** (len(raw_model.vae.config.block_out_channels) - 1)
+    latent_shape = (raw_model.vae.config.latent_channels, config.data.resolution // factor, config.data.resolution // factor)
+    window_finite, window_logs, images_seen, tick = True, {}, 0, time.time()
+    exit_code = 0
+    while state.step < tcfg.max_steps:
+        batch = next(batches)
+        micro = micro_batches % tcfg.grad_accum  # index of this batch in the accumulation window
+        micro_batches += 1
+        x = batch["pixel_values"]
+        state.skipped_images += int(batch["skipped"])
+        state.upsized_images += int(batch["upsized"])
+        images_seen += x.shape[0] * accelerator.num_processes
+        disc_trains = discriminator is not None and state.step >= dcfg.start
+
+        with accelerator.accumulate(model, *([discriminator] if discriminator is not None else [])):
+            # Generator step: the discriminator is frozen and used unwrapped (no DDP collective
+            # for a module that gets no gradient here).
+            if raw_discriminator is not None:
+                raw_discriminator.requires_grad_(False)
+            noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0], latent_shape)
+            reconstruction, posterior, logvar = model(x, noise)
+            loss, logs = loss_fn(x, reconstruction, posterior, logvar, state.step,
+                                 raw_discriminator, raw_model.last_layer())
+            if state.step in INJECT_NONFINITE:
+                loss = loss * float("nan")
+            finite = not any_process(accelerator, not torch.isfinite(loss).item())
+            window_finite &= finite
+            if finite:
+                accelerator.backward(loss)
+            if accelerator.sync_gradients and window_finite:
+                set_lr(optimizer, ocfg.lr * lr_factor(state.step, ocfg, tcfg.max_steps))
+                if ocfg.grad_clip:
+                    logs["train/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), ocfg.grad_clip).item()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Discriminator step, on detached inputs.
+            if disc_trains and finite:
+                raw_discriminator.requires_grad_(True)
+                d_loss, d_logs = discriminator_step_loss(discriminator, x, reconstruction, dcfg.loss)
+                logs.update(d_logs)
+                disc_scaler.scale(d_loss / tcfg.grad_accum).backward()
+                if accelerator.sync_gradients and window_finite:
+                    set_lr(disc_optimizer, (ocfg.disc_lr or ocfg.lr) * lr_factor(state.step, ocfg, tcfg.max_steps))
+                    disc_scaler.unscale_(disc_optimizer)
+                    if ocfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(discriminator.parameters(), ocfg.grad_clip)
+                    disc_scaler.step(disc_optimizer)
+                    disc_scaler.update()
+            if disc_optimizer is not None and accelerator.sync_gradients:
+                disc_optimizer.zero_grad(set_to_none=True)
+        window_logs.update(logs)
+        if not accelerator.sync_gradients:
+            continue
+
+        # After each optimiser step: EMA, counters, logging, checkpoints, stopping.
+        updated = window_finite and not accelerator.optimizer_step_was_skipped
+        if updated:
+            ema.step(raw_model.vae.parameters())
+            state.consecutive_nonfinite, state.last_finite_step = 0, state.step
+        else:
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1 if not window_finite else 0
+            accelerator.print(f"step {state.step}: skipped ({'non-finite loss' if not window_finite else 'fp16 overflow'})")
+        state.step += 1
+        progress.update(1)
+        window_finite = True
+
+        if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
+            rate = images_seen / (time.time() - tick)
+            window_logs.update({"train/images_per_s": rate, "train/lr": optimizer.param_groups[0]["lr"],
+                                "train/skipped_steps": state.skipped_steps, "data/skipped_images": state.skipped_images,
+                                "data/upsized_images": state.upsized_images})
+            log(accelerator, window_logs, state.step, run_dir)
+            progress.set_postfix(loss=f"{window_logs.get('train/loss/total', math.nan):.4g}",
+                                 rec=f"{window_logs['train/loss/pixel']:.4f}", img_s=f"{rate:.1f}")
+            images_seen, tick = 0, time.time()
+        window_logs = {}
+        if state.step % tcfg.image_every == 0 or state.step == tcfg.max_steps:
+            if accelerator.is_main_process:
+                log(accelerator, validate(model, ema, val_images, state.step, run_dir, accelerator, tcfg.ema),
+                    state.step, run_dir)
+
+        too_many = state.consecutive_nonfinite >= tcfg.max_nonfinite
+        stop = any_process(accelerator, bool(stop_signal))
+        if state.step % tcfg.checkpoint_every == 0 or too_many or stop or state.step == tcfg.max_steps:
+            save_checkpoint(accelerator, ckpt_root, state, to_yaml(config), tcfg.keep_checkpoints)
+        if too_many:
+            accelerator.print(f"stopping: {state.consecutive_nonfinite} consecutive non-finite losses; "
+                              f"the last finite step was {state.last_finite_step}. Checkpoint saved.")
+            exit_code = EXIT_NONFINITE
+            break
+        if stop:
+            exit_code = STOP_SIGNALS.get(stop_signal[0] if stop_signal else signal.SIGTERM, 143)
+            accelerator.print(f"stopping on signal at step {state.step}; resume with --resume latest")
+            break
+    progress.close()
+
+    # Export the EMA (or raw) weights with a measured latent scale:
+    accelerator.wait_for_everyone()
+    if exit_code == 0:
+        export_vae = raw_model.vae
+        if tcfg.ema and config.export.weights == "ema":
+            ema.copy_to(export_vae.parameters())
+        export_vae.eval()
+        calibration = make_dataloader(config.data, tcfg.batch_size, seed=tcfg.seed + 1, shuffle=False, drop_last=False)
+        wanted = math.ceil(config.export.calibration_images / tcfg.batch_size)
+        calib_batches = (b["pixel_values"].to(accelerator.device) for _, b in zip(range(wanted), calibration))
+        scale = measure_latent_scale(export_vae, calib_batches)
+        if accelerator.is_main_process:
+            out = export_diffusers(export_vae, run_dir / "export", scale, overwrite=True)
+            (out / "training_info.json").write_text(json.dumps(
+                {"step": state.step, "config_hash": config_hash(config), "latent_scale": scale}, indent=1))
+            accelerator.print(f"exported {out} (scaling_factor {scale['scaling_factor']:.5f} "
+                              f"from {scale['num_images']} images)")
+    accelerator.end_training()
+    sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()
