@@ -87,11 +87,11 @@ def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n
     return torch.stack(draws).to(accelerator.device)
 
 
-def any_process(accelerator, flag: bool) -> bool:
-    """True on every process when ``flag`` is true on any (keeps processes in lock-step)."""
+def sum_over_processes(accelerator, *values: float) -> list[float]:
+    """Sum scalars over all processes (one collective); keeps the processes in lock-step."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+        return list(values)
+    return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
 
 
 @torch.no_grad()
@@ -218,8 +218,6 @@ def main():
         micro = micro_batches % tcfg.grad_accum  # index of this batch in the accumulation window
         micro_batches += 1
         x = batch["pixel_values"]
-        state.skipped_images += int(batch["skipped"])
-        state.upsized_images += int(batch["upsized"])
         images_seen += x.shape[0] * accelerator.num_processes
         disc_trains = discriminator is not None and state.step >= dcfg.start
 
@@ -234,7 +232,11 @@ def main():
                                  raw_discriminator, raw_model.last_layer())
             if state.step in INJECT_NONFINITE:
                 loss = loss * float("nan")
-            finite = not any_process(accelerator, not torch.isfinite(loss).item())
+            nonfinite, skipped, upsized = sum_over_processes(
+                accelerator, float(not torch.isfinite(loss).item()), batch["skipped"], batch["upsized"])
+            state.skipped_images += int(skipped)
+            state.upsized_images += int(upsized)
+            finite = nonfinite == 0  # a step is skipped on every process or on none
             window_finite &= finite
             if finite:
                 accelerator.backward(loss)
@@ -293,7 +295,7 @@ def main():
                     state.step, run_dir)
 
         too_many = state.consecutive_nonfinite >= tcfg.max_nonfinite
-        stop = any_process(accelerator, bool(stop_signal))
+        stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
         if state.step % tcfg.checkpoint_every == 0 or too_many or stop or state.step == tcfg.max_steps:
             save_checkpoint(accelerator, ckpt_root, state, to_yaml(config), tcfg.keep_checkpoints)
         if too_many:
