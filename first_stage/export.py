@@ -20,6 +20,8 @@ def measure_latent_scale(vae: AutoencoderKL, batches: Iterable[torch.Tensor], ga
     sums = torch.zeros(3, dtype=torch.float64)  # (count, sum, sum of squares)
     images = 0
     for x in batches:
+        if x.shape[0] == 0:  # every image of the batch was undecodable
+            continue
         z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample().double().cpu()  # (B,C,h,w)
         sums += torch.stack([torch.tensor(z.numel(), dtype=torch.float64), z.sum(), z.pow(2).sum()])
         images += x.shape[0]

@@ -58,7 +58,8 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoint folders under ``root``, oldest first (unfinished ones are hidden)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
@@ -73,6 +74,13 @@ def resolve_resume(resume: str, root: Path) -> Path:
     if not (path / "training_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: {path.resolve()} is not a complete checkpoint "
                                 "(no training_state.json)")
+    step = json.loads((path / "training_state.json").read_text())["step"]
+    newer = [p.name for p in checkpoint_dirs(root) if int(p.name[len(CHECKPOINT_PREFIX):]) > step]
+    if newer:
+        # Rotation and "latest" go by step: the newer checkpoints of the abandoned run would win.
+        raise ValueError(f"--resume {resume}: {root.resolve()} holds newer checkpoints {newer}; move them "
+                         "elsewhere (or give the run another train.run_name) before going back to step "
+                         f"{step}")
     return path
 
 
@@ -85,6 +93,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "training_state.json").write_text(json.dumps(state.state_dict(), indent=1))

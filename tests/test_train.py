@@ -195,3 +195,23 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
     resumed, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 1}", "discriminator.enabled=false",
                            resume="latest")
     assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr
+
+
+def test_empty_batches_skip_the_step(tmp_path):
+    folder = tmp_path / "images"
+    write_fault_folder(folder)
+    (folder / "tiny.png").unlink()
+    for i in range(2, 4):
+        (folder / f"good{i}.png").unlink()
+    # 2 good and 2 bad files, batch 1: each bad file is an empty batch, whose step is skipped.
+    _, run = run_train(tmp_path, "empty", "data.source=imagefolder", f"data.path={folder}", "train.max_steps=8",
+                       "train.batch_size=1", "discriminator.enabled=false", "val_data.source=sample",
+                       "val_data.split=validation", "train.checkpoint_every=8")
+    last = [m for m in metrics(run) if "train/skipped_steps" in m][-1]
+    assert last["data/skipped_images"] == 4 and last["train/skipped_steps"] == 4
+    assert AutoencoderKL.from_pretrained(run / "export") is not None
+
+
+def test_streaming_data_trains(tmp_path):
+    _, run = run_train(tmp_path, "stream", "data.streaming=true", "train.max_steps=3", "discriminator.enabled=false")
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and (run / "export" / "config.json").is_file()

@@ -62,8 +62,19 @@ def build_perceptual(cfg, accelerator):
         return None
 
 
-def infinite_batches(dataloader, accelerator, micro_batches_done: int):
-    """Yield batches forever, epoch after epoch, starting after ``micro_batches_done`` batches."""
+def infinite_batches(dataloader, accelerator, micro_batches_done: int, streaming: bool):
+    """Yield batches forever, epoch after epoch, starting after ``micro_batches_done`` batches.
+
+    A stream has no length: a resumed streaming run starts a new, reshuffled pass (epoch number =
+    batches done) instead of continuing mid-epoch.
+    """
+    if streaming:
+        epoch = micro_batches_done
+        while True:
+            dataloader.dataset.set_epoch(epoch)
+            for batch in dataloader:
+                yield {**batch, "pixel_values": batch["pixel_values"].to(accelerator.device)}
+            epoch += 1
     epoch, skip = divmod(micro_batches_done, len(dataloader))
     while True:
         dataloader.set_epoch(epoch)
@@ -92,6 +103,24 @@ def sum_over_processes(accelerator, *values: float) -> list[float]:
     if accelerator.num_processes == 1:
         return list(values)
     return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+
+
+def apply_updates(accelerator, model, optimizer, lr, discriminator, disc_optimizer, disc_scaler, disc_lr,
+                  grad_clip) -> dict:
+    """Step both optimisers at the end of an accumulation window (clipping first); returns logs."""
+    logs = {}
+    set_lr(optimizer, lr)
+    if grad_clip:
+        logs["train/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
+    optimizer.step()
+    if disc_optimizer is not None and any(p.grad is not None for p in discriminator.parameters()):
+        set_lr(disc_optimizer, disc_lr)
+        disc_scaler.unscale_(disc_optimizer)
+        if grad_clip:
+            logs["train/disc_grad_norm"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), grad_clip).item()
+        disc_scaler.step(disc_optimizer)
+        disc_scaler.update()
+    return logs
 
 
 @torch.no_grad()
@@ -151,18 +180,21 @@ def main():
     ckpt_root = run_dir / "checkpoints"
 
     # Setup data (a data error is reported here, before any step):
-    dataloader = make_dataloader(config.data, tcfg.batch_size, seed=tcfg.seed)
+    # Map-style data is sharded by accelerator.prepare; a stream is sharded here and not prepared.
+    dataloader = make_dataloader(config.data, tcfg.batch_size, seed=tcfg.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
     val_cfg = config.val_data or config.data
     val_batch = next(iter(make_dataloader(val_cfg, min(4, tcfg.batch_size), seed=tcfg.seed, shuffle=False,
                                           drop_last=False)))
     val_images = val_batch["pixel_values"].to(accelerator.device)
+    if val_images.shape[0] == 0:
+        raise ValueError(f"no decodable validation image in {val_cfg}")
 
     # Setup model, losses and discriminator:
     vae = build_autoencoder(config.model)
     set_trainable(vae, config.model.trainable)
     model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
-    ema.to(accelerator.device)
     loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
                             config.discriminator, build_perceptual(config.loss, accelerator))
     dcfg = config.discriminator
@@ -176,12 +208,15 @@ def main():
     # Setup optimisers. The discriminator keeps its own GradScaler: Accelerate's single scaler
     # updates at every optimiser step, which would unscale the second optimiser with a changed scale.
     ocfg = config.optimizer
+    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
     adam = dict(betas=ocfg.betas, weight_decay=ocfg.weight_decay, eps=ocfg.eps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ocfg.lr, **adam)
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if not config.data.streaming:
+        dataloader = accelerator.prepare(dataloader)
     disc_optimizer = disc_scaler = None
     if discriminator is not None:
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=ocfg.disc_lr or ocfg.lr, **adam)
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=disc_lr, **adam)
         discriminator = accelerator.prepare_model(discriminator)
         disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
         accelerator.register_for_checkpointing(disc_optimizer, disc_scaler)
@@ -193,9 +228,10 @@ def main():
     state = TrainingState()
     if args.resume:
         resume_dir = resolve_resume(args.resume, ckpt_root)
-        accelerator.load_state(str(resume_dir))
+        accelerator.load_state(str(resume_dir))  # registered objects come back on the CPU
         state.load_state_dict(json.loads((resume_dir / "training_state.json").read_text()))
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+    ema.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers(tcfg.run_name)
         accelerator.print(f"run {run_dir}: {count_parameters(raw_model.vae) / 1e6:.2f} M parameters, "
@@ -206,12 +242,13 @@ def main():
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     # Training loop:
-    batches = infinite_batches(dataloader, accelerator, state.step * tcfg.grad_accum)
+    batches = infinite_batches(dataloader, accelerator, state.step * tcfg.grad_accum, config.data.streaming)
     progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     micro_batches = state.step * tcfg.grad_accum
-    factor = 2 ** (len(raw_model.vae.config.block_out_channels) - 1)
-    latent_shape = (raw_model.vae.config.latent_channels, config.data.resolution // factor, config.data.resolution // factor)
-    window_finite, window_logs, images_seen, tick = True, {}, 0, time.time()
+    down = 2 ** (len(raw_model.vae.config.block_out_channels) - 1)  # spatial downsampling factor
+    latent_shape = (raw_model.vae.config.latent_channels, config.data.resolution // down, config.data.resolution // down)
+    accumulated = [model] + ([discriminator] if discriminator is not None else [])
+    window_finite, window_empty, window_logs, images_seen, tick = True, False, {}, 0, time.time()
     exit_code = 0
     while state.step < tcfg.max_steps:
         batch = next(batches)
@@ -219,65 +256,62 @@ def main():
         micro_batches += 1
         x = batch["pixel_values"]
         images_seen += x.shape[0] * accelerator.num_processes
-        disc_trains = discriminator is not None and state.step >= dcfg.start
 
-        with accelerator.accumulate(model, *([discriminator] if discriminator is not None else [])):
-            # Generator step: the discriminator is frozen and used unwrapped (no DDP collective
-            # for a module that gets no gradient here).
-            if raw_discriminator is not None:
-                raw_discriminator.requires_grad_(False)
-            noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0], latent_shape)
-            reconstruction, posterior, logvar = model(x, noise)
-            loss, logs = loss_fn(x, reconstruction, posterior, logvar, state.step,
-                                 raw_discriminator, raw_model.last_layer())
-            if state.step in INJECT_NONFINITE:
-                loss = loss * float("nan")
-            nonfinite, skipped, upsized = sum_over_processes(
-                accelerator, float(not torch.isfinite(loss).item()), batch["skipped"], batch["upsized"])
-            state.skipped_images += int(skipped)
-            state.upsized_images += int(upsized)
-            finite = nonfinite == 0  # a step is skipped on every process or on none
-            window_finite &= finite
-            if finite:
-                accelerator.backward(loss)
-            if accelerator.sync_gradients and window_finite:
-                set_lr(optimizer, ocfg.lr * lr_factor(state.step, ocfg, tcfg.max_steps))
-                if ocfg.grad_clip:
-                    logs["train/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), ocfg.grad_clip).item()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        skipped, upsized, empty = sum_over_processes(accelerator, batch["skipped"], batch["upsized"], x.shape[0] == 0)
+        state.skipped_images += int(skipped)
+        state.upsized_images += int(upsized)
+        # Every image of some process's batch was undecodable: skip the window on every process
+        # (a partial window would step with gradients that were never synchronised).
+        window_empty |= empty > 0
 
-            # Discriminator step, on detached inputs.
-            if disc_trains and finite:
-                raw_discriminator.requires_grad_(True)
-                d_loss, d_logs = discriminator_step_loss(discriminator, x, reconstruction, dcfg.loss)
-                logs.update(d_logs)
-                disc_scaler.scale(d_loss / tcfg.grad_accum).backward()
-                if accelerator.sync_gradients and window_finite:
-                    set_lr(disc_optimizer, (ocfg.disc_lr or ocfg.lr) * lr_factor(state.step, ocfg, tcfg.max_steps))
-                    disc_scaler.unscale_(disc_optimizer)
-                    if ocfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(discriminator.parameters(), ocfg.grad_clip)
-                    disc_scaler.step(disc_optimizer)
-                    disc_scaler.update()
-            if disc_optimizer is not None and accelerator.sync_gradients:
-                disc_optimizer.zero_grad(set_to_none=True)
-        window_logs.update(logs)
+        with accelerator.accumulate(*accumulated):
+            if not window_empty:
+                # Generator: the discriminator is frozen and called unwrapped (it gets no
+                # gradient here, so it must not enter a DDP collective).
+                if raw_discriminator is not None:
+                    raw_discriminator.requires_grad_(False)
+                noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0], latent_shape)
+                reconstruction, posterior, logvar = model(x, noise)
+                loss, logs = loss_fn(x, reconstruction, posterior, logvar, state.step,
+                                     raw_discriminator, raw_model.last_layer())
+                if state.step in INJECT_NONFINITE:
+                    loss = loss * float("nan")
+                # A step is skipped on every process or on none.
+                finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
+                window_finite &= finite
+                if finite:
+                    accelerator.backward(loss)
+                    if discriminator is not None and state.step >= dcfg.start:
+                        # Discriminator: on detached inputs, with its own loss scaler.
+                        raw_discriminator.requires_grad_(True)
+                        d_loss, d_logs = discriminator_step_loss(discriminator, x, reconstruction, dcfg.loss)
+                        disc_scaler.scale(d_loss / tcfg.grad_accum).backward()
+                        logs.update(d_logs)
+                window_logs.update(logs)
+            if accelerator.sync_gradients and window_finite and not window_empty:
+                factor = lr_factor(state.step, ocfg, tcfg.max_steps)
+                window_logs.update(apply_updates(accelerator, model, optimizer, ocfg.lr * factor, discriminator,
+                                                 disc_optimizer, disc_scaler, disc_lr * factor, ocfg.grad_clip))
+            if accelerator.sync_gradients:
+                optimizer.zero_grad(set_to_none=True)
+                if disc_optimizer is not None:
+                    disc_optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
 
         # After each optimiser step: EMA, counters, logging, checkpoints, stopping.
-        updated = window_finite and not accelerator.optimizer_step_was_skipped
-        if updated:
-            ema.step(raw_model.vae.parameters())
+        if window_finite and not window_empty and not accelerator.optimizer_step_was_skipped:
+            if tcfg.ema:
+                ema.step(raw_model.vae.parameters())
             state.consecutive_nonfinite, state.last_finite_step = 0, state.step
         else:
+            reason = "non-finite loss" if not window_finite else "empty batch" if window_empty else "fp16 overflow"
             state.skipped_steps += 1
-            state.consecutive_nonfinite += 1 if not window_finite else 0
-            accelerator.print(f"step {state.step}: skipped ({'non-finite loss' if not window_finite else 'fp16 overflow'})")
+            state.consecutive_nonfinite += 0 if window_finite else 1
+            accelerator.print(f"step {state.step}: skipped ({reason})")
         state.step += 1
         progress.update(1)
-        window_finite = True
+        window_finite, window_empty = True, False
 
         if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
             rate = images_seen / (time.time() - tick)
@@ -286,7 +320,7 @@ def main():
                                 "data/upsized_images": state.upsized_images})
             log(accelerator, window_logs, state.step, run_dir)
             progress.set_postfix(loss=f"{window_logs.get('train/loss/total', math.nan):.4g}",
-                                 rec=f"{window_logs['train/loss/pixel']:.4f}", img_s=f"{rate:.1f}")
+                                 rec=f"{window_logs.get('train/loss/pixel', math.nan):.4f}", img_s=f"{rate:.1f}")
             images_seen, tick = 0, time.time()
         window_logs = {}
         if state.step % tcfg.image_every == 0 or state.step == tcfg.max_steps:
