@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,27 +81,6 @@ def resolve_resume(resume: str, root: Path) -> Path:
                          "elsewhere (or give the run another train.run_name) before going back to step "
                          f"{step}")
     return path
-
-
-def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: str, keep: int) -> Path:
-    """``save_state`` into a hidden temporary folder, then rename it: a crash mid-save never leaves a
-    folder that looks complete. Keeps the newest ``keep`` checkpoints."""
-    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
-    if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "training_state.json").write_text(json.dumps(state.state_dict(), indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def save_grid(images: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> np.ndarray:

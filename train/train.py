@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,8 +31,8 @@ from first_stage.losses import GeneratorLoss, discriminator_step_loss
 from first_stage.model import AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
 from first_stage.perceptual import LPIPSWeightsNotFound, load_lpips
 from first_stage.regularizers import KLRegularizer
-from first_stage.training import (TrainingState, latent_batch_stats, lr_factor, resolve_resume, save_checkpoint,
-                                  save_grid, set_lr)
+from first_stage.training import (CHECKPOINT_PREFIX, TrainingState, checkpoint_dirs, latent_batch_stats, lr_factor,
+                                  resolve_resume, save_grid, set_lr)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 EXIT_NONFINITE = 2
@@ -103,6 +104,27 @@ def sum_over_processes(accelerator, *values: float) -> list[float]:
     if accelerator.num_processes == 1:
         return list(values)
     return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: str, keep: int) -> Path:
+    """``save_state`` into a hidden temporary folder, then rename it: a crash mid-save never leaves a
+    folder that looks complete. Keeps the newest ``keep`` checkpoints."""
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "training_state.json").write_text(json.dumps(state.state_dict(), indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def apply_updates(accelerator, model, optimizer, lr, discriminator, disc_optimizer, disc_scaler, disc_lr,
