@@ -1,5 +1,5 @@
 """Pieces of the training loop that are not the loop itself: learning-rate schedule, the run's own
-counters, crash-safe checkpoint folders, reconstruction grids and per-batch latent statistics."""
+counters, checkpoint discovery, reconstruction grids and per-batch latent statistics."""
 
 from __future__ import annotations
 
