@@ -53,13 +53,18 @@ class TrainingState:
             setattr(self, key, int(value))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoint folders under ``root``, oldest first (unfinished ones are hidden)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(resume: str, root: Path) -> Path:
@@ -74,7 +79,7 @@ def resolve_resume(resume: str, root: Path) -> Path:
         raise FileNotFoundError(f"--resume {resume}: {path.resolve()} is not a complete checkpoint "
                                 "(no training_state.json)")
     step = json.loads((path / "training_state.json").read_text())["step"]
-    newer = [p.name for p in checkpoint_dirs(root) if int(p.name[len(CHECKPOINT_PREFIX):]) > step]
+    newer = [p.name for p in checkpoint_dirs(root) if checkpoint_step(p) > step]
     if newer:
         # Rotation and "latest" go by step: the newer checkpoints of the abandoned run would win.
         raise ValueError(f"--resume {resume}: {root.resolve()} holds newer checkpoints {newer}; move them "
