@@ -29,7 +29,9 @@ class ModelConfig:
     preset: str = "tiny"  # a key of first_stage.model.PRESETS
     # AutoencoderKL constructor arguments that replace the preset's, e.g. {latent_channels: 16}.
     overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # a diffusers AutoencoderKL folder to start from (fine-tuning)
+    # Weights to start from (fine-tuning): a diffusers AutoencoderKL folder, or a latent-diffusion
+    # single file (.safetensors/.ckpt) whose architecture is read off its weights (and overrides).
+    init_from: str | None = None
     trainable: Literal["all", "decoder"] = "all"  # "decoder": the sd-vae-ft-MSE recipe
 
 
@@ -67,6 +69,9 @@ class DiscriminatorConfig:
     norm: Literal["batch", "group", "none"] = "batch"
     loss: Literal["hinge", "non_saturating"] = "hinge"
     adaptive_weight_max: float = 1e4
+    # Weights to start from: an export's finetune/discriminator.safetensors, or a latent-diffusion
+    # autoencoder checkpoint holding loss.discriminator.* (n_layers, channels and norm must match).
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ class TrainConfig:
 class ExportConfig:
     weights: Literal["ema", "raw"] = "ema"
     calibration_images: int = 64  # images whose latents give the measured scaling_factor
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # "global": scaling_factor = 1/std and shift_factor = mean (SD 1.x/2.x, SD3, FLUX pipelines);
+    # "per_channel": latents_mean/latents_std per channel and scaling_factor 1 (SDXL-style pipelines).
+    latent_norm: Literal["global", "per_channel"] = "global"
+    single_file: bool = True  # also write vae_ldm.safetensors in the latent-diffusion key layout
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " with --set " + " ".join(overrides)
     return _build(Config, raw, "", source)
+
+
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...], source: str = "--set") -> Config:
+    """``config`` with ``section.key=value`` assignments applied, checked like a config file."""
+    raw = to_dict(config)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    return _build(Config, raw, "", f"{source} {' '.join(overrides)}")
 
 
 def to_dict(config: Config) -> dict:

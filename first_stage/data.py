@@ -12,6 +12,7 @@ resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -343,3 +344,42 @@ def make_dataloader(
         drop_last=drop_last,
         collate_fn=functools.partial(collate, resolution=cfg.resolution),
     )
+
+
+def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed: int = 0, rank: int = 0,
+                        world_size: int = 1):
+    """This process's share of ``num_images`` images picked at random (seeded) from ``cfg``'s data,
+    as :func:`collate` batches of centre crops without flips (for measuring latent statistics).
+
+    The pick is the same on every process; process ``rank`` gets every ``world_size``-th image of it,
+    so together the processes see each picked image once. A stream is shuffled with a buffer of
+    ``cfg.shuffle_buffer`` and its first ``num_images`` images are taken.
+    """
+    cfg = dataclasses.replace(cfg, random_crop=False, hflip=False)
+    ds = load_image_dataset(cfg)
+    if cfg.streaming:
+        stream = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer).take(num_images)
+        rng = np.random.default_rng(seed)  # unused by centre crops without flips
+        samples = (load_sample(row[cfg.image_column], cfg, rng)
+                   for i, row in enumerate(stream) if i % world_size == rank)
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield collate(batch, cfg.resolution)
+                batch = []
+        if batch:
+            yield collate(batch, cfg.resolution)
+        return
+    picked = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+    dataset = ImageDataset(ds.select(picked[rank::world_size].tolist()), cfg, seed)
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
+                                           collate_fn=functools.partial(collate, resolution=cfg.resolution))
+
+
+def describe(cfg: DataConfig) -> str:
+    """A one-line description of a data config, for reports."""
+    where = {"sample": "scikit-image sample photos"}.get(cfg.source, f"{cfg.source} {cfg.path}")
+    name = f" ({cfg.name})" if cfg.name else ""
+    return f"{where}{name}, split {cfg.split!r}, {cfg.resolution}² centre crops" + (
+        f" after resizing the short side to {cfg.resize}" if cfg.resize else "")

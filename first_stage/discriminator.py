@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DiscriminatorConfig
+from .convert import LDM_DISCRIMINATOR_PREFIX, read_weights, split_ldm_checkpoint
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -55,6 +58,35 @@ def _init_weights(module: nn.Module) -> None:
 
 def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator:
     return PatchDiscriminator(channels=cfg.channels, n_layers=cfg.n_layers, norm=cfg.norm)
+
+
+def discriminator_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Discriminator weights from an export's ``discriminator.safetensors`` or from a latent-diffusion
+    autoencoder checkpoint (its ``loss.discriminator.*``: the same layer layout as ours)."""
+    state, _ = read_weights(path)
+    if any(k.startswith(LDM_DISCRIMINATOR_PREFIX) for k in state):
+        state = split_ldm_checkpoint(state)[1]
+    if not any(k.startswith("main.") for k in state):
+        raise ValueError(f"discriminator.init_from: {path} holds no discriminator weights (keys 'main.N.*')")
+    return state
+
+
+def infer_discriminator_config(state: dict[str, torch.Tensor]) -> dict:
+    """``n_layers``, ``channels`` and ``norm`` of a PatchGAN from its weights."""
+    convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.endswith(".weight") and v.ndim == 4)
+    norm = ("batch" if any(k.endswith("running_mean") for k in state)
+            else "none" if f"main.{convs[1]}.bias" in state else "group")
+    return {"n_layers": len(convs) - 2, "channels": state["main.0.weight"].shape[0], "norm": norm}
+
+
+def load_discriminator(discriminator: PatchDiscriminator, path: str | Path) -> None:
+    """Load :func:`discriminator_state` into ``discriminator``; a mismatch names the settings to fix."""
+    state = discriminator_state(path)
+    try:
+        discriminator.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"discriminator.init_from: {path} does not fit this discriminator; its weights say "
+                         f"{infer_discriminator_config(state)} (set discriminator.n_layers/channels/norm)") from err
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:

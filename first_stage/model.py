@@ -4,6 +4,7 @@ training wrapper that runs the whole forward pass through one module (so DDP see
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import ConfigError, ModelConfig
+from .convert import autoencoder_from_ldm, infer_autoencoder_config, read_weights, split_ldm_checkpoint
 
 
 def _levels(channels: tuple[int, ...]) -> dict:
@@ -54,19 +56,34 @@ def autoencoder_kwargs(cfg: ModelConfig) -> dict:
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     """A fresh ``AutoencoderKL`` from the config, or one loaded from ``cfg.init_from``."""
     if cfg.init_from is not None:
-        return load_autoencoder(cfg.init_from)
+        return load_autoencoder(cfg.init_from, cfg.overrides)
     return AutoencoderKL(**autoencoder_kwargs(cfg))
 
 
-def load_autoencoder(folder: str | Path) -> AutoencoderKL:
-    """Load a diffusers ``AutoencoderKL`` folder (``config.json`` + weights), with a clear error."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
+def load_autoencoder(path: str | Path, overrides: dict | None = None) -> AutoencoderKL:
+    """Load a diffusers ``AutoencoderKL`` folder (``config.json`` + weights), or a latent-diffusion
+    single file (``.safetensors``, or ``.ckpt``/``.pt``/``.pth`` read with ``weights_only=True``).
+
+    A single file written by this package carries its architecture in its metadata; for any other
+    the architecture is read off the weight shapes, except what weights do not show (GroupNorm
+    groups: 32 as in latent-diffusion, unless ``overrides`` says otherwise).
+    """
+    path = Path(path)
+    if path.is_file():
+        state, metadata = read_weights(path)
+        vae_state, _, _ = split_ldm_checkpoint(state)
+        if "autoencoder_config" in metadata:
+            config = json.loads(metadata["autoencoder_config"])
+        else:
+            config = infer_autoencoder_config(vae_state)
+        config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in _AUTOENCODER_ARGS}
+        return autoencoder_from_ldm(vae_state, config)
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.init_from: no diffusers AutoencoderKL folder at {folder.resolve()} "
-            f"(looked for {folder.resolve() / 'config.json'})"
+            f"model.init_from: no diffusers AutoencoderKL folder or weight file at {path.resolve()} "
+            f"(looked for {path.resolve() / 'config.json'})"
         )
-    return AutoencoderKL.from_pretrained(folder)
+    return AutoencoderKL.from_pretrained(path)
 
 
 def set_trainable(vae: AutoencoderKL, trainable: str) -> None:

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
+from safetensors.torch import load_file
 
-from .config import OptimizerConfig
+from .config import OptimizerConfig, load_config
+from .model import autoencoder_kwargs
 from .regularizers import kl_per_element
 
 CHECKPOINT_PREFIX = "checkpoint-"
+AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config, saved with each checkpoint
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -86,6 +90,54 @@ def resolve_resume(resume: str, root: Path) -> Path:
                          "elsewhere (or give the run another train.run_name) before going back to step "
                          f"{step}")
     return path
+
+
+def read_checkpoint(path: Path, weights: str = "ema") -> dict:
+    """What an export needs from a training checkpoint (or from a run folder: its newest checkpoint).
+
+    Returns ``{"path", "config", "step", "vae", "discriminator", "logvar"}``: the autoencoder holds
+    the EMA weights (``weights="ema"``, when the run kept them) or the raw ones; ``discriminator``
+    is a state dict or None. Tensors come from safetensors or ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = resolve_resume("latest", path / "checkpoints")
+    if not (path / "training_state.json").is_file():
+        raise FileNotFoundError(f"{path.resolve()} is neither a run folder (with checkpoints/) nor a complete "
+                                "checkpoint (with training_state.json)")
+    config = load_config(path / "config.yaml")
+    arch = path / AUTOENCODER_CONFIG
+    if arch.is_file():
+        vae = AutoencoderKL.from_config(json.loads(arch.read_text()))
+    elif config.model.init_from is None:
+        vae = AutoencoderKL(**autoencoder_kwargs(config.model))
+    else:
+        raise FileNotFoundError(f"{arch} is missing and the run started from {config.model.init_from}: "
+                                "cannot tell the architecture")
+    state = load_file(str(path / "model.safetensors"))  # the training wrapper: vae.* and logvar
+    vae.load_state_dict({k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")})
+    if weights == "ema":
+        if not config.train.ema:
+            raise ValueError(f"{path}: the run kept no EMA weights (train.ema: false); export --weights raw")
+        ema = [s for f in sorted(path.glob("custom_checkpoint_*.pkl"))
+               if "shadow_params" in (s := torch.load(f, map_location="cpu", weights_only=True))]
+        if len(ema) != 1:
+            raise FileNotFoundError(f"{path}: expected one EMA state (custom_checkpoint_*.pkl with shadow_params), found {len(ema)}")
+        params = list(vae.parameters())
+        if len(ema[0]["shadow_params"]) != len(params):
+            raise ValueError(f"{path}: EMA holds {len(ema[0]['shadow_params'])} tensors, the model {len(params)}")
+        with torch.no_grad():
+            for p, shadow in zip(params, ema[0]["shadow_params"]):
+                p.copy_(shadow)
+    elif weights != "raw":
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    disc_file = path / "model_1.safetensors"
+    return {
+        "path": path, "config": config, "vae": vae.eval(),
+        "step": int(json.loads((path / "training_state.json").read_text())["step"]),
+        "discriminator": load_file(str(disc_file)) if config.discriminator.enabled and disc_file.is_file() else None,
+        "logvar": float(state["logvar"]) if "logvar" in state else None,
+    }
 
 
 def save_grid(images: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> np.ndarray:

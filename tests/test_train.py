@@ -16,6 +16,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from first_stage.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
 pytestmark = pytest.mark.slow
@@ -78,9 +80,19 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     grid = Image.open(run / "samples" / "step-0000004.png")
     assert grid.size == (32 * 2, 32 * 2)  # 2 validation images, input row and reconstruction row
     vae = AutoencoderKL.from_pretrained(run / "export")
-    info = json.loads((run / "export" / "training_info.json").read_text())
-    assert vae.config.scaling_factor == pytest.approx(info["latent_scale"]["scaling_factor"])
+    report = json.loads((run / "export" / "export_report.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(report["latent_stats"]["scaling_factor"])
     assert vae.config.scaling_factor != 0.18215  # measured, not the SD default
+    assert report["latent_stats"]["num_images"] == 4 and report["verification"]["diffusers"] == 0
+    # The fine-tuning bundle: discriminator, log-variance, and a config that starts from this export.
+    bundle = run / "export" / "finetune"
+    assert {"discriminator.safetensors", "loss.safetensors", "config.yaml"} <= {p.name for p in bundle.iterdir()}
+    continued = load_config(bundle / "config.yaml")
+    assert Path(continued.model.init_from) == (run / "export").resolve()
+    _, finetuned = run_train(tmp_path, "continued", "train.max_steps=1",
+                             f"model.init_from={continued.model.init_from}",
+                             f"discriminator.init_from={continued.discriminator.init_from}")
+    assert (finetuned / "export" / "vae_ldm.safetensors").is_file()
 
 
 def test_exact_resume(tmp_path, vgg_file):

@@ -24,14 +24,14 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from first_stage.config import config_hash, load_config, save_config, to_yaml
-from first_stage.data import make_dataloader
-from first_stage.discriminator import build_discriminator
-from first_stage.export import export_diffusers, measure_latent_scale
+from first_stage.data import calibration_batches, describe, make_dataloader
+from first_stage.discriminator import build_discriminator, load_discriminator
+from first_stage.export import SINGLE_FILE_NAME, export_autoencoder
 from first_stage.losses import GeneratorLoss, discriminator_step_loss
 from first_stage.model import AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
 from first_stage.perceptual import LPIPSWeightsNotFound, load_lpips
 from first_stage.regularizers import KLRegularizer
-from first_stage.training import (CHECKPOINT_PREFIX, TrainingState, checkpoint_dirs, latent_batch_stats, lr_factor,
+from first_stage.training import (AUTOENCODER_CONFIG, CHECKPOINT_PREFIX, TrainingState, checkpoint_dirs, latent_batch_stats, lr_factor,
                                   resolve_resume, save_grid, set_lr)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -106,9 +106,10 @@ def sum_over_processes(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
 
 
-def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: str, keep: int) -> Path:
+def save_checkpoint(accelerator, root: Path, state: TrainingState, files: dict[str, str], keep: int) -> Path:
     """``save_state`` into a hidden temporary folder, then rename it: a crash mid-save never leaves a
-    folder that looks complete. Keeps the newest ``keep`` checkpoints."""
+    folder that looks complete. ``files`` (name → text) are written beside the state. Keeps the
+    newest ``keep`` checkpoints."""
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
     if accelerator.is_main_process:
@@ -117,7 +118,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainingState, config_yaml: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
     if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_yaml)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         (tmp / "training_state.json").write_text(json.dumps(state.state_dict(), indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -215,12 +217,15 @@ def main():
     # Setup model, losses and discriminator:
     vae = build_autoencoder(config.model)
     set_trainable(vae, config.model.trainable)
+    checkpoint_files = {"config.yaml": to_yaml(config), AUTOENCODER_CONFIG: vae.to_json_string()}
     model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
     loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
                             config.discriminator, build_perceptual(config.loss, accelerator))
     dcfg = config.discriminator
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
+    if discriminator is not None and dcfg.init_from is not None:
+        load_discriminator(discriminator, dcfg.init_from)
     if discriminator is not None and dcfg.norm == "batch" and accelerator.num_processes > 1:
         if accelerator.device.type == "cuda":
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -353,7 +358,7 @@ def main():
         too_many = state.consecutive_nonfinite >= tcfg.max_nonfinite
         stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
         if state.step % tcfg.checkpoint_every == 0 or too_many or stop or state.step == tcfg.max_steps:
-            save_checkpoint(accelerator, ckpt_root, state, to_yaml(config), tcfg.keep_checkpoints)
+            save_checkpoint(accelerator, ckpt_root, state, checkpoint_files, tcfg.keep_checkpoints)
         if too_many:
             accelerator.print(f"stopping: {state.consecutive_nonfinite} consecutive non-finite losses; "
                               f"the last finite step was {state.last_finite_step}. Checkpoint saved.")
@@ -365,23 +370,26 @@ def main():
             break
     progress.close()
 
-    # Export the EMA (or raw) weights with a measured latent scale:
+    # Export the EMA (or raw) weights with a measured latent scale, on every process's share of the
+    # calibration images:
     accelerator.wait_for_everyone()
     if exit_code == 0:
+        ecfg = config.export
         export_vae = raw_model.vae
-        if tcfg.ema and config.export.weights == "ema":
+        if tcfg.ema and ecfg.weights == "ema":
             ema.copy_to(export_vae.parameters())
-        export_vae.eval()
-        calibration = make_dataloader(config.data, tcfg.batch_size, seed=tcfg.seed + 1, shuffle=False, drop_last=False)
-        wanted = math.ceil(config.export.calibration_images / tcfg.batch_size)
-        calib_batches = (b["pixel_values"].to(accelerator.device) for _, b in zip(range(wanted), calibration))
-        scale = measure_latent_scale(export_vae, calib_batches)
-        if accelerator.is_main_process:
-            out = export_diffusers(export_vae, run_dir / "export", scale, overwrite=True)
-            (out / "training_info.json").write_text(json.dumps(
-                {"step": state.step, "config_hash": config_hash(config), "latent_scale": scale}, indent=1))
-            accelerator.print(f"exported {out} (scaling_factor {scale['scaling_factor']:.5f} "
-                              f"from {scale['num_images']} images)")
+        calibration = calibration_batches(config.data, ecfg.calibration_images, tcfg.batch_size, seed=tcfg.seed,
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+        report = export_autoencoder(
+            export_vae, run_dir / "export", (b["pixel_values"] for b in calibration),
+            calibration_source=describe(config.data), source=str(run_dir), dtype=ecfg.dtype,
+            latent_norm=ecfg.latent_norm, weights=ecfg.weights if tcfg.ema else "raw",
+            single_file=SINGLE_FILE_NAME if ecfg.single_file else None, config=config, step=state.step,
+            config_hash=config_hash(config), discriminator=raw_discriminator, logvar=raw_model.logvar.item(),
+            overwrite=True, gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
+        if report is not None:
+            accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {report['latent_stats']['scaling_factor']:.5f} "
+                              f"from {report['latent_stats']['num_images']} images; {report['fp16']['verdict']}")
     accelerator.end_training()
     sys.exit(exit_code)
 

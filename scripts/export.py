@@ -1,0 +1,135 @@
+"""Export an autoencoder as a diffusers folder + latent-diffusion single file with a measured latent scale.
+
+    python scripts/export.py RUN_DIR_OR_CHECKPOINT --out DIR [--weights ema|raw] [--dtype fp32|fp16|bf16]
+        [--calibrate DATA_SPEC] [--num-images N] [--latent-norm global|per_channel]
+        [--single-file PATH | --no-single-file] [--overwrite]
+
+The source is a training run folder (its newest checkpoint), a checkpoint folder, a diffusers
+AutoencoderKL folder, or a latent-diffusion weight file (.safetensors/.ckpt: the import of a released
+VAE, with its discriminator when the file has one). Calibration data defaults to the run's training
+data; DATA_SPEC is "val" (the run's val_data) or comma-separated data settings, e.g.
+"source=imagefolder,path=/data/coco/val2017,resolution=256" (unset ones come from the run's data).
+Launch with `accelerate launch scripts/export.py ...` to split the calibration over processes.
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, config_hash, with_overrides
+from first_stage.convert import read_weights, split_ldm_checkpoint
+from first_stage.data import calibration_batches, describe
+from first_stage.discriminator import build_discriminator, infer_discriminator_config
+from first_stage.export import SINGLE_FILE_NAME, ExportError, export_autoencoder
+from first_stage.model import load_autoencoder
+from first_stage.training import read_checkpoint
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run folder, checkpoint folder, diffusers folder or latent-diffusion weight file")
+    parser.add_argument("--out", required=True, help="the diffusers folder to write")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="checkpoints: EMA or raw weights")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--calibrate", default=None, metavar="DATA_SPEC", help="calibration data (default: the run's data)")
+    parser.add_argument("--num-images", type=int, default=None, help="calibration images (default: export.calibration_images)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="which images are picked for calibration")
+    parser.add_argument("--latent-norm", choices=["global", "per_channel"], default=None,
+                        help="config fields for the scale (default: export.latent_norm, else global)")
+    parser.add_argument("--single-file", default=SINGLE_FILE_NAME, metavar="PATH",
+                        help=f"latent-diffusion single file (default: {SINGLE_FILE_NAME} inside --out)")
+    parser.add_argument("--no-single-file", action="store_true")
+    parser.add_argument("--norm-num-groups", type=int, default=None,
+                        help="GroupNorm groups of a foreign weight file (not visible in its weights; default 32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    return parser.parse_args()
+
+
+def load_source(args) -> dict:
+    """The model to export and what comes with it, from any kind of source."""
+    source = Path(args.source)
+    if (source / "checkpoints").is_dir() or (source / "training_state.json").is_file():
+        return read_checkpoint(source, args.weights)
+    overrides = {} if args.norm_num_groups is None else {"norm_num_groups": args.norm_num_groups}
+    vae = load_autoencoder(source, overrides)
+    found = {"path": source, "config": None, "step": None, "vae": vae.eval(), "discriminator": None, "logvar": None}
+    if source.is_file():  # a latent-diffusion autoencoder checkpoint may hold its discriminator and log-variance
+        _, disc, logvar = split_ldm_checkpoint(read_weights(source)[0])
+        found["discriminator"] = disc or None
+        found["logvar"] = None if logvar is None else float(logvar)
+    return found
+
+
+def calibration_config(spec: str | None, config: Config | None) -> DataConfig:
+    """The data to calibrate on: the run's data, its val_data ("val"), or key=value settings over the run's data."""
+    if spec is None:
+        if config is None:
+            raise ConfigError("--calibrate is required when the source is not a training run (it has no data config)")
+        return config.data
+    if spec == "val":
+        if config is None or config.val_data is None:
+            raise ConfigError("--calibrate val: the source has no val_data")
+        return config.val_data
+    overrides = [f"data.{item.strip()}" for item in spec.split(",") if item.strip()]
+    return with_overrides(config or Config(), overrides, "--calibrate").data
+
+
+def import_config(found: dict, data: DataConfig) -> Config | None:
+    """For a released VAE that comes with a discriminator: a training config to fine-tune it with
+    (on the calibration data; edit its data section)."""
+    if found["discriminator"] is None:
+        return None
+    disc = DiscriminatorConfig(enabled=True, **infer_discriminator_config(found["discriminator"]))
+    return Config(data=data, discriminator=disc)
+
+
+def main():
+    args = parse_args()
+    accelerator = Accelerator()
+    found = load_source(args)
+    config = found["config"]
+    data = calibration_config(args.calibrate, config)
+    if config is None:
+        config = import_config(found, data)
+    num_images = args.num_images or (found["config"].export.calibration_images if found["config"] else 64)
+    latent_norm = args.latent_norm or (found["config"].export.latent_norm if found["config"] else "global")
+    discriminator = None
+    if found["discriminator"] is not None:
+        discriminator = build_discriminator(config.discriminator)
+        discriminator.load_state_dict(found["discriminator"])
+    vae = found["vae"].to(accelerator.device)
+    calibration = calibration_batches(data, num_images, args.batch_size, seed=args.seed,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes)
+    try:
+        report = export_autoencoder(
+            vae, args.out, (b["pixel_values"] for b in calibration), calibration_source=describe(data),
+            source=str(found["path"]), dtype=args.dtype, latent_norm=latent_norm,
+            weights=args.weights if found["config"] is not None else "as stored",
+            single_file=None if args.no_single_file else args.single_file, config=config, step=found["step"],
+            config_hash=config_hash(found["config"]) if found["config"] else None, discriminator=discriminator,
+            logvar=found["logvar"], overwrite=args.overwrite, gather=lambda t: accelerator.reduce(t, "sum"),
+            is_main=accelerator.is_main_process)
+    except (ExportError, FileExistsError) as err:
+        sys.exit(f"export failed: {err}")
+    if report is not None:
+        stats, check = report["latent_stats"], report["verification"]
+        print(f"exported {args.out} from {found['path']}")
+        print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor {stats['shift_factor']:.5f} "
+              f"(std {stats['std']:.5f}) from {stats['num_images']} images of {report['calibration']}")
+        print(f"  config.json: {report['config_scale']}")
+        print(f"  fp16: {report['fp16']['verdict']} force_upcast={report['fp16']['force_upcast']}")
+        print(f"  verified: max abs difference after reload {check['diffusers']:.3g}"
+              + (f", single file {check['single_file']:.3g}" if "single_file" in check else "")
+              + f" (tolerance {check['tolerance']:g})")
+        if report.get("single_file"):
+            print(f"  single file: {report['single_file']}")
+        if report.get("bundle"):
+            print(f"  fine-tuning bundle: {Path(args.out) / 'finetune'}: {', '.join(report['bundle'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Export: the diffusers folder and the latent-diffusion single file load back identical, the measured
+scale is right and lands where pipelines read it, bad exports are refused. Everything offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from first_stage.config import Config, DiscriminatorConfig, load_config
+from first_stage.convert import infer_autoencoder_config, to_ldm_state_dict
+from first_stage.discriminator import build_discriminator, discriminator_state, load_discriminator
+from first_stage.export import (ExportError, export_autoencoder, fp16_overflow_check, measure_latent_stats,
+                                output_difference)
+from first_stage.model import load_autoencoder
+
+
+def levels(*channels, attention=()):
+    return {
+        "block_out_channels": channels,
+        "down_block_types": tuple("AttnDownEncoderBlock2D" if i in attention else "DownEncoderBlock2D"
+                                  for i in range(len(channels))),
+        "up_block_types": tuple("AttnUpDecoderBlock2D" if len(channels) - 1 - i in attention else "UpDecoderBlock2D"
+                                for i in range(len(channels))),
+    }
+
+
+ARCHITECTURES = {
+    "tiny-2-level": {**levels(32, 64), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8},
+    "sd-4-level-small": {**levels(16, 32, 32, 32), "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 8},
+    "c16-no-quant-conv": {**levels(16, 32, 32), "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 8,
+                          "use_quant_conv": False, "use_post_quant_conv": False},
+}
+
+
+def make_vae(config: dict, seed: int = 0) -> AutoencoderKL:
+    """A random AutoencoderKL whose norms and biases are not at their (symmetric) initial values."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae
+
+
+def export(vae, out, images, **kwargs):
+    kwargs.setdefault("calibration_source", "test images")
+    kwargs.setdefault("source", "test")
+    return export_autoencoder(vae, out, [images[:1], images[1:]], **kwargs)
+
+
+def test_export_loads_identical_with_measured_scale(tiny_vae, images, tmp_path):
+    report = export(tiny_vae, tmp_path / "vae", images)
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert output_difference(tiny_vae, loaded, images) == 0
+    assert loaded.config.scaling_factor == report["latent_stats"]["scaling_factor"] != 0.18215
+    assert loaded.config.shift_factor == report["latent_stats"]["shift_factor"]
+    # An independent one-shot computation over the same images' posteriors.
+    with torch.no_grad():
+        posterior = tiny_vae.encode(images).latent_dist
+    mu, var = posterior.mean.double(), posterior.var.double()
+    std = ((mu.pow(2) + var).mean() - mu.mean() ** 2).sqrt()
+    # (rel 1e-6: a batch of 2 and two batches of 1 go through slightly different float32 kernels)
+    assert loaded.config.scaling_factor == pytest.approx(1 / std.item(), rel=1e-6)
+    assert loaded.config.shift_factor == pytest.approx(mu.mean().item(), rel=1e-6)
+    channel_std = ((mu.pow(2) + var).mean((0, 2, 3)) - mu.mean((0, 2, 3)) ** 2).sqrt()
+    assert report["latent_stats"]["channel_std"] == pytest.approx(channel_std.tolist(), rel=1e-6)
+    # ... and it is the std of actual posterior samples (Monte Carlo, 200 draws per image).
+    torch.manual_seed(0)
+    samples = torch.stack([posterior.sample() for _ in range(200)]).double()
+    assert 1 / samples.std(unbiased=False).item() == pytest.approx(loaded.config.scaling_factor, rel=1e-3)
+    files = {p.name for p in (tmp_path / "vae").iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "vae_ldm.safetensors", "README.md",
+            "export_report.json"} <= files
+    card = (tmp_path / "vae" / "README.md").read_text()
+    assert f"{report['latent_stats']['scaling_factor']:.5f}" in card and "from_pretrained" in card
+
+
+def test_scale_does_not_depend_on_batching_or_processes(tiny_vae, images):
+    one = measure_latent_stats(tiny_vae, [images])
+    split = measure_latent_stats(tiny_vae, [images[:1], torch.empty(0, 3, 32, 32), images[1:]])
+    # Two "processes" with one image each, their sums combined as accelerator.reduce(t, "sum") does.
+    other = []
+    measure_latent_stats(tiny_vae, [images[1:]], gather=lambda t: other.append(t.clone()) or t)
+    combined = measure_latent_stats(tiny_vae, [images[:1]], gather=lambda t: t + other[0])
+    assert one["num_images"] == split["num_images"] == combined["num_images"] == 2
+    for key in ("scaling_factor", "shift_factor", "std_of_means"):
+        assert split[key] == pytest.approx(one[key], rel=1e-6)  # float32 kernels differ with the batch size
+        assert combined[key] == pytest.approx(split[key], rel=1e-12)
+
+
+def test_safetensors_metadata_and_per_channel_fields(tiny_vae, images, tmp_path):
+    report = export(tiny_vae, tmp_path / "vae", images, latent_norm="per_channel", step=7, config_hash="abc")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["latents_mean"] == pytest.approx(report["latent_stats"]["channel_mean"])
+    assert config["latents_std"] == pytest.approx(report["latent_stats"]["channel_std"])
+    assert config["scaling_factor"] == 1.0 and config["shift_factor"] is None
+    for name in ("diffusion_pytorch_model.safetensors", "vae_ldm.safetensors"):
+        with safe_open(str(tmp_path / "vae" / name), "pt") as f:
+            meta = f.metadata()
+        assert meta["format"] == "pt" and meta["step"] == "7" and meta["config_hash"] == "abc"
+        assert meta["producer"].startswith("first-stage ")
+        assert json.loads(meta["autoencoder_config"])["latents_std"] == config["latents_std"]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_single_file_round_trip(name, tmp_path, images):
+    vae = make_vae(ARCHITECTURES[name])
+    export(vae, tmp_path / "vae", images)
+    single = tmp_path / "vae" / "vae_ldm.safetensors"
+    assert not any(k.startswith(("encoder.down_blocks", "decoder.up_blocks")) for k in load_file(single))
+    # diffusers' own single-file loader, given the folder's config
+    from_single = AutoencoderKL.from_single_file(str(single), config=str(tmp_path / "vae"))
+    assert output_difference(vae, from_single, images) == 0
+    # our import: with the config in the metadata, and from bare weights (architecture inferred)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(single), bare)
+    for path, overrides in ((single, None), (bare, {"norm_num_groups": 8})):
+        imported = load_autoencoder(path, overrides).state_dict()
+        assert imported.keys() == vae.state_dict().keys()
+        assert all(torch.equal(imported[k], v) for k, v in vae.state_dict().items())
+
+
+def test_import_covers_attention_levels_and_prefixes(tmp_path, images):
+    """Levels with attention (AttnDown/UpBlocks) map to latent-diffusion's down.i.attn.j; whole-model
+    checkpoints keep the VAE under first_stage_model. (diffusers' from_single_file cannot read
+    attention levels; our import can)."""
+    vae = make_vae({**levels(16, 32, attention=(1,)), "layers_per_block": 1, "latent_channels": 4,
+                    "norm_num_groups": 8, "mid_block_add_attention": False})
+    ldm = to_ldm_state_dict(vae)
+    assert "encoder.down.1.attn.0.q.weight" in ldm and ldm["encoder.down.1.attn.0.q.weight"].ndim == 4
+    assert infer_autoencoder_config(ldm, 8)["up_block_types"] == ("AttnUpDecoderBlock2D", "UpDecoderBlock2D")
+    path = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in ldm.items()} | {"model.x": torch.zeros(1)}}, path)
+    imported = load_autoencoder(path, {"norm_num_groups": 8})
+    assert all(torch.equal(imported.state_dict()[k], v) for k, v in vae.state_dict().items())
+    assert output_difference(vae, imported, images) < 1e-5
+
+
+def test_ldm_checkpoint_with_discriminator_imports_for_fine_tuning(tmp_path, images):
+    """A latent-diffusion autoencoder checkpoint (kl-f8's model.ckpt layout: loss.discriminator.*,
+    loss.logvar) exports with its discriminator, and training can load that back."""
+    vae = make_vae(ARCHITECTURES["tiny-2-level"])
+    disc = build_discriminator(DiscriminatorConfig(channels=16, n_layers=2))
+    state = to_ldm_state_dict(vae) | {f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}
+    state["loss.logvar"] = torch.tensor(0.25)
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out"),
+                           "--norm-num-groups", "8", "--calibrate", "source=sample,split=validation,resolution=32",
+                           "--num-images", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scaling_factor" in proc.stdout
+    out = tmp_path / "out"
+    assert output_difference(vae, AutoencoderKL.from_pretrained(out), images) == 0
+    fresh = build_discriminator(DiscriminatorConfig(channels=16, n_layers=2))
+    load_discriminator(fresh, out / "finetune" / "discriminator.safetensors")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in disc.state_dict().items())
+    assert load_file(out / "finetune" / "loss.safetensors")["logvar"].item() == 0.25
+    # straight from the latent-diffusion checkpoint too; a mismatch names the settings to use
+    assert discriminator_state(tmp_path / "model.ckpt").keys() == disc.state_dict().keys()
+    with pytest.raises(ValueError, match="'n_layers': 2, 'channels': 16"):
+        load_discriminator(build_discriminator(DiscriminatorConfig()), tmp_path / "model.ckpt")
+
+
+def test_nonfinite_weights_are_refused_by_name(tiny_vae, images, tmp_path):
+    with torch.no_grad():
+        tiny_vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ExportError, match="decoder.conv_out.weight"):
+        export(tiny_vae, tmp_path / "vae", images)
+    assert not (tmp_path / "vae").exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_export_is_not_overwritten(tiny_vae, images, tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(tiny_vae, tmp_path / "vae", images)
+    assert (tmp_path / "vae" / "keep.txt").read_text() == "mine"
+    export(tiny_vae, tmp_path / "vae", images, overwrite=True)
+    assert not (tmp_path / "vae" / "keep.txt").exists()
+
+
+def test_fp16_overflow_is_detected_and_sets_force_upcast(tiny_vae, images, tmp_path):
+    report = export(tiny_vae, tmp_path / "ok", images, dtype="fp16")
+    assert report["fp16"]["overflow_modules"] == [] and report["fp16"]["force_upcast"] is False
+    assert AutoencoderKL.from_pretrained(tmp_path / "ok").config.force_upcast is False
+    with torch.no_grad():  # activations past fp16's 65504 in the decoder, still finite in fp32
+        tiny_vae.decoder.conv_in.weight.mul_(1e5)
+    found = fp16_overflow_check(tiny_vae, images)
+    assert found["overflow"][0] == "decoder.conv_in"
+    report = export(tiny_vae, tmp_path / "upcast", images, dtype="fp16")
+    assert report["fp16"]["force_upcast"] is True and "overflow" in report["fp16"]["verdict"]
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "upcast")
+    assert loaded.config.force_upcast is True
+    stored = load_file(tmp_path / "upcast" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert "decoder.conv_in" in (tmp_path / "upcast" / "README.md").read_text()
+
+
+def test_bundle_config_points_at_the_export(tiny_vae, images, tmp_path):
+    disc = build_discriminator(DiscriminatorConfig(channels=16))
+    report = export(tiny_vae, tmp_path / "vae", images, config=Config(discriminator=DiscriminatorConfig(channels=16)),
+                    discriminator=disc, logvar=-0.5)
+    assert report["bundle"] == ["config.yaml", "discriminator.safetensors", "loss.safetensors"]
+    config = load_config(tmp_path / "vae" / "finetune" / "config.yaml")
+    assert config.model.init_from == str((tmp_path / "vae").resolve())
+    assert config.loss.logvar_init == -0.5
+    load_discriminator(build_discriminator(config.discriminator), config.discriminator.init_from)
+
+
+@pytest.mark.slow
+def test_cli_calibration_split_over_two_processes_matches_one(tiny_vae, images, tmp_path):
+    export(tiny_vae, tmp_path / "source", images)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+    common = [str(script), str(tmp_path / "source"), "--calibrate", "source=sample,split=all,resolution=32",
+              "--num-images", "9", "--batch-size", "2"]
+    launch = ["accelerate", "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    runs = {
+        "one": [sys.executable, *common],
+        "two": [*launch, "--multi_gpu", "--num_processes", "2", "--main_process_port", "29519", *common],
+    }
+    stats = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stats[name] = json.loads((tmp_path / name / "export_report.json").read_text())["latent_stats"]
+    assert stats["one"]["num_images"] == stats["two"]["num_images"] == 9
+    for key in ("scaling_factor", "shift_factor"):
+        assert stats["two"][key] == pytest.approx(stats["one"][key], rel=1e-6)
