@@ -114,7 +114,7 @@ def main():
             logvar=found["logvar"], overwrite=args.overwrite, gather=lambda t: accelerator.reduce(t, "sum"),
             is_main=accelerator.is_main_process)
     except (ExportError, FileExistsError) as err:
-        sys.exit(f"export failed: {err}")
+        sys.exit(f"export failed: {err}")  # the launcher then stops the other processes
     if report is not None:
         stats, check = report["latent_stats"], report["verification"]
         print(f"exported {args.out} from {found['path']}")
@@ -129,6 +129,9 @@ def main():
             print(f"  single file: {report['single_file']}")
         if report.get("bundle"):
             print(f"  fine-tuning bundle: {Path(args.out) / 'finetune'}: {', '.join(report['bundle'])}")
+    # The others wait for the main process's writing: one that exits early tears the process group down under it.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -390,6 +390,9 @@ def main():
         if report is not None:
             accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {report['latent_stats']['scaling_factor']:.5f} "
                               f"from {report['latent_stats']['num_images']} images; {report['fp16']['verdict']}")
+    # The other processes wait for the main one's export: a process that leaves early tears down
+    # the process group under it (gloo aborts with "terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     sys.exit(exit_code)
 
