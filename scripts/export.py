@@ -13,7 +13,6 @@ Launch with `accelerate launch scripts/export.py ...` to split the calibration o
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 

@@ -1,0 +1,116 @@
+"""Latent statistics of one or more VAEs: scale, tails, peaks, spots, posterior, spectrum, non-locality.
+
+    python eval/latent_stats.py --vae DIR [DIR ...] --data DATA_SPEC --num-images N --out OUT
+    accelerate launch --num_processes 8 eval/latent_stats.py ...      # images split over processes
+
+--vae takes diffusers folders, single files (our exports carry their config; others take
+--single-file-config DIR), training checkpoints or run folders. DATA_SPEC is comma-separated data
+settings, e.g. "source=imagefolder,path=/data/coco/val2017,resolution=256" (default: the bundled
+sample photos). Writes OUT/report.json, OUT/report.md and PNG plots. Definitions: docs/evaluation.md.
+"""
+
+import argparse
+import functools
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from first_stage.data import calibration_batches, describe
+from first_stage.evaluation import data_from_spec, evaluate_each, nonlocality
+from first_stage.latent_stats import LatentStatistics
+from first_stage.reports import latent_plots, latent_rows, markdown_table, report, write_json, write_markdown
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", nargs="+", required=True, help="VAEs to compare (same images for all)")
+    parser.add_argument("--data", default="source=sample,split=all", help="data settings, key=value,...")
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="which images are picked, and the random positions")
+    parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16 (statistics stay float64)")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for training checkpoints")
+    parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
+    parser.add_argument("--norm-num-groups", type=int, default=None)
+    parser.add_argument("--nonlocality-images", type=int, default=16, help="images for the perturbation test")
+    parser.add_argument("--margin", type=int, default=1, help="latent cells around the perturbed position")
+    return parser.parse_args()
+
+
+def encode(vae, x):
+    """(posterior mean, log-variance) of a batch, float32."""
+    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean.float(), posterior.logvar.float()
+
+
+@torch.no_grad()
+def measure(vae, index: int, data, args, accelerator) -> dict:
+    """Both passes over the same images, then the combined statistics (main process)."""
+    batches = lambda: calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,  # noqa: E731
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+    reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
+    stats = LatentStatistics(vae.config.latent_channels)
+    bar = dict(total=2 * math.ceil(args.num_images / accelerator.num_processes), unit="img",
+               disable=not accelerator.is_local_main_process)
+    with tqdm(**bar) as progress:
+        for batch in batches():
+            z, logvar = encode(vae, batch["pixel_values"])
+            if z.shape[0]:
+                stats.first_pass(z, logvar)
+            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
+        stats.finish_first_pass(reduce_sum)
+        local_k = math.ceil(args.nonlocality_images / accelerator.num_processes)
+        shares = {"peak": [], "random": []}
+        generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+        for batch in batches():
+            z, _ = encode(vae, batch["pixel_values"])
+            if z.shape[0]:
+                stats.second_pass(z)
+            todo = local_k - len(shares["peak"])
+            if todo > 0 and z.shape[0]:
+                found = nonlocality(vae, z[:todo], stats.std.float(), args.margin, generator)
+                for key in shares:
+                    shares[key] += found[key]
+            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
+    stats.combine(reduce_sum, gather_object)
+    shares = {key: gather_object(values) for key, values in shares.items()}
+    if not accelerator.is_main_process:
+        return {}
+    result = stats.result()
+    result["scale"]["carried_over_implied"] = vae.config.scaling_factor / result["scale"]["implied_scaling_factor"]
+    result["nonlocality"] = {"images": len(shares["peak"]), "margin_cells": args.margin,
+                             "peak": shares["peak"], "random": shares["random"],
+                             "peak_median": float(torch.tensor(shares["peak"]).median()) if shares["peak"] else None,
+                             "random_median": float(torch.tensor(shares["random"]).median()) if shares["random"] else None}
+    return result
+
+
+def main():
+    args = parse_args()
+    accelerator = Accelerator()
+    data = data_from_spec(args.data)
+    out = Path(args.out)
+    load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
+    entries = evaluate_each(args.vae, accelerator.device, functools.partial(measure, data=data, args=args,
+                            accelerator=accelerator), args.bf16, **load)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        rep = report("latent_stats", describe(data), entries[0]["results"]["images"], entries)
+        write_json(rep, out / "report.json")
+        table = markdown_table(latent_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
+        notes = ["Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); 1/(h·w) for the modal",
+                 "peak share; white noise for the spectrum. Definitions: docs/evaluation.md.", ""]
+        notes += [f"![{p.stem}]({p.name})" for p in latent_plots(entries, out)]
+        write_markdown(out / "report.md", "Latent statistics", rep, table, notes)
+        accelerator.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

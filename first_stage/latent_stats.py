@@ -1,0 +1,185 @@
+"""Latent statistics that show whether a VAE's latents keep outliers and bounded scale (REFERENCE §5,
+formulas in docs/evaluation.md).
+
+z is the posterior mean (B, C, h, w), ẑ = (z − m_c) / s_c its per-channel standardisation with the
+channel mean m_c and std s_c over all images and positions. Statistics that need ẑ take a second
+pass over the same latents (the posterior mean is deterministic), so everything is exact and
+streams in constant memory: per-channel float64 sums, fixed-bin histograms, and one float per
+image for the per-image figures (their quantiles are exact). :meth:`LatentStatistics.combine`
+sums the accumulators over processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance here
+TAIL_KS = (3, 4, 6)
+GAUSSIAN_TAIL = {k: math.erfc(k / math.sqrt(2)) for k in TAIL_KS}  # P(|x| > k), x ~ N(0, 1)
+ZHAT_RANGE, ZHAT_BINS = 12.0, 240  # histogram of ẑ over [-12, 12]; beyond goes to the end bins
+LOGVAR_BINS = 100  # histogram of the log-variance over the clamp range
+ACTIVE_THRESHOLD = 0.01  # a channel is active when Var over images and positions of E[z_c] exceeds this
+
+
+def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """Orthonormal DCT-II matrix (n, n): coefficients = D @ x."""
+    k = torch.arange(n, dtype=dtype)[:, None]
+    i = torch.arange(n, dtype=dtype)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d
+
+
+def high_band_mask(h: int, w: int) -> torch.Tensor:
+    """(h, w) True where either DCT frequency is in the upper half of its band."""
+    return (torch.arange(h)[:, None] >= h / 2) | (torch.arange(w)[None, :] >= w / 2)
+
+
+def gaussian_peak_reference(shape: tuple[int, int, int], draws: int = 1000, seed: int = 0) -> dict:
+    """Median and p99 of max |x| over N(0, 1) tensors of ``shape`` (C, h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    peaks = torch.stack([torch.randn(shape, generator=g).abs().max() for _ in range(draws)]).numpy()
+    return {"median": float(np.median(peaks)), "p99": float(np.quantile(peaks, 0.99))}
+
+
+class LatentStatistics:
+    """Streaming accumulator. Call :meth:`first_pass` on every batch, :meth:`finish_first_pass`,
+    :meth:`second_pass` on the same batches, then :meth:`result`."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        f64 = dict(dtype=torch.float64)
+        # first pass, per channel: elements, Σz, Σz², Σσ², ΣKL, count of log-variances at the clamp
+        self.sums1 = torch.zeros(6, channels, **f64)
+        self.logvar_hist = torch.zeros(LOGVAR_BINS, **f64)
+        self.peak_positions: torch.Tensor | None = None  # (h, w) counts of each image's energy peak
+        self.concentration: list[float] = []  # per image: largest position's share of latent energy
+        # second pass, per channel: Σẑ⁴, counts |ẑ| > k for k in TAIL_KS, DCT energy total and high band
+        self.sums2 = torch.zeros(3 + len(TAIL_KS), channels, **f64)
+        self.zhat_hist = torch.zeros(channels, ZHAT_BINS, **f64)
+        self.peak_zhat: list[float] = []  # per image: max |ẑ|
+        self.mean = self.std = None
+
+    @torch.no_grad()
+    def first_pass(self, z: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Posterior mean z and log-variance, each (B, C, h, w)."""
+        z, logvar = z.double().cpu(), logvar.double().cpu()
+        b, c, h, w = z.shape
+        kl = 0.5 * (z.pow(2) + logvar.exp() - 1 - logvar)
+        at_clamp = (logvar <= LOGVAR_CLAMP[0] + 1e-4).double()
+        self.sums1 += torch.stack([torch.full((c,), b * h * w, dtype=torch.float64), z.sum((0, 2, 3)),
+                                   z.pow(2).sum((0, 2, 3)), logvar.exp().sum((0, 2, 3)), kl.sum((0, 2, 3)),
+                                   at_clamp.sum((0, 2, 3))])
+        self.logvar_hist += torch.histc(logvar.clamp(*LOGVAR_CLAMP), LOGVAR_BINS, *LOGVAR_CLAMP)
+        energy = z.pow(2).sum(1).flatten(1)  # (B, h*w): ‖z[:, h, w]‖²
+        self.concentration += (energy.max(1).values / energy.sum(1).clamp_min(1e-300)).tolist()
+        if self.peak_positions is None:
+            self.peak_positions = torch.zeros(h * w, dtype=torch.float64)
+        self.peak_positions += torch.bincount(energy.argmax(1), minlength=h * w).double()
+        self.shape = (c, h, w)
+
+    def finish_first_pass(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Combine the first-pass sums over processes and fix the channel mean and std."""
+        if reduce_sum is not None:
+            self.sums1 = reduce_sum(self.sums1)
+        n, s1, s2 = self.sums1[0], self.sums1[1], self.sums1[2]
+        self.mean = s1 / n
+        self.std = (s2 / n - self.mean**2).clamp_min(0).sqrt()
+
+    @torch.no_grad()
+    def second_pass(self, z: torch.Tensor) -> None:
+        """The same posterior means again, now standardised with the first pass's channel statistics."""
+        z = z.double().cpu()
+        zhat = (z - self.mean[None, :, None, None]) / self.std.clamp_min(1e-300)[None, :, None, None]
+        b, c, h, w = z.shape
+        dh, dw = dct_matrix(h), dct_matrix(w)
+        coef = dh @ zhat @ dw.T  # (B, C, h, w) 2-D DCT per channel
+        energy = coef.pow(2)
+        high = energy * high_band_mask(h, w)
+        tails = [(zhat.abs() > k).double().sum((0, 2, 3)) for k in TAIL_KS]
+        self.sums2 += torch.stack([zhat.pow(4).sum((0, 2, 3)), energy.sum((0, 2, 3)), high.sum((0, 2, 3)), *tails])
+        edges = torch.linspace(-ZHAT_RANGE, ZHAT_RANGE, ZHAT_BINS + 1, dtype=torch.float64)
+        bins = torch.bucketize(zhat.clamp(-ZHAT_RANGE, ZHAT_RANGE).contiguous(), edges[1:-1].contiguous())
+        bins = bins.transpose(0, 1).reshape(c, -1)  # (C, B*h*w) bin of each element
+        self.zhat_hist += torch.zeros(c, ZHAT_BINS, dtype=torch.float64).scatter_add_(
+            1, bins, torch.ones_like(bins, dtype=torch.float64))
+        self.peak_zhat += zhat.abs().flatten(1).max(1).values.tolist()
+
+    def combine(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                gather_list: Callable[[list], list]) -> None:
+        """Sum the remaining accumulators and concatenate the per-image lists over processes."""
+        self.logvar_hist = reduce_sum(self.logvar_hist)
+        self.peak_positions = reduce_sum(self.peak_positions)
+        self.sums2 = reduce_sum(self.sums2)
+        self.zhat_hist = reduce_sum(self.zhat_hist)
+        self.concentration = gather_list(self.concentration)
+        self.peak_zhat = gather_list(self.peak_zhat)
+
+    def result(self) -> dict:
+        """Every figure as plain floats and lists (see docs/evaluation.md for the definitions)."""
+        n, s1, s2, var_sum, kl_sum, clamp_count = self.sums1
+        c, h, w = self.shape
+        quartic, dct_total, dct_high, *tails = self.sums2
+        images = len(self.peak_zhat)
+        mean = s1.sum() / n.sum()
+        var_means = s2.sum() / n.sum() - mean**2
+        var_samples = var_means + var_sum.sum() / n.sum()
+        std_samples = var_samples.clamp_min(0).sqrt().item()
+        positions = self.peak_positions.view(h, w)
+        concentration, peaks = np.array(self.concentration), np.array(self.peak_zhat)
+        channel_var = self.std**2
+        return {
+            "images": images,
+            "latent_shape": [c, h, w],
+            "scale": {
+                "mean": mean.item(),
+                "std_of_means": var_means.clamp_min(0).sqrt().item(),
+                "std_of_samples": std_samples,
+                "implied_scaling_factor": 1.0 / std_samples,
+                "channel_mean": self.mean.tolist(),
+                "channel_std": self.std.tolist(),
+                "channel_std_ratio_max_min": (self.std.max() / self.std.min().clamp_min(1e-300)).item(),
+                "channel_mean_spread": self.mean.std(unbiased=False).item(),
+            },
+            "tails": {
+                **{f"p_abs_gt_{k}": (t.sum() / n.sum()).item() for k, t in zip(TAIL_KS, tails)},
+                **{f"channel_p_abs_gt_{k}": (t / n).tolist() for k, t in zip(TAIL_KS, tails)},
+                "gaussian": {f"p_abs_gt_{k}": GAUSSIAN_TAIL[k] for k in TAIL_KS},
+                "channel_excess_kurtosis": (quartic / n - 3).tolist(),
+                "excess_kurtosis": (quartic.sum() / n.sum() - 3).item(),
+            },
+            "peaks": {
+                "median": float(np.median(peaks)),
+                "p99": float(np.quantile(peaks, 0.99)),
+                "max": float(peaks.max()),
+                "gaussian": gaussian_peak_reference((c, h, w)),
+            },
+            "spots": {
+                "concentration_median": float(np.median(concentration)),
+                "concentration_p99": float(np.quantile(concentration, 0.99)),
+                "uniform_concentration": 1.0 / (h * w),
+                "modal_peak_position": [int(i) for i in np.unravel_index(int(positions.argmax()), (h, w))],
+                "modal_peak_share": (positions.max() / positions.sum()).item(),
+                "peak_position_counts": positions.tolist(),
+            },
+            "posterior": {
+                "logvar_histogram": self.logvar_hist.tolist(),
+                "logvar_range": list(LOGVAR_CLAMP),
+                "fraction_at_clamp": (clamp_count.sum() / n.sum()).item(),
+                "channel_fraction_at_clamp": (clamp_count / n).tolist(),
+                "channel_kl": (kl_sum / n).tolist(),  # nats per latent element
+                "kl_per_element": (kl_sum.sum() / n.sum()).item(),
+                "active_units": int((channel_var > ACTIVE_THRESHOLD).sum()),
+                "channel_active": (channel_var > ACTIVE_THRESHOLD).tolist(),
+            },
+            "spectrum": {
+                "high_band_share": (dct_high.sum() / dct_total.sum()).item(),
+                "channel_high_band_share": (dct_high / dct_total).tolist(),
+                "white_noise_high_band_share": high_band_mask(h, w).double().mean().item(),
+            },
+            "zhat_histogram": {"range": ZHAT_RANGE, "bins": ZHAT_BINS, "counts": self.zhat_hist.tolist()},
+        }

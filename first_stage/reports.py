@@ -1,0 +1,225 @@
+"""Evaluation reports: ``report.json`` (versioned schema), ``report.md`` (VAEs side by side with a
+reference column) and PNG plots (several VAEs overlaid)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import __version__  # noqa: E402
+
+SCHEMA_VERSION = 1
+
+_NUMBER = {"type": ["number", "null"]}
+_VAE_ENTRY = {
+    "type": "object",
+    "required": ["path", "scaling_factor", "shift_factor", "results"],
+    "properties": {"path": {"type": "string"}, "scaling_factor": _NUMBER, "shift_factor": _NUMBER,
+                   "results": {"type": "object"}},
+}
+_LATENT_RESULTS = {
+    "type": "object",
+    "required": ["images", "latent_shape", "scale", "tails", "peaks", "spots", "posterior", "spectrum",
+                 "nonlocality", "zhat_histogram"],
+    "properties": {
+        "images": {"type": "integer", "minimum": 1},
+        "scale": {"type": "object", "required": ["std_of_means", "std_of_samples", "implied_scaling_factor",
+                                                 "carried_over_implied", "channel_std"]},
+        "tails": {"type": "object", "required": ["p_abs_gt_3", "p_abs_gt_4", "p_abs_gt_6", "gaussian",
+                                                 "channel_excess_kurtosis"]},
+        "peaks": {"type": "object", "required": ["median", "p99", "gaussian"]},
+        "spots": {"type": "object", "required": ["concentration_median", "modal_peak_position", "peak_position_counts"]},
+        "posterior": {"type": "object", "required": ["fraction_at_clamp", "channel_kl", "active_units",
+                                                     "logvar_histogram"]},
+        "spectrum": {"type": "object", "required": ["high_band_share"]},
+        "nonlocality": {"type": "object", "required": ["images", "margin_cells", "peak", "random"]},
+    },
+}
+_RECONSTRUCTION_RESULTS = {
+    "type": "object",
+    "required": ["images", "psnr", "ssim"],
+    "properties": {"images": {"type": "integer", "minimum": 1},
+                   **{k: {"type": "object", "required": ["mean", "std", "images", "exact"]} for k in ("psnr", "ssim")}},
+}
+REPORT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema_version", "kind", "package_version", "date", "data", "num_images", "vaes"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "kind": {"enum": ["latent_stats", "reconstruction"]},
+        "package_version": {"type": "string"},
+        "date": {"type": "string"},
+        "data": {"type": "string"},
+        "num_images": {"type": "integer", "minimum": 1},
+        "vaes": {"type": "array", "minItems": 1, "items": _VAE_ENTRY},
+    },
+    "allOf": [
+        {"if": {"properties": {"kind": {"const": "latent_stats"}}},
+         "then": {"properties": {"vaes": {"items": {"properties": {"results": _LATENT_RESULTS}}}}}},
+        {"if": {"properties": {"kind": {"const": "reconstruction"}}},
+         "then": {"properties": {"vaes": {"items": {"properties": {"results": _RECONSTRUCTION_RESULTS}}}}}},
+    ],
+}
+
+
+def report(kind: str, data: str, num_images: int, vaes: list[dict]) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "package_version": __version__,
+            "date": datetime.date.today().isoformat(), "data": data, "num_images": num_images, "vaes": vaes}
+
+
+def finite_or_none(value):
+    """``value`` with every NaN/Infinity (not JSON) replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(finite_or_none(obj), indent=1, allow_nan=False))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.4f}"
+
+
+def markdown_table(rows: list[tuple[str, list, object]], names: list[str], reference: str) -> str:
+    """``rows`` of (label, one value per VAE, reference value or None)."""
+    lines = ["| statistic | " + " | ".join(names) + f" | {reference} |",
+             "|---" * (len(names) + 2) + "|"]
+    lines += [f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ref)} |" for label, values, ref in rows]
+    return "\n".join(lines)
+
+
+def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
+    r = [v["results"] for v in vaes]
+    c, h, w = r[0]["latent_shape"]
+    g = r[0]["tails"]["gaussian"]
+    return [
+        ("images", [x["images"] for x in r], None),
+        ("std of posterior means", [x["scale"]["std_of_means"] for x in r], 1.0),
+        ("std of posterior samples", [x["scale"]["std_of_samples"] for x in r], 1.0),
+        ("implied scaling_factor (1/std)", [x["scale"]["implied_scaling_factor"] for x in r], None),
+        ("carried scaling_factor", [v["scaling_factor"] for v in vaes], None),
+        ("carried / implied (1 = calibrated)", [x["scale"]["carried_over_implied"] for x in r], 1.0),
+        ("channel std max/min", [x["scale"]["channel_std_ratio_max_min"] for x in r], 1.0),
+        ("P(\\|ẑ\\| > 3)", [x["tails"]["p_abs_gt_3"] for x in r], g["p_abs_gt_3"]),
+        ("P(\\|ẑ\\| > 4)", [x["tails"]["p_abs_gt_4"] for x in r], g["p_abs_gt_4"]),
+        ("P(\\|ẑ\\| > 6)", [x["tails"]["p_abs_gt_6"] for x in r], g["p_abs_gt_6"]),
+        ("excess kurtosis (all channels)", [x["tails"]["excess_kurtosis"] for x in r], 0.0),
+        ("max excess kurtosis of a channel", [max(x["tails"]["channel_excess_kurtosis"]) for x in r], 0.0),
+        ("peak max \\|ẑ\\| per image, median", [x["peaks"]["median"] for x in r], r[0]["peaks"]["gaussian"]["median"]),
+        ("peak max \\|ẑ\\| per image, p99", [x["peaks"]["p99"] for x in r], r[0]["peaks"]["gaussian"]["p99"]),
+        ("spot concentration, median", [x["spots"]["concentration_median"] for x in r], None),
+        ("spot concentration, p99", [x["spots"]["concentration_p99"] for x in r], None),
+        ("share of images peaking at the modal position", [x["spots"]["modal_peak_share"] for x in r], 1 / (h * w)),
+        ("log-variance at the -30 clamp", [x["posterior"]["fraction_at_clamp"] for x in r], None),
+        ("KL per latent element (nats)", [x["posterior"]["kl_per_element"] for x in r], None),
+        (f"active channels (of {c})", [x["posterior"]["active_units"] for x in r], None),
+        ("DCT energy in the upper half band", [x["spectrum"]["high_band_share"] for x in r],
+         r[0]["spectrum"]["white_noise_high_band_share"]),
+        ("pixel change outside the patch, peak perturbed", [x["nonlocality"]["peak_median"] for x in r], None),
+        ("pixel change outside the patch, random position", [x["nonlocality"]["random_median"] for x in r], None),
+    ]
+
+
+def _label(vaes: list[dict]) -> list[str]:
+    return [f"{i + 1}: {Path(v['path']).name}" for i, v in enumerate(vaes)]
+
+
+def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
+    """ẑ histograms per channel (log scale, Gaussian curve), peak-position heat maps, log-variance
+    histograms and per-channel std and KL bars; several VAEs overlaid."""
+    names, results = _label(vaes), [v["results"] for v in vaes]
+    paths = []
+    channels = min(max(x["latent_shape"][0] for x in results), 16)
+    cols = min(channels, 4)
+    fig, axes = plt.subplots(math.ceil(channels / cols), cols, figsize=(3.2 * cols, 2.6 * math.ceil(channels / cols)),
+                             squeeze=False)
+    for ax, c in zip(axes.flat, range(channels)):
+        for name, x in zip(names, results):
+            hist = x["zhat_histogram"]
+            if c >= len(hist["counts"]):
+                continue
+            counts = np.array(hist["counts"][c])
+            edges = np.linspace(-hist["range"], hist["range"], hist["bins"] + 1)
+            density = counts / max(counts.sum(), 1) / np.diff(edges)
+            ax.stairs(np.where(density > 0, density, np.nan), edges, label=name)
+        grid = np.linspace(-8, 8, 400)
+        ax.plot(grid, np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi), "k--", lw=0.8, label="N(0,1)")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-7, 1)
+        ax.set_title(f"channel {c}: ẑ", fontsize=9)
+    for ax in list(axes.flat)[channels:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "zhat_histograms.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.5 * len(results), 3.2), squeeze=False)
+    for ax, name, x in zip(axes.flat, names, results):
+        image = ax.imshow(np.array(x["spots"]["peak_position_counts"]), cmap="magma")
+        ax.set_title(f"{name}\nenergy-peak positions", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    paths.append(out / "peak_positions.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, x in zip(names, results):
+        counts = np.array(x["posterior"]["logvar_histogram"])
+        edges = np.linspace(*x["posterior"]["logvar_range"], len(counts) + 1)
+        ax.stairs(counts / max(counts.sum(), 1), edges, label=name)
+    ax.axvline(-30, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("posterior log-variance")
+    ax.set_ylabel("share of latent elements")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "logvar_histogram.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    width = 0.8 / len(results)
+    for i, (name, x) in enumerate(zip(names, results)):
+        for ax, values in zip(axes, (x["scale"]["channel_std"], x["posterior"]["channel_kl"])):
+            ax.bar(np.arange(len(values)) + i * width, values, width, label=name)
+    axes[0].set_title("std of z per channel")
+    axes[1].set_title("KL per latent element, per channel (nats)")
+    for ax in axes:
+        ax.set_xlabel("channel")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "channel_std_kl.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def write_markdown(path: Path, title: str, rep: dict, table: str, notes: list[str]) -> None:
+    lines = [f"# {title}", "", f"{rep['num_images']} images of {rep['data']}; first-stage {rep['package_version']}, "
+             f"{rep['date']}.", ""]
+    lines += [f"{i + 1}. `{v['path']}`" for i, v in enumerate(rep["vaes"])] + ["", table, ""] + notes
+    path.write_text("\n".join(lines) + "\n")

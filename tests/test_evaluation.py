@@ -1,0 +1,205 @@
+"""Latent statistics on synthetic latents with known answers (encoder bypassed), each figure against
+an independent numpy computation; streaming and two-process combination; reconstruction metrics;
+the two evaluation commands end to end on tiny exports."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+from PIL import Image
+
+from first_stage.evaluation import nonlocality, reconstruction_metrics, summarize
+from first_stage.export import export_autoencoder
+from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix
+from first_stage.perceptual import load_lpips
+from first_stage.reports import REPORT_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stats(batches) -> dict:
+    """One process over (z, logvar) batches: both passes, then the result."""
+    stats = LatentStatistics(batches[0][0].shape[1])
+    for z, logvar in batches:
+        stats.first_pass(z, logvar)
+    stats.finish_first_pass()
+    for z, _ in batches:
+        stats.second_pass(z)
+    return stats.result()
+
+
+def gaussian_latents(n=64, c=4, h=16, w=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.full((n, c, h, w), -5.0, dtype=torch.float64)
+
+
+def test_gaussian_latents_match_reference_and_numpy():
+    z, logvar = gaussian_latents()
+    r = run_stats([(z, logvar)])
+    zn = z.numpy()
+    mean, std = zn.mean((0, 2, 3)), zn.std((0, 2, 3))
+    zhat = (zn - mean[None, :, None, None]) / std[None, :, None, None]
+    np.testing.assert_allclose(r["scale"]["channel_mean"], mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r["scale"]["channel_std"], std, rtol=1e-10)
+    assert r["scale"]["std_of_means"] == pytest.approx(zn.std(), rel=1e-10)
+    assert r["scale"]["std_of_samples"] == pytest.approx(math.sqrt(zn.var() + math.exp(-5.0)), rel=1e-10)
+    for k in (3, 4, 6):
+        exact = (np.abs(zhat) > k).mean((0, 2, 3))
+        np.testing.assert_allclose(r["tails"][f"channel_p_abs_gt_{k}"], exact, rtol=1e-12)
+    # Gaussian: the tails and the kurtosis agree with the reference within sampling error
+    n = zn.size
+    assert r["tails"]["p_abs_gt_3"] == pytest.approx(GAUSSIAN_TAIL[3], abs=4 * math.sqrt(GAUSSIAN_TAIL[3] / n))
+    np.testing.assert_allclose(r["tails"]["channel_excess_kurtosis"], (zhat**4).mean((0, 2, 3)) - 3, rtol=1e-10)
+    assert abs(r["tails"]["excess_kurtosis"]) < 0.1
+    peaks = np.abs(zhat).reshape(len(zn), -1).max(1)
+    assert r["peaks"]["median"] == pytest.approx(np.median(peaks), rel=1e-12)
+    assert r["peaks"]["median"] == pytest.approx(r["peaks"]["gaussian"]["median"], rel=0.1)
+    # white noise spreads its DCT energy evenly: 3/4 of the coefficients are in the upper half band
+    coef = scipy.fft.dctn(zhat, axes=(2, 3), norm="ortho") ** 2
+    high = coef[:, :, 8:, :].sum() + coef[:, :, :8, 8:].sum()
+    assert r["spectrum"]["high_band_share"] == pytest.approx(high / coef.sum(), rel=1e-10)
+    assert r["spectrum"]["high_band_share"] == pytest.approx(0.75, abs=0.02)
+    kl = 0.5 * (zn**2 + math.exp(-5) - 1 + 5)
+    np.testing.assert_allclose(r["posterior"]["channel_kl"], kl.mean((0, 2, 3)), rtol=1e-10)
+    assert r["posterior"]["active_units"] == 4 and r["posterior"]["fraction_at_clamp"] == 0
+
+
+def test_planted_spot_is_found_with_its_position():
+    z, logvar = gaussian_latents(n=20)
+    z = z * 0.1
+    z[:, :, 3, 5] = 40.0  # every image carries a high-energy spot at (3, 5)
+    r = run_stats([(z, logvar)])
+    assert r["spots"]["modal_peak_position"] == [3, 5]
+    assert r["spots"]["modal_peak_share"] == 1.0
+    energy = (z.numpy() ** 2).sum(1).reshape(20, -1)
+    assert r["spots"]["concentration_median"] == pytest.approx(np.median(energy.max(1) / energy.sum(1)), rel=1e-12)
+    assert r["spots"]["concentration_median"] > 0.9 and r["peaks"]["median"] > 10
+    assert r["tails"]["p_abs_gt_6"] > 100 * r["tails"]["gaussian"]["p_abs_gt_6"]
+    counts = np.array(r["spots"]["peak_position_counts"])
+    assert counts[3, 5] == 20 and counts.sum() == 20
+
+
+def test_clamped_log_variances_and_a_constant_channel():
+    z, logvar = gaussian_latents(n=8)
+    logvar[:, 1, :4, :] = -30.0  # a quarter of channel 1 at the clamp
+    z[:, 2] = 0.7  # channel 2 carries nothing
+    r = run_stats([(z, logvar)])
+    assert r["posterior"]["channel_fraction_at_clamp"] == [0.0, 0.25, 0.0, 0.0]
+    assert r["posterior"]["fraction_at_clamp"] == 0.25 / 4
+    assert r["posterior"]["channel_active"] == [True, True, False, True] and r["posterior"]["active_units"] == 3
+    hist = np.array(r["posterior"]["logvar_histogram"])
+    assert hist[0] == (logvar == -30).sum().item() and hist.sum() == logvar.numel()
+
+
+def test_streaming_and_two_processes_equal_one_shot():
+    z, logvar = gaussian_latents(n=12)
+    z[:, 0] = z[:, 0] * 3 + 1
+    one = run_stats([(z, logvar)])
+    streamed = run_stats([(z[i:i + 5], logvar[i:i + 5]) for i in range(0, 12, 5)])
+    # two "processes": images 0-6 and 7-11; their sums are added as accelerator.reduce(t, "sum") would
+    a, b = LatentStatistics(4), LatentStatistics(4)
+    a.first_pass(z[:7], logvar[:7])
+    b.first_pass(z[7:], logvar[7:])
+    total = a.sums1 + b.sums1
+    for s, part in ((a, slice(0, 7)), (b, slice(7, 12))):
+        s.finish_first_pass(lambda t: total)
+        s.second_pass(z[part])
+    other_tensors = iter([b.logvar_hist, b.peak_positions, b.sums2, b.zhat_hist])
+    other_lists = iter([b.concentration, b.peak_zhat])
+    a.combine(lambda t: t + next(other_tensors), lambda values: values + next(other_lists))
+    two = a.result()
+    for r in (streamed, two):
+        assert r["images"] == 12
+        values_one, values_r = np.array(_numbers(one), dtype=float), np.array(_numbers(r), dtype=float)
+        assert values_one.shape == values_r.shape and values_one.size > 100
+        np.testing.assert_allclose(values_r, values_one, rtol=1e-9, atol=1e-12)
+
+
+def _numbers(obj):
+    """Every number in a nested result, in a fixed order."""
+    if isinstance(obj, dict):
+        return [v for k in sorted(obj) for v in _numbers(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _numbers(item)]
+    return [obj] if isinstance(obj, (int, float)) else []
+
+
+def test_dct_matrix_is_orthonormal():
+    d = dct_matrix(7)
+    torch.testing.assert_close(d @ d.T, torch.eye(7, dtype=torch.float64))
+    x = torch.randn(7, dtype=torch.float64)
+    np.testing.assert_allclose((d @ x).numpy(), scipy.fft.dct(x.numpy(), norm="ortho"), rtol=1e-10, atol=1e-12)
+
+
+def test_nonlocality_shares(tiny_vae):
+    z = torch.randn(2, 4, 16, 16)
+    shares = nonlocality(tiny_vae, z, torch.ones(4), margin=1, generator=torch.Generator().manual_seed(0))
+    assert len(shares["peak"]) == len(shares["random"]) == 2
+    assert all(0 <= s <= 1 for s in shares["peak"] + shares["random"])
+    # with a margin that covers the whole image nothing is outside
+    assert nonlocality(tiny_vae, z, torch.ones(4), margin=16)["peak"] == [0.0, 0.0]
+
+
+def test_psnr_closed_form_identical_images_and_lpips_of_self(images, vgg_file):
+    x = images.clamp(-0.8, 0.8)
+    m = reconstruction_metrics(x, x + 0.1)  # off by 0.05 in [0, 1] units, everywhere
+    assert m["psnr"].tolist() == pytest.approx([10 * math.log10(1 / 0.05**2)] * 2, rel=1e-5)
+    same = reconstruction_metrics(images, images, load_lpips(vgg_file, download=False))
+    assert same["psnr"].isinf().all() and same["ssim"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert same["lpips"].tolist() == pytest.approx([0.0, 0.0], abs=1e-7)
+    summary = summarize(same["psnr"].tolist() + m["psnr"].tolist())
+    assert summary["exact"] == 2 and summary["images"] == 4 and math.isfinite(summary["mean"])
+    assert summarize(same["psnr"].tolist())["mean"] is None  # all exact: no NaN, no crash
+
+
+def run_eval(script, *args):
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_eval_commands_end_to_end(tiny_vae, images, tmp_path, vgg_file):
+    export_autoencoder(tiny_vae, tmp_path / "a", [images], calibration_source="test", source="test")
+    torch.manual_seed(1)
+    other = type(tiny_vae)(**tiny_vae.config)
+    export_autoencoder(other, tmp_path / "b", [images], calibration_source="test", source="test", single_file=None)
+    data = "source=sample,split=all,resolution=32"
+    common = ["--data", data, "--num-images", "5", "--batch-size", "2"]
+    run_eval("latent_stats.py", "--vae", tmp_path / "a", tmp_path / "a" / "vae_ldm.safetensors", tmp_path / "b",
+             *common, "--nonlocality-images", "2", "--out", tmp_path / "stats")
+    run_eval("reconstruction.py", "--vae", tmp_path / "a", tmp_path / "b", *common, "--lpips-weights", vgg_file,
+             "--worst", "2", "--out", tmp_path / "rec")
+    for out, pngs in ((tmp_path / "stats", ["zhat_histograms", "peak_positions", "logvar_histogram", "channel_std_kl"]),
+                      (tmp_path / "rec", ["worst_vae1", "worst_vae2"])):
+        report = json.loads((out / "report.json").read_text())
+        jsonschema.validate(report, REPORT_SCHEMA)
+        assert report["num_images"] == 5 and len(report["vaes"]) == 2 + (out.name == "stats")
+        markdown = (out / "report.md").read_text()
+        assert "VAE 1" in markdown and "VAE 2" in markdown
+        for name in pngs:
+            with Image.open(out / f"{name}.png") as image:
+                image.verify()
+    stats = json.loads((tmp_path / "stats" / "report.json").read_text())["vaes"]
+    assert stats[0]["results"]["scale"] == stats[1]["results"]["scale"]  # the folder and its single file
+    assert stats[0]["results"]["scale"]["carried_over_implied"] == pytest.approx(1.0, rel=0.5)
+    rec = json.loads((tmp_path / "rec" / "report.json").read_text())["vaes"][0]["results"]
+    assert len(rec["per_image"]["psnr"]) == 5 and rec["lpips"]["mean"] > 0 and rec["rfid"] is None
+
+
+def test_missing_inception_weights_are_named(tmp_path):
+    sys.path.insert(0, str(REPO / "eval"))
+    try:
+        from reconstruction import build_fid
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(FileNotFoundError, match="inception.pth"):
+        build_fid(str(tmp_path / "inception.pth"), "cpu")
