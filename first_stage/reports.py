@@ -223,3 +223,22 @@ def write_markdown(path: Path, title: str, rep: dict, table: str, notes: list[st
              f"{rep['date']}.", ""]
     lines += [f"{i + 1}. `{v['path']}`" for i, v in enumerate(rep["vaes"])] + ["", table, ""] + notes
     path.write_text("\n".join(lines) + "\n")
+
+
+def evaluation_summary(reports: list[dict]) -> dict | None:
+    """Headline figures of evaluation reports (their first VAE) for a model card, or None."""
+    out = {}
+    for rep in reports:
+        r, where = rep["vaes"][0]["results"], f"{rep['num_images']} images of {rep['data']}"
+        if rep["kind"] == "reconstruction":
+            for key, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS")):
+                if key in r and r[key]["mean"] is not None:
+                    out[f"{label}, {where}"] = r[key]["mean"]
+            if r.get("rfid") is not None:
+                out[f"rFID, {where}"] = r["rfid"]
+        else:
+            out[f"std of latent samples, {where}"] = r["scale"]["std_of_samples"]
+            out[f"P(abs(ẑ) > 4) (Gaussian 6.3e-5), {where}"] = r["tails"]["p_abs_gt_4"]
+            out[f"median per-image peak abs(ẑ) (Gaussian {r['peaks']['gaussian']['median']:.2f}), {where}"] = r["peaks"]["median"]
+            out[f"log-variances at the -30 clamp, {where}"] = r["posterior"]["fraction_at_clamp"]
+    return out or None

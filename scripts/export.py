@@ -13,6 +13,7 @@ Launch with `accelerate launch scripts/export.py ...` to split the calibration o
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.export import SINGLE_FILE_NAME, ExportError, export_autoencoder
 from first_stage.model import load_autoencoder
+from first_stage.reports import evaluation_summary
 from first_stage.training import read_checkpoint
 
 
@@ -44,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-single-file", action="store_true")
     parser.add_argument("--norm-num-groups", type=int, default=None,
                         help="GroupNorm groups of a foreign weight file (not visible in its weights; default 32)")
+    parser.add_argument("--eval-report", nargs="+", default=[], metavar="REPORT",
+                        help="report.json files of eval/ for this VAE: their figures go into the model card")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     return parser.parse_args()
 
@@ -110,8 +114,9 @@ def main():
             weights=args.weights if found["config"] is not None else "as stored",
             single_file=None if args.no_single_file else args.single_file, config=config, step=found["step"],
             config_hash=config_hash(found["config"]) if found["config"] else None, discriminator=discriminator,
-            logvar=found["logvar"], overwrite=args.overwrite, gather=lambda t: accelerator.reduce(t, "sum"),
-            is_main=accelerator.is_main_process)
+            logvar=found["logvar"], overwrite=args.overwrite,
+            evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]),
+            gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
     except (ExportError, FileExistsError) as err:
         sys.exit(f"export failed: {err}")  # the launcher then stops the other processes
     if report is not None:

@@ -4,6 +4,7 @@ the two evaluation commands end to end on tiny exports."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from first_stage.evaluation import nonlocality, reconstruction_metrics, summariz
 from first_stage.export import export_autoencoder
 from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix
 from first_stage.perceptual import load_lpips
-from first_stage.reports import REPORT_SCHEMA
+from first_stage.reports import REPORT_SCHEMA, evaluation_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,6 +194,12 @@ def test_eval_commands_end_to_end(tiny_vae, images, tmp_path, vgg_file):
     assert stats[0]["results"]["scale"]["carried_over_implied"] == pytest.approx(1.0, rel=0.5)
     rec = json.loads((tmp_path / "rec" / "report.json").read_text())["vaes"][0]["results"]
     assert len(rec["per_image"]["psnr"]) == 5 and rec["lpips"]["mean"] > 0 and rec["rfid"] is None
+    # the figures go into an export's model card (scripts/export.py --eval-report)
+    summary = evaluation_summary([json.loads((tmp_path / d / "report.json").read_text()) for d in ("rec", "stats")])
+    export_autoencoder(tiny_vae, tmp_path / "carded", [images], calibration_source="test", source="test",
+                       evaluation=summary)
+    card = (tmp_path / "carded" / "README.md").read_text()
+    assert "PSNR (dB), 5 images" in card and "std of latent samples" in card and "Not evaluated" not in card
 
 
 def test_missing_inception_weights_are_named(tmp_path):
@@ -203,3 +210,30 @@ def test_missing_inception_weights_are_named(tmp_path):
         sys.path.pop(0)
     with pytest.raises(FileNotFoundError, match="inception.pth"):
         build_fid(str(tmp_path / "inception.pth"), "cpu")
+
+
+@pytest.mark.slow
+def test_latent_stats_two_processes_equal_one(tiny_vae, images, tmp_path):
+    export_autoencoder(tiny_vae, tmp_path / "a", [images], calibration_source="test", source="test")
+    common = [str(REPO / "eval" / "latent_stats.py"), "--vae", str(tmp_path / "a"), "--data",
+              "source=sample,split=all,resolution=32", "--num-images", "9", "--batch-size", "2",
+              "--nonlocality-images", "2"]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    results = {}
+    for name, cmd in (("one", [sys.executable, *common]), ("two", [*launch, *common])):
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]
+    one, two = results["one"], results["two"]
+    assert one["images"] == two["images"] == 9 and two["nonlocality"]["images"] == 2
+    # Other batch compositions run other float32 kernels (~1e-7 relative): an element may cross a
+    # histogram bin edge, so histogram counts may differ by a few.
+    histograms = {"posterior": "logvar_histogram"}
+    for section in ("scale", "tails", "peaks", "spots", "posterior", "spectrum"):
+        a, b = ({k: v for k, v in r[section].items() if k != histograms.get(section)} for r in (two, one))
+        np.testing.assert_allclose(_numbers(a), _numbers(b), rtol=1e-5, atol=1e-9)
+    for a, b in ((two["zhat_histogram"]["counts"], one["zhat_histogram"]["counts"]),
+                 (two["posterior"]["logvar_histogram"], one["posterior"]["logvar_histogram"])):
+        assert np.abs(np.array(a) - np.array(b)).sum() <= 6
