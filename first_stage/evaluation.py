@@ -13,7 +13,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from .config import Config, DataConfig, with_overrides
 from .model import load_autoencoder
-from .training import read_checkpoint
+from .training import is_run_or_checkpoint, read_checkpoint
 
 
 def load_any_autoencoder(path: str | Path, weights: str = "ema", single_file_config: str | None = None,
@@ -22,7 +22,7 @@ def load_any_autoencoder(path: str | Path, weights: str = "ema", single_file_con
     ``from_single_file(config=)`` takes it; else its metadata or its weight shapes), a training
     checkpoint or a run folder (its newest checkpoint; ``weights`` EMA or raw)."""
     path = Path(path)
-    if (path / "checkpoints").is_dir() or (path / "training_state.json").is_file():
+    if is_run_or_checkpoint(path):
         return read_checkpoint(path, weights)["vae"]
     if path.is_file() and single_file_config is not None:
         return AutoencoderKL.from_single_file(str(path), config=str(single_file_config)).eval()

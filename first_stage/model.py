@@ -71,19 +71,24 @@ def load_autoencoder(path: str | Path, overrides: dict | None = None) -> Autoenc
     path = Path(path)
     if path.is_file():
         state, metadata = read_weights(path)
-        vae_state, _, _ = split_ldm_checkpoint(state)
-        if "autoencoder_config" in metadata:
-            config = json.loads(metadata["autoencoder_config"])
-        else:
-            config = infer_autoencoder_config(vae_state)
-        config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in _AUTOENCODER_ARGS}
-        return autoencoder_from_ldm(vae_state, config)
+        return autoencoder_from_ldm_weights(split_ldm_checkpoint(state)[0], metadata, overrides)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model.init_from: no diffusers AutoencoderKL folder or weight file at {path.resolve()} "
             f"(looked for {path.resolve() / 'config.json'})"
         )
     return AutoencoderKL.from_pretrained(path)
+
+
+def autoencoder_from_ldm_weights(vae_state: dict, metadata: dict[str, str], overrides: dict | None = None) -> AutoencoderKL:
+    """An ``AutoencoderKL`` holding latent-diffusion VAE weights (no prefix), its architecture from the
+    file's metadata (files written by this package) or from the weight shapes, then ``overrides``."""
+    if "autoencoder_config" in metadata:
+        config = json.loads(metadata["autoencoder_config"])
+    else:
+        config = infer_autoencoder_config(vae_state)
+    config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in _AUTOENCODER_ARGS}
+    return autoencoder_from_ldm(vae_state, config)
 
 
 def set_trainable(vae: AutoencoderKL, trainable: str) -> None:

@@ -92,6 +92,12 @@ def resolve_resume(resume: str, root: Path) -> Path:
     return path
 
 
+def is_run_or_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a training run folder (with checkpoints/) or one checkpoint folder."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / "training_state.json").is_file()
+
+
 def read_checkpoint(path: Path, weights: str = "ema") -> dict:
     """What an export needs from a training checkpoint (or from a run folder: its newest checkpoint).
 

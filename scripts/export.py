@@ -19,14 +19,15 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, config_hash, with_overrides
+from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, config_hash
 from first_stage.convert import read_weights, split_ldm_checkpoint
 from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.export import SINGLE_FILE_NAME, ExportError, export_autoencoder
-from first_stage.model import load_autoencoder
+from first_stage.evaluation import data_from_spec
+from first_stage.model import autoencoder_from_ldm_weights, load_autoencoder
 from first_stage.reports import evaluation_summary
-from first_stage.training import read_checkpoint
+from first_stage.training import is_run_or_checkpoint, read_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,15 +56,19 @@ def parse_args() -> argparse.Namespace:
 def load_source(args) -> dict:
     """The model to export and what comes with it, from any kind of source."""
     source = Path(args.source)
-    if (source / "checkpoints").is_dir() or (source / "training_state.json").is_file():
+    if is_run_or_checkpoint(source):
         return read_checkpoint(source, args.weights)
-    overrides = {} if args.norm_num_groups is None else {"norm_num_groups": args.norm_num_groups}
-    vae = load_autoencoder(source, overrides)
-    found = {"path": source, "config": None, "step": None, "vae": vae.eval(), "discriminator": None, "logvar": None}
+    found = {"path": source, "config": None, "step": None, "discriminator": None, "logvar": None}
     if source.is_file():  # a latent-diffusion autoencoder checkpoint may hold its discriminator and log-variance
-        _, disc, logvar = split_ldm_checkpoint(read_weights(source)[0])
+        state, metadata = read_weights(source)
+        vae_state, disc, logvar = split_ldm_checkpoint(state)
+        overrides = {} if args.norm_num_groups is None else {"norm_num_groups": args.norm_num_groups}
+        found["vae"] = autoencoder_from_ldm_weights(vae_state, metadata, overrides)
         found["discriminator"] = disc or None
         found["logvar"] = None if logvar is None else float(logvar)
+    else:
+        found["vae"] = load_autoencoder(source)
+    found["vae"].eval()
     return found
 
 
@@ -77,8 +82,7 @@ def calibration_config(spec: str | None, config: Config | None) -> DataConfig:
         if config is None or config.val_data is None:
             raise ConfigError("--calibrate val: the source has no val_data")
         return config.val_data
-    overrides = [f"data.{item.strip()}" for item in spec.split(",") if item.strip()]
-    return with_overrides(config or Config(), overrides, "--calibrate").data
+    return data_from_spec(spec, config, "--calibrate")
 
 
 def import_config(found: dict, data: DataConfig) -> Config | None:
