@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -132,9 +133,9 @@ def read_checkpoint(path: Path, weights: str = "ema") -> dict:
         params = list(vae.parameters())
         if len(ema[0]["shadow_params"]) != len(params):
             raise ValueError(f"{path}: EMA holds {len(ema[0]['shadow_params'])} tensors, the model {len(params)}")
-        with torch.no_grad():
-            for p, shadow in zip(params, ema[0]["shadow_params"]):
-                p.copy_(shadow)
+        shadow = EMAModel(params)  # the class training saved it from
+        shadow.load_state_dict(ema[0])
+        shadow.copy_to(params)
     elif weights != "raw":
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     disc_file = path / "model_1.safetensors"

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from first_stage.config import load_config
+from first_stage.training import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -84,6 +85,11 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     assert vae.config.scaling_factor == pytest.approx(report["latent_stats"]["scaling_factor"])
     assert vae.config.scaling_factor != 0.18215  # measured, not the SD default
     assert report["latent_stats"]["num_images"] == 4 and report["verification"]["diffusers"] == 0
+    # scripts/export.py reads the same EMA weights back from the run's last checkpoint
+    exported = load_file(run / "export" / "diffusion_pytorch_model.safetensors")
+    ema, raw = (read_checkpoint(run, w)["vae"].state_dict() for w in ("ema", "raw"))
+    assert all(torch.equal(ema[k], v) for k, v in exported.items())
+    assert any(not torch.equal(raw[k], v) for k, v in exported.items())
     # The fine-tuning bundle: discriminator, log-variance, and a config that starts from this export.
     bundle = run / "export" / "finetune"
     assert {"discriminator.safetensors", "loss.safetensors", "config.yaml"} <= {p.name for p in bundle.iterdir()}
