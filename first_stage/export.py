@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .config import Config, to_yaml
 from .convert import to_ldm_state_dict
+from .latent_stats import posterior_moments
 from .model import count_parameters
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,21 +80,17 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
     if images == 0:
         raise ValueError("measure_latent_stats: no calibration image could be read")
     sum_mu, sum_mu2, sum_var, count = sums.unbind(1)  # each (C,)
-    channel_mean = sum_mu / count
-    channel_std = (sum_mu2 + sum_var) / count - channel_mean**2
-    mean = sum_mu.sum() / count.sum()
-    var = (sum_mu2.sum() + sum_var.sum()) / count.sum() - mean**2
-    var_of_means = sum_mu2.sum() / count.sum() - mean**2
-    std = var.clamp_min(0).sqrt().item()
+    moments = posterior_moments(count, sum_mu, sum_mu2, sum_var)
+    std = moments["std_of_samples"].item()
     return {
         "num_images": images,
         "scaling_factor": 1.0 / std,
-        "shift_factor": mean.item(),
-        "mean": mean.item(),
+        "shift_factor": moments["mean"].item(),
+        "mean": moments["mean"].item(),
         "std": std,
-        "std_of_means": var_of_means.clamp_min(0).sqrt().item(),  # what .mode() latents give
-        "channel_mean": channel_mean.tolist(),
-        "channel_std": channel_std.clamp_min(0).sqrt().tolist(),
+        "std_of_means": moments["std_of_means"].item(),  # what .mode() latents give
+        "channel_mean": moments["channel_mean"].tolist(),
+        "channel_std": moments["channel_std_of_samples"].tolist(),
     }
 
 

@@ -25,6 +25,23 @@ LOGVAR_BINS = 100  # histogram of the log-variance over the clamp range
 ACTIVE_THRESHOLD = 0.01  # a channel is active when Var over images and positions of E[z_c] exceeds this
 
 
+def posterior_moments(count: torch.Tensor, sum_mu: torch.Tensor, sum_mu2: torch.Tensor,
+                      sum_var: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of the posterior means μ and of posterior samples μ + σ·ε (exact over ε: E[z²] =
+    μ² + σ²), over all elements and per channel, from per-channel float64 sums (C,) of element
+    counts, μ, μ² and σ²."""
+    n = count.sum()
+    mean, channel_mean = sum_mu.sum() / n, sum_mu / count
+    return {
+        "mean": mean,
+        "std_of_means": (sum_mu2.sum() / n - mean**2).clamp_min(0).sqrt(),
+        "std_of_samples": ((sum_mu2.sum() + sum_var.sum()) / n - mean**2).clamp_min(0).sqrt(),
+        "channel_mean": channel_mean,
+        "channel_std_of_means": (sum_mu2 / count - channel_mean**2).clamp_min(0).sqrt(),
+        "channel_std_of_samples": ((sum_mu2 + sum_var) / count - channel_mean**2).clamp_min(0).sqrt(),
+    }
+
+
 def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     """Orthonormal DCT-II matrix (n, n): coefficients = D @ x."""
     k = torch.arange(n, dtype=dtype)[:, None]
@@ -62,7 +79,7 @@ class LatentStatistics:
         self.sums2 = torch.zeros(3 + len(TAIL_KS), channels, **f64)
         self.zhat_hist = torch.zeros(channels, ZHAT_BINS, **f64)
         self.peak_zhat: list[float] = []  # per image: max |ẑ|
-        self.mean = self.std = None
+        self.moments = self.mean = self.std = None
 
     @torch.no_grad()
     def first_pass(self, z: torch.Tensor, logvar: torch.Tensor) -> None:
@@ -86,9 +103,8 @@ class LatentStatistics:
         """Combine the first-pass sums over processes and fix the channel mean and std."""
         if reduce_sum is not None:
             self.sums1 = reduce_sum(self.sums1)
-        n, s1, s2 = self.sums1[0], self.sums1[1], self.sums1[2]
-        self.mean = s1 / n
-        self.std = (s2 / n - self.mean**2).clamp_min(0).sqrt()
+        self.moments = posterior_moments(*self.sums1[:4])
+        self.mean, self.std = self.moments["channel_mean"], self.moments["channel_std_of_means"]
 
     @torch.no_grad()
     def second_pass(self, z: torch.Tensor) -> None:
@@ -121,14 +137,11 @@ class LatentStatistics:
 
     def result(self) -> dict:
         """Every figure as plain floats and lists (see docs/evaluation.md for the definitions)."""
-        n, s1, s2, var_sum, kl_sum, clamp_count = self.sums1
+        n, _, _, _, kl_sum, clamp_count = self.sums1
         c, h, w = self.shape
         quartic, dct_total, dct_high, *tails = self.sums2
         images = len(self.peak_zhat)
-        mean = s1.sum() / n.sum()
-        var_means = s2.sum() / n.sum() - mean**2
-        var_samples = var_means + var_sum.sum() / n.sum()
-        std_samples = var_samples.clamp_min(0).sqrt().item()
+        std_samples = self.moments["std_of_samples"].item()
         positions = self.peak_positions.view(h, w)
         concentration, peaks = np.array(self.concentration), np.array(self.peak_zhat)
         channel_var = self.std**2
@@ -136,8 +149,8 @@ class LatentStatistics:
             "images": images,
             "latent_shape": [c, h, w],
             "scale": {
-                "mean": mean.item(),
-                "std_of_means": var_means.clamp_min(0).sqrt().item(),
+                "mean": self.moments["mean"].item(),
+                "std_of_means": self.moments["std_of_means"].item(),
                 "std_of_samples": std_samples,
                 "implied_scaling_factor": 1.0 / std_samples,
                 "channel_mean": self.mean.tolist(),
