@@ -86,8 +86,9 @@ class DataConfig:
     resize: int | None = None  # resize the short side to this before cropping; None keeps it
     random_crop: bool = True
     hflip: bool = True
-    num_workers: int = 0
-    pin_memory: bool = False
+    num_workers: int = 0  # decoding processes; 0 decodes in the training process
+    pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies (CUDA only)
+    prefetch_factor: int = 2  # batches each worker decodes ahead (workers stay alive between epochs)
     shuffle_buffer: int = 1000  # streaming only
 
 
@@ -125,6 +126,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PerformanceConfig:
+    """Speed and memory switches. Defaults are those measured faster on the CPU (docs/benchmarks.md);
+    none changes the saved or exported weights' keys."""
+
+    tf32: bool = False  # TF32 for fp32 matmuls and convolutions on CUDA (Ampere and later)
+    fused_optimizer: bool = False  # AdamW(fused=True): one kernel for the whole update
+    compile: bool = False  # torch.compile the autoencoder, LPIPS and discriminator in place
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # NHWC memory format for the networks and their inputs
+    gradient_checkpointing: bool = False  # recompute the autoencoder's activations in backward
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: CUDA and the xformers package only
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     weights: Literal["ema", "raw"] = "ema"
     calibration_images: int = 64  # images whose latents give the measured scaling_factor
@@ -145,6 +160,7 @@ class Config:
     val_data: DataConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 

@@ -59,6 +59,8 @@ def check_data_config(cfg: DataConfig) -> None:
         )
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.prefetch_factor < 1:
+        raise ValueError(f"data.prefetch_factor must be >= 1, got {cfg.prefetch_factor}")
     if cfg.streaming and cfg.shuffle_buffer <= 0:
         raise ValueError(f"data.shuffle_buffer must be positive, got {cfg.shuffle_buffer}")
     if cfg.source != "sample" and not cfg.path:
@@ -341,6 +343,7 @@ def make_dataloader(
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory,
         persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         drop_last=drop_last,
         collate_fn=functools.partial(collate, resolution=cfg.resolution),
     )

@@ -233,3 +233,14 @@ def test_empty_batches_skip_the_step(tmp_path):
 def test_streaming_data_trains(tmp_path):
     _, run = run_train(tmp_path, "stream", "data.streaming=true", "train.max_steps=3", "discriminator.enabled=false")
     assert (run / "checkpoints" / "checkpoint-2").is_dir() and (run / "export" / "config.json").is_file()
+
+
+def test_performance_switches_train_the_same(tmp_path):
+    # Gradient checkpointing, channels_last and the fused optimiser change how, not what, is computed.
+    switches = ["performance.gradient_checkpointing=true", "performance.channels_last=true",
+                "performance.fused_optimizer=true"]
+    _, fast = run_train(tmp_path, "fast", *EQUIVALENCE, *switches)
+    _, plain = run_train(tmp_path, "plain", *EQUIVALENCE)
+    assert_same_training(fast, plain)
+    assert set(load_file(fast / "export" / "diffusion_pytorch_model.safetensors")) == \
+        set(load_file(plain / "export" / "diffusion_pytorch_model.safetensors"))

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +31,8 @@ from first_stage.export import SINGLE_FILE_NAME, export_autoencoder
 from first_stage.losses import GeneratorLoss, discriminator_step_loss
 from first_stage.model import AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
 from first_stage.perceptual import LPIPSWeightsNotFound, load_lpips
+from first_stage.performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format,
+                                     set_tf32, to_memory_format)
 from first_stage.regularizers import KLRegularizer
 from first_stage.training import (AUTOENCODER_CONFIG, CHECKPOINT_PREFIX, TrainingState, checkpoint_dirs, latent_batch_stats, lr_factor,
                                   resolve_resume, save_grid, set_lr)
@@ -129,6 +132,76 @@ def save_checkpoint(accelerator, root: Path, state: TrainingState, files: dict[s
     return final
 
 
+def setup_models(config, accelerator) -> SimpleNamespace:
+    """The autoencoder (in its wrapper), EMA, loss, discriminator and optimisers, with the
+    performance switches applied, prepared by ``accelerator`` and registered for checkpointing."""
+    pcfg, tcfg, dcfg, ocfg = config.performance, config.train, config.discriminator, config.optimizer
+    set_tf32(pcfg.tf32)
+    vae = build_autoencoder(config.model)
+    set_trainable(vae, config.model.trainable)
+    prepare_autoencoder(vae, pcfg, accelerator.device)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
+    ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
+    perceptual = build_perceptual(config.loss, accelerator)
+    loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
+                            config.discriminator, perceptual)
+    discriminator = build_discriminator(dcfg) if dcfg.enabled else None
+    if discriminator is not None and dcfg.init_from is not None:
+        load_discriminator(discriminator, dcfg.init_from)
+    if discriminator is not None and dcfg.norm == "batch" and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
+    set_memory_format([model, perceptual, discriminator], pcfg)
+    if pcfg.compile:
+        compile_in_place(compiled_parts(vae) + [perceptual, discriminator], pcfg)
+
+    # The discriminator keeps its own GradScaler: Accelerate's single scaler updates at every
+    # optimiser step, which would unscale the second optimiser with a changed scale.
+    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], ocfg, ocfg.lr, pcfg.fused_optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    disc_optimizer = disc_scaler = None
+    if discriminator is not None:
+        disc_optimizer = adamw(discriminator.parameters(), ocfg, disc_lr, pcfg.fused_optimizer)
+        discriminator = accelerator.prepare_model(discriminator)
+        disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
+        accelerator.register_for_checkpointing(disc_optimizer, disc_scaler)
+    accelerator.register_for_checkpointing(ema)
+    return SimpleNamespace(
+        model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema, loss_fn=loss_fn,
+        discriminator=discriminator, disc_optimizer=disc_optimizer, disc_scaler=disc_scaler,
+        raw_discriminator=accelerator.unwrap_model(discriminator) if discriminator is not None else None)
+
+
+def train_step(accelerator, parts: SimpleNamespace, x: torch.Tensor, noise: torch.Tensor, step: int,
+               config, inject_nonfinite: bool = False) -> tuple[bool, dict]:
+    """One micro-batch's backward passes: the generator's with the discriminator frozen, then the
+    discriminator's on detached images. Returns (the loss was finite on every process, logs); a
+    non-finite loss backpropagates nothing anywhere."""
+    dcfg = config.discriminator
+    # The discriminator is frozen and called unwrapped here (it gets no gradient, so it must not
+    # enter a DDP collective).
+    if parts.raw_discriminator is not None:
+        parts.raw_discriminator.requires_grad_(False)
+    x = to_memory_format(x, config.performance)
+    reconstruction, posterior, logvar = parts.model(x, noise)
+    loss, logs = parts.loss_fn(x, reconstruction, posterior, logvar, step, parts.raw_discriminator,
+                               parts.raw_model.last_layer())
+    if inject_nonfinite:
+        loss = loss * float("nan")
+    finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
+    if finite:
+        accelerator.backward(loss)
+        if parts.discriminator is not None and step >= dcfg.start:
+            parts.raw_discriminator.requires_grad_(True)
+            d_loss, d_logs = discriminator_step_loss(parts.discriminator, x, reconstruction, dcfg.loss)
+            parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
+            logs.update(d_logs)
+    return finite, logs
+
+
 def apply_updates(accelerator, model, optimizer, lr, discriminator, disc_optimizer, disc_scaler, disc_lr,
                   grad_clip) -> dict:
     """Step both optimisers at the end of an accumulation window (clipping first); returns logs."""
@@ -214,42 +287,16 @@ def main():
     if val_images.shape[0] == 0:
         raise ValueError(f"no decodable validation image in {val_cfg}")
 
-    # Setup model, losses and discriminator:
-    vae = build_autoencoder(config.model)
-    set_trainable(vae, config.model.trainable)
-    checkpoint_files = {"config.yaml": to_yaml(config), AUTOENCODER_CONFIG: vae.to_json_string()}
-    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
-    ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
-    loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
-                            config.discriminator, build_perceptual(config.loss, accelerator))
-    dcfg = config.discriminator
-    discriminator = build_discriminator(dcfg) if dcfg.enabled else None
-    if discriminator is not None and dcfg.init_from is not None:
-        load_discriminator(discriminator, dcfg.init_from)
-    if discriminator is not None and dcfg.norm == "batch" and accelerator.num_processes > 1:
-        if accelerator.device.type == "cuda":
-            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-        else:  # torch's SyncBatchNorm runs on GPUs only
-            accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
-
-    # Setup optimisers. The discriminator keeps its own GradScaler: Accelerate's single scaler
-    # updates at every optimiser step, which would unscale the second optimiser with a changed scale.
-    ocfg = config.optimizer
-    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
-    adam = dict(betas=ocfg.betas, weight_decay=ocfg.weight_decay, eps=ocfg.eps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ocfg.lr, **adam)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Setup model, losses, discriminator and optimisers:
+    parts = setup_models(config, accelerator)
+    model, raw_model, optimizer, ema = parts.model, parts.raw_model, parts.optimizer, parts.ema
+    discriminator, raw_discriminator = parts.discriminator, parts.raw_discriminator
+    disc_optimizer, disc_scaler = parts.disc_optimizer, parts.disc_scaler
     if not config.data.streaming:
         dataloader = accelerator.prepare(dataloader)
-    disc_optimizer = disc_scaler = None
-    if discriminator is not None:
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=disc_lr, **adam)
-        discriminator = accelerator.prepare_model(discriminator)
-        disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
-        accelerator.register_for_checkpointing(disc_optimizer, disc_scaler)
-    accelerator.register_for_checkpointing(ema)
-    raw_model = accelerator.unwrap_model(model)
-    raw_discriminator = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+    checkpoint_files = {"config.yaml": to_yaml(config), AUTOENCODER_CONFIG: raw_model.vae.to_json_string()}
+    ocfg = config.optimizer
+    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
 
     # Setup resume:
     state = TrainingState()
@@ -275,10 +322,12 @@ def main():
     down = 2 ** (len(raw_model.vae.config.block_out_channels) - 1)  # spatial downsampling factor
     latent_shape = (raw_model.vae.config.latent_channels, config.data.resolution // down, config.data.resolution // down)
     accumulated = [model] + ([discriminator] if discriminator is not None else [])
-    window_finite, window_empty, window_logs, images_seen, tick = True, False, {}, 0, time.time()
+    window_finite, window_empty, window_logs, images_seen, tick, data_wait = True, False, {}, 0, time.time(), 0.0
     exit_code = 0
     while state.step < tcfg.max_steps:
+        wait = time.time()
         batch = next(batches)
+        data_wait += time.time() - wait  # decoding not hidden behind the step (workers, prefetch)
         micro = micro_batches % tcfg.grad_accum  # index of this batch in the accumulation window
         micro_batches += 1
         x = batch["pixel_values"]
@@ -293,27 +342,9 @@ def main():
 
         with accelerator.accumulate(*accumulated):
             if not window_empty:
-                # Generator: the discriminator is frozen and called unwrapped (it gets no
-                # gradient here, so it must not enter a DDP collective).
-                if raw_discriminator is not None:
-                    raw_discriminator.requires_grad_(False)
                 noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0], latent_shape)
-                reconstruction, posterior, logvar = model(x, noise)
-                loss, logs = loss_fn(x, reconstruction, posterior, logvar, state.step,
-                                     raw_discriminator, raw_model.last_layer())
-                if state.step in INJECT_NONFINITE:
-                    loss = loss * float("nan")
-                # A step is skipped on every process or on none.
-                finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
+                finite, logs = train_step(accelerator, parts, x, noise, state.step, config, state.step in INJECT_NONFINITE)
                 window_finite &= finite
-                if finite:
-                    accelerator.backward(loss)
-                    if discriminator is not None and state.step >= dcfg.start:
-                        # Discriminator: on detached inputs, with its own loss scaler.
-                        raw_discriminator.requires_grad_(True)
-                        d_loss, d_logs = discriminator_step_loss(discriminator, x, reconstruction, dcfg.loss)
-                        disc_scaler.scale(d_loss / tcfg.grad_accum).backward()
-                        logs.update(d_logs)
                 window_logs.update(logs)
             if accelerator.sync_gradients and window_finite and not window_empty:
                 factor = lr_factor(state.step, ocfg, tcfg.max_steps)
@@ -342,13 +373,14 @@ def main():
 
         if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
             rate = images_seen / (time.time() - tick)
-            window_logs.update({"train/images_per_s": rate, "train/lr": optimizer.param_groups[0]["lr"],
+            window_logs.update({"train/images_per_s": rate, "train/data_wait_fraction": data_wait / (time.time() - tick),
+                                "train/lr": optimizer.param_groups[0]["lr"],
                                 "train/skipped_steps": state.skipped_steps, "data/skipped_images": state.skipped_images,
                                 "data/upsized_images": state.upsized_images})
             log(accelerator, window_logs, state.step, run_dir)
             progress.set_postfix(loss=f"{window_logs.get('train/loss/total', math.nan):.4g}",
                                  rec=f"{window_logs.get('train/loss/pixel', math.nan):.4f}", img_s=f"{rate:.1f}")
-            images_seen, tick = 0, time.time()
+            images_seen, tick, data_wait = 0, time.time(), 0.0
         window_logs = {}
         if state.step % tcfg.image_every == 0 or state.step == tcfg.max_steps:
             if accelerator.is_main_process:

@@ -1,0 +1,69 @@
+"""The ``performance`` switches: precision, fused optimiser, compilation, memory format, gradient
+checkpointing and attention kernels. What each one measured is in docs/benchmarks.md.
+
+None of them changes what is saved: ``nn.Module.compile`` compiles a module in place and keeps its
+``state_dict`` keys (no ``_orig_mod.`` prefix), and channels_last only changes strides.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from .config import OptimizerConfig, PerformanceConfig
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and cuDNN convolutions (CUDA; no effect elsewhere)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def adamw(params, cfg: OptimizerConfig, lr: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with the optimizer section's settings; ``fused`` runs the update as one kernel."""
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
+                             fused=fused or None)
+
+
+def prepare_autoencoder(vae: AutoencoderKL, cfg: PerformanceConfig, device: torch.device) -> AutoencoderKL:
+    """Gradient checkpointing and the attention kernel, in place."""
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if cfg.attention == "xformers":
+        if device.type != "cuda":
+            raise ValueError(f"performance.attention=xformers needs a CUDA device, this run is on {device}; "
+                             "use performance.attention=sdpa")
+        try:
+            import xformers.ops  # noqa: F401  (the import is the check)
+        except ImportError as err:
+            raise ImportError("performance.attention=xformers: the xformers package does not load "
+                              f"({err}); pip install -e '.[xformers]', or use performance.attention=sdpa") from err
+        vae.enable_xformers_memory_efficient_attention()
+    # "sdpa" is diffusers' default processor (AttnProcessor2_0, torch's scaled_dot_product_attention).
+    return vae
+
+
+def set_memory_format(modules: list[nn.Module | None], cfg: PerformanceConfig) -> None:
+    """Convolution weights in NHWC (channels_last) when the switch is on, in place."""
+    for module in modules:
+        if module is not None and cfg.channels_last:
+            module.to(memory_format=torch.channels_last)
+
+
+def to_memory_format(x: torch.Tensor, cfg: PerformanceConfig) -> torch.Tensor:
+    """Images in the networks' memory format."""
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def compile_in_place(modules: list[nn.Module | None], cfg: PerformanceConfig) -> None:
+    """``torch.compile`` each module in place (``nn.Module.compile``), with static shapes."""
+    for module in modules:
+        if module is not None:
+            module.compile(mode=cfg.compile_mode, dynamic=False)
+
+
+def compiled_parts(vae: AutoencoderKL) -> list[nn.Module]:
+    """The autoencoder's parts that are compiled: encoder and decoder, whose forward is all tensors
+    (the autoencoder's own forward returns a distribution object)."""
+    return [vae.encoder, vae.decoder]

@@ -1,0 +1,350 @@
+"""Training-step throughput against the device's peak and against a naive loop.
+
+    python scripts/bench_train.py --config configs/sd_kl_f8.yaml --resolution 256 --batch 8 --precision bf16 --compile
+    python scripts/bench_train.py --preset tiny --resolution 64 --batch 4            # CPU-sized
+    accelerate launch --num_processes 8 scripts/bench_train.py ...                  # per-process and total rates
+
+Times train/train.py's own step (``setup_models`` + ``train_step`` + optimiser updates + EMA, with
+the config's ``performance`` switches) on one fixed batch, then, in the same process and on the same
+images, a naive reference step: eager fp32 diffusers AutoencoderKL with the same loss terms (L1 +
+LPIPS + KL + hinge GAN with the adaptive weight, then the discriminator step) and none of the
+optimisations. Prints one JSON line a result and a table. FLOPs are counted with
+``torch.utils.flop_counter`` on one eager step; MFU = FLOPs of the naive step (model FLOPs, no
+recomputation) x images/s / the device's peak. Without LPIPS weights on disk the VGG16 trunk gets
+random weights: the same cost, so the timing holds (the output says so). ``--loss full`` (default)
+switches the discriminator on from step 0, so every term is in the step.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/train.py, the step being measured
+from train.train import apply_updates, setup_models, train_step  # noqa: E402
+
+from first_stage.config import load_config  # noqa: E402
+from first_stage.data import make_dataloader  # noqa: E402
+from first_stage.discriminator import build_discriminator, discriminator_loss  # noqa: E402
+from first_stage.losses import adaptive_weight  # noqa: E402
+from first_stage.model import build_autoencoder  # noqa: E402
+from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights  # noqa: E402
+from first_stage.performance import compile_in_place, compiled_parts  # noqa: E402
+
+# Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},
+    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
+}
+# CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
+CPU_FLOP_PER_CYCLE = 32
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML recipe (default: the package defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--preset", default=None, help="model.preset (tiny, sd-f8c4, f8c16)")
+    parser.add_argument("--resolution", type=int, default=None, help="crop side (default: the config's)")
+    parser.add_argument("--batch", type=int, default=None, help="images per process (default: the config's)")
+    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None, help="train.mixed_precision")
+    parser.add_argument("--compile", action="store_true", help="performance.compile=true")
+    parser.add_argument("--loss", choices=["full", "config"], default="full",
+                        help="full: LPIPS and the discriminator on from step 0; config: as the recipe says")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive reference step")
+    parser.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest batch that fits")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    parser.add_argument("--json", default=None, help="also append the JSON lines to this file")
+    return parser.parse_args()
+
+
+def bench_config(args, vgg_file: Path):
+    """The recipe with the command line's settings; LPIPS from ``vgg_file`` when none is on disk."""
+    overrides = list(args.set)
+    for key, value in (("model.preset", args.preset), ("data.resolution", args.resolution),
+                       ("train.batch_size", args.batch), ("train.mixed_precision", args.precision)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.compile:
+        overrides.append("performance.compile=true")
+    if args.loss == "full":
+        overrides += ["loss.perceptual_weight=1.0", "discriminator.enabled=true", "discriminator.start=0",
+                      "discriminator.warmup_steps=0"]
+    config = load_config(args.config, overrides)
+    if config.loss.perceptual_weight == 0:
+        return config, overrides, "off"
+    try:
+        resolve_vgg16_weights(config.loss.lpips_weights, download=config.loss.lpips_download)
+        lpips = "trained weights"
+    except LPIPSWeightsNotFound:
+        trunk = {k: v for k, v in LPIPS().state_dict().items() if k.startswith("features.")}
+        torch.save(trunk, vgg_file)
+        config = load_config(args.config, overrides + [f"loss.lpips_weights={vgg_file}", "loss.lpips_download=false"])
+        lpips = "random VGG16 trunk (no weights on disk; same cost)"
+    return config, overrides, lpips
+
+
+def fixed_batch(config, batch: int, device) -> torch.Tensor:
+    """``batch`` decoded images of the recipe's data (repeated when there are fewer), (B,3,R,R)."""
+    loader = make_dataloader(config.data, 1, seed=config.train.seed, shuffle=False, drop_last=False)
+    images = []
+    while len(images) < batch:
+        if not any(len(b["pixel_values"]) for b in loader):
+            raise ValueError(f"no decodable image in {config.data}")
+        for b in loader:
+            images.extend(b["pixel_values"])
+            if len(images) == batch:
+                break
+    return torch.stack(images).to(device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def real_step(accelerator, parts, x, noise, step, config) -> None:
+    """train/train.py's optimiser step on one micro-batch: backward passes, updates, EMA."""
+    accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
+    with accelerator.accumulate(*accumulated):
+        finite, _ = train_step(accelerator, parts, x, noise, step, config)
+        ocfg = config.optimizer
+        disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
+        apply_updates(accelerator, parts.model, parts.optimizer, ocfg.lr, parts.discriminator,
+                      parts.disc_optimizer, parts.disc_scaler, disc_lr, ocfg.grad_clip)
+        parts.optimizer.zero_grad(set_to_none=True)
+        if parts.disc_optimizer is not None:
+            parts.disc_optimizer.zero_grad(set_to_none=True)
+    if config.train.ema and finite:
+        parts.ema.step(parts.raw_model.vae.parameters())
+
+
+class NaiveStep:
+    """The reference: eager fp32 AutoencoderKL, the same loss terms written plainly, plain AdamW."""
+
+    def __init__(self, config, lpips, device):
+        torch.manual_seed(config.train.seed)
+        self.cfg = config
+        self.vae = build_autoencoder(config.model).to(device).train()
+        self.lpips = lpips
+        self.disc = build_discriminator(config.discriminator).to(device) if config.discriminator.enabled else None
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas)
+        if self.disc is not None:
+            self.dopt = torch.optim.AdamW(self.disc.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas)
+
+    def __call__(self, x: torch.Tensor, noise: torch.Tensor) -> None:
+        cfg = self.cfg
+        posterior = self.vae.encode(x).latent_dist
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        rec = (x - reconstruction).abs()
+        if self.lpips is not None:
+            rec = rec + cfg.loss.perceptual_weight * self.lpips(x, reconstruction)
+        nll = rec.sum() / x.shape[0]
+        loss = nll + cfg.regularizer.kl_weight * posterior.kl().mean()
+        if self.disc is not None:
+            g_loss = -self.disc(reconstruction).mean()
+            weight = adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight, cfg.discriminator.adaptive_weight_max)
+            loss = loss + cfg.discriminator.weight * weight * g_loss
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.disc is not None:
+            self.dopt.zero_grad()
+            discriminator_loss(self.disc(x), self.disc(reconstruction.detach()), "hinge").backward()
+            self.dopt.step()
+
+
+class _GlobalOnly(contextlib.nullcontext):
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks break
+    ``torch.autograd.grad`` (the adaptive GAN weight): every count goes to the total."""
+
+    parents = ("Global",)
+
+
+def count_flops(step, *args) -> float:
+    """FLOPs of one call of ``step`` (2 per multiply-add), counted on eager modules."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        step(*args)
+    return float(counter.get_total_flops())
+
+
+def time_steps(step, steps: int, warmup: int, device, *args) -> float:
+    """Seconds per call of ``step`` over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step(*args)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*args)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_tflops(device, precision: str, tf32: bool, given: float | None) -> tuple[float, str]:
+    """The device's dense peak for the step's compute precision, and where the figure comes from."""
+    if given is not None:
+        return given, "--peak-tflops"
+    kind = precision if precision in ("bf16", "fp16") else "tf32" if tf32 else "fp32"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return table[kind], f"{key} datasheet, dense {kind}"
+        return float("nan"), f"unknown GPU {name!r}: pass --peak-tflops"
+    mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    cores = len(os.sched_getaffinity(0))
+    return cores * mhz * 1e6 * CPU_FLOP_PER_CYCLE / 1e12, (
+        f"assumed: {cores} cores x {mhz:.0f} MHz x {CPU_FLOP_PER_CYCLE} fp32 FLOP/cycle")
+
+
+def peak_memory_gib(device) -> tuple[float, str]:
+    """Peak memory of this process: CUDA allocations, or on the CPU the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS (whole process)"
+
+
+def largest_batch(fits, start: int, limit: int = 4096) -> int:
+    """The largest batch size for which ``fits(batch)`` holds: doubling from ``start``, then bisection.
+    0 when even ``start`` does not fit."""
+    if not fits(start):
+        return 0
+    good, bad = start, None
+    while bad is None and good < limit:
+        if fits(good * 2):
+            good *= 2
+        else:
+            bad = good * 2
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def batch_fits(accelerator, parts, config, batch: int, images: torch.Tensor, noise_shape) -> bool:
+    """Whether two real steps at ``batch`` run without a CUDA out-of-memory error."""
+    x = images[:1].expand(batch, -1, -1, -1).contiguous()
+    noise = torch.randn((batch, *noise_shape), device=images.device)
+    try:
+        for step in range(2):
+            real_step(accelerator, parts, x, noise, step, config)
+        sync(images.device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        parts.optimizer.zero_grad(set_to_none=True)
+        if parts.disc_optimizer is not None:
+            parts.disc_optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["step", "processes", "batch", "resolution", "precision", "img_s_total", "img_s_per_process",
+               "steps_s", "peak_mem_gib", "gflop_per_image", "mfu", "speedup"]
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
+
+
+def main():
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config, overrides, lpips_note = bench_config(args, Path(tmp) / VGG16_FILENAME)
+        accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        device = accelerator.device
+        tcfg, pcfg = config.train, config.performance
+        # FLOPs are counted on eager modules: build uncompiled, count, then compile in place.
+        eager = load_config(args.config, overrides + [f"loss.lpips_weights={config.loss.lpips_weights}",
+                                                      "performance.compile=false"]) if pcfg.compile else config
+        torch.manual_seed(tcfg.seed)
+        parts = setup_models(eager, accelerator)
+        images = fixed_batch(config, tcfg.batch_size, device)
+        down = 2 ** (len(parts.raw_model.vae.config.block_out_channels) - 1)
+        latent = (parts.raw_model.vae.config.latent_channels, images.shape[-1] // down, images.shape[-1] // down)
+        noise = torch.randn((images.shape[0], *latent), generator=torch.Generator().manual_seed(0)).to(device)
+
+        real_flops = count_flops(real_step, accelerator, parts, images, noise, 0, config)
+        if pcfg.compile:
+            compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
+        graphs_before = None
+        counters = torch._dynamo.utils.counters["stats"]
+        for _ in range(args.warmup):
+            real_step(accelerator, parts, images, noise, 1, config)
+        graphs_before = counters["unique_graphs"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_steps(real_step, args.steps, 0, device, accelerator, parts, images, noise, 1, config)
+        recompiles = counters["unique_graphs"] - graphs_before
+        memory, memory_kind = peak_memory_gib(device)
+
+        results = []
+        peak, peak_source = peak_tflops(device, tcfg.mixed_precision, pcfg.tf32, args.peak_tflops)
+        common = {"bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "processes": accelerator.num_processes, "batch": images.shape[0], "resolution": images.shape[-1],
+                  "preset": config.model.preset, "loss": args.loss, "lpips": lpips_note,
+                  "discriminator": config.discriminator.enabled, "peak_tflops": peak, "peak_source": peak_source,
+                  "memory_kind": memory_kind}
+        real = {**common, "step": "first-stage", "precision": tcfg.mixed_precision,
+                "performance": {k: getattr(pcfg, k) for k in pcfg.__dataclass_fields__},
+                "seconds_per_step": seconds, "recompiles_while_timed": recompiles if pcfg.compile else None,
+                "gflop_per_image_counted": real_flops / images.shape[0] / 1e9, "peak_mem_gib": memory}
+
+        naive_seconds = naive_flops = None
+        if not args.no_naive:
+            naive = NaiveStep(config, parts.loss_fn.perceptual, device)
+            naive_flops = count_flops(naive, images, noise)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            naive_seconds = time_steps(naive, args.steps, args.warmup, device, images, noise)
+            naive_memory, _ = peak_memory_gib(device)
+        model_flops = (naive_flops or real_flops) / images.shape[0]
+        rows = [(real, seconds)] + ([] if args.no_naive else [({**common, "step": "naive", "precision": "no",
+                                                               "seconds_per_step": naive_seconds,
+                                                               "gflop_per_image_counted": naive_flops / images.shape[0] / 1e9,
+                                                               "peak_mem_gib": naive_memory}, naive_seconds)])
+        for row, secs in rows:
+            per_process = images.shape[0] / secs
+            rates = gather_object([per_process])
+            row.update({"steps_s": 1 / secs, "img_s_per_process": per_process, "img_s_total": sum(rates),
+                        "img_s_each_process": rates, "gflop_per_image": model_flops / 1e9,
+                        "mfu": per_process * model_flops / (peak * 1e12)})
+            results.append(row)
+        if naive_seconds is not None:
+            results[0]["speedup"] = naive_seconds / seconds
+
+        if args.find_max_batch:
+            if device.type != "cuda":
+                raise SystemExit("--find-max-batch needs a CUDA device (CPU memory is not the limit worth finding)")
+            results[0]["max_batch"] = largest_batch(
+                lambda b: batch_fits(accelerator, parts, config, b, images, latent), images.shape[0])
+
+        if accelerator.is_main_process:
+            lines = [json.dumps(r) for r in results]
+            print("\n".join(lines))
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            print_table(results)
+        accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The performance switches change speed and memory, not results or saved keys; the benchmark
+scripts run end to end on the CPU (a couple of steps) and print what they promise."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from first_stage.config import OptimizerConfig, PerformanceConfig, load_config
+from first_stage.performance import adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grads(vae, images) -> tuple[torch.Tensor, dict]:
+    vae.zero_grad()
+    posterior = vae.encode(images).latent_dist
+    loss = vae.decode(posterior.mean).sample.pow(2).mean() + posterior.logvar.mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in vae.named_parameters()}
+
+
+def test_gradient_checkpointing_and_channels_last_give_the_same_gradients(tiny_vae, images):
+    loss, reference = grads(tiny_vae, images)
+    prepare_autoencoder(tiny_vae, PerformanceConfig(gradient_checkpointing=True), torch.device("cpu"))
+    set_memory_format([tiny_vae], PerformanceConfig(channels_last=True))
+    assert tiny_vae.encoder.gradient_checkpointing
+    assert tiny_vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    loss2, fast = grads(tiny_vae, images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(loss2, loss)
+    for key in reference:
+        torch.testing.assert_close(fast[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_in_place_keeps_the_saved_keys(tiny_vae, tmp_path):
+    keys = list(tiny_vae.state_dict())
+    compile_in_place(compiled_parts(tiny_vae), PerformanceConfig(compile=True))  # lazy: nothing compiles yet
+    assert list(tiny_vae.state_dict()) == keys
+    assert all(part._compiled_call_impl is not None for part in compiled_parts(tiny_vae))
+    tiny_vae.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert sorted(load_file(tmp_path / "diffusion_pytorch_model.safetensors")) == sorted(keys)
+
+
+def test_xformers_off_cuda_is_a_clear_error(tiny_vae):
+    with pytest.raises(ValueError, match="attention=sdpa"):
+        prepare_autoencoder(tiny_vae, PerformanceConfig(attention="xformers"), torch.device("cpu"))
+
+
+def test_fused_adamw_takes_the_same_step():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64))
+    b = torch.nn.Parameter(a.detach().clone())
+    cfg = OptimizerConfig()
+    for param, fused in ((a, False), (b, True)):
+        opt = adamw([param], cfg, 1e-2, fused)
+        for _ in range(3):
+            param.grad = torch.linspace(-1, 1, 64)
+            opt.step()
+    torch.testing.assert_close(a, b)
+
+
+def test_unknown_performance_key_is_named():
+    with pytest.raises(ValueError, match="performance.compiled"):
+        load_config(None, ["performance.compiled=true"])
+
+
+def test_largest_batch_search_finds_the_threshold():
+    largest_batch = load_script("bench_train").largest_batch
+    for limit in (1, 2, 3, 7, 8, 37, 100):
+        tried = []
+        assert largest_batch(lambda b: tried.append(b) or b <= limit, 1) == limit
+        assert len(tried) <= 2 * limit.bit_length() + 2  # doubling then bisection, not a scan
+    assert largest_batch(lambda b: False, 4) == 0
+
+
+def run_script(*args) -> list[dict]:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_bench_train_runs_and_reports(tmp_path):
+    rows = run_script("scripts/bench_train.py", "--preset", "tiny", "--resolution", "32", "--batch", "2",
+                      "--steps", "1", "--warmup", "1", "--set", "discriminator.channels=16",
+                      "--json", str(tmp_path / "bench.jsonl"))
+    assert [r["step"] for r in rows] == ["first-stage", "naive"]
+    ours, naive = rows
+    assert ours["discriminator"] and ours["lpips"].startswith("random VGG16")  # the full loss, offline
+    # The naive step also computes the frozen discriminator's weight gradients: more FLOPs, not fewer.
+    assert 0 < ours["gflop_per_image_counted"] < naive["gflop_per_image_counted"]
+    assert ours["img_s_total"] == pytest.approx(2 / ours["seconds_per_step"])
+    assert ours["speedup"] == pytest.approx(naive["seconds_per_step"] / ours["seconds_per_step"])
+    assert 0 < ours["mfu"] < 1 and ours["peak_mem_gib"] > 0
+    assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_bench_encode_runs_on_a_saved_vae(tiny_vae, tmp_path):
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    rows = run_script("scripts/bench_encode.py", "--vae", str(tmp_path / "vae"), "--resolution", "32",
+                      "--batch", "2", "--images", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32")
+    assert [r["what"] for r in rows] == ["data", "encode", "decode", "encode_pipeline"]
+    assert all(r["img_s_total"] > 0 for r in rows)
+    assert rows[0]["bottleneck"] in ("data", "encode")
