@@ -23,7 +23,7 @@ from first_stage.data import calibration_batches, describe
 from first_stage.evaluation import (WorstImages, data_from_spec, evaluate_each, reconstruction_metrics,
                                     summarize)
 from first_stage.perceptual import load_lpips
-from first_stage.reports import markdown_table, report, write_json, write_markdown
+from first_stage.reports import markdown_table, reconstruction_rows, report, write_json, write_markdown
 from first_stage.training import save_grid
 
 
@@ -108,14 +108,7 @@ def main():
     if accelerator.is_main_process:
         rep = report("reconstruction", describe(data), entries[0]["results"]["images"], entries)
         write_json(rep, out / "report.json")
-        rows = [("images", [e["results"]["images"] for e in entries], None)]
-        for key, label in (("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓")):
-            if key in entries[0]["results"]:
-                rows.append((label, [f"{e['results'][key]['mean']:.3f} ± {e['results'][key]['std']:.3f}"
-                                     if e["results"][key]["mean"] is not None else "exact" for e in entries], None))
-        rows.append(("exact reconstructions (PSNR = ∞)", [e["results"]["psnr"]["exact"] for e in entries], None))
-        rows.append(("rFID ↓", [e["results"]["rfid"] for e in entries], None))
-        table = markdown_table(rows, [f"VAE {i + 1}" for i in range(len(entries))], "reference")
+        table = markdown_table(reconstruction_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
         notes = ["Mean ± std over images; PSNR over the images not reconstructed exactly. Images in [0, 1].",
                  "Published figures for comparison (other data and protocol): docs/evaluation.md.", ""]
         notes += [f"Worst by PSNR, VAE {i + 1} (inputs above, reconstructions below): ![worst]({e['results']['worst']['file']})"

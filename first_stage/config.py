@@ -51,11 +51,18 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class RegularizerConfig:
-    kind: Literal["kl"] = "kl"
+    # "kl": kl_weight * KL(q(z|x) || N(0, I)). "mmd": mmd_weight * MMD²(aggregate posterior, N(0, I)),
+    # WAE's penalty, instead of the KL (kl_weight and free_bits are then unused; the KL is still logged).
+    kind: Literal["kl", "mmd"] = "kl"
     kl_weight: float = 1e-6  # in the reduction of loss.reduction
-    schedule: Literal["constant", "linear"] = "constant"
-    warmup_steps: int = 0  # "linear": weight ramps from 0 to kl_weight over this many steps
+    schedule: Literal["constant", "linear"] = "constant"  # of kl_weight or mmd_weight, whichever applies
+    warmup_steps: int = 0  # "linear": the weight ramps from 0 to its value over this many steps
     free_bits: float = 0.0  # per-channel floor, nats per latent element, below which KL is free
+    # MMD² counts as a per-latent-element figure: times C*h*w in the "sum" reduction, as is in "mean"
+    # (the kl_weight conversion between reductions applies unchanged).
+    mmd_weight: float = 1.0
+    # Latent positions (C-vectors) drawn per batch for the O(n²) kernel sums, against as many N(0, I) draws.
+    mmd_samples: int = 1024
 
 
 @dataclass(frozen=True)

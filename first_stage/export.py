@@ -207,14 +207,15 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
     ]
     if config is not None:
         d, r = config.data, config.regularizer
+        penalty = f"KL weight {r.kl_weight:g}, free bits {r.free_bits:g}" if r.kind == "kl" else f"MMD weight {r.mmd_weight:g}"
         lines += [
             "## Training",
             "",
             f"- data: `{d.source}` {d.path or ''} (split `{d.split}`), {d.resolution}² crops",
             f"- steps: {report['step']}, batch {config.train.batch_size} × accumulation {config.train.grad_accum} per process, "
             f"mixed precision `{config.train.mixed_precision}`",
-            f"- loss: {config.loss.pixel_loss} + {config.loss.perceptual_weight} × LPIPS, KL weight {r.kl_weight:g} "
-            f"({config.loss.reduction} reduction, {r.schedule} schedule, free bits {r.free_bits:g}), "
+            f"- loss: {config.loss.pixel_loss} + {config.loss.perceptual_weight} × LPIPS, {penalty} "
+            f"({config.loss.reduction} reduction, {r.schedule} schedule), "
             + (f"PatchGAN from step {config.discriminator.start}" if config.discriminator.enabled else "no discriminator"),
             f"- config hash `{report['config_hash']}` (the full config is `{BUNDLE_DIR}/config.yaml`)",
             "",

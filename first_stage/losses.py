@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import DiscriminatorConfig, LossConfig
 from .discriminator import discriminator_loss, generator_adversarial_loss
-from .regularizers import KLRegularizer, sum_reduce
+from .regularizers import KLRegularizer, MMDRegularizer, sum_reduce
 
 
 def pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
@@ -49,7 +49,7 @@ class GeneratorLoss(nn.Module):
     def __init__(
         self,
         cfg: LossConfig,
-        regularizer: KLRegularizer,
+        regularizer: KLRegularizer | MMDRegularizer,
         disc_cfg: DiscriminatorConfig,
         perceptual: nn.Module | None = None,
     ):

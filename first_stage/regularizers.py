@@ -1,4 +1,5 @@
-"""Latent regularisers. Each is called as ``reg(posterior, step) -> (loss, logs)``.
+"""Latent regularisers. Each is called as ``reg(posterior, step) -> (loss, logs)``; build one from
+its config with :func:`build_regularizer`.
 
 The KL term is that of the diagonal Gaussian posterior q(z|x) = N(mu, diag(exp(logvar))) against
 N(0, I), per latent element: ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``.
@@ -10,6 +11,9 @@ Reductions (``loss.reduction``), matching the reconstruction term:
   every pixel element too, so the same trade-off needs
   ``kl_weight_mean = kl_weight_sum * (C*h*w) / (3*H*W)``, e.g. 1e-6 / 48 for an f8, 4-channel VAE;
   this ratio depends on the compression, not the resolution.
+
+The MMD term (WAE, Tolstikhin et al. 2018) matches the *aggregate* posterior to N(0, I) instead of
+each image's posterior, so it bounds the latents' scale and shape without charging for information.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .config import RegularizerConfig
+
+
+# WAE's inverse multiquadratic kernel scales: c = 2·C·s, where 2·C = E|x - y|² for x, y ~ N(0, I_C).
+MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def kl_per_element(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
@@ -35,6 +43,36 @@ def sum_reduce(per_element: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+def scheduled_weight(weight: float, cfg: RegularizerConfig, step: int) -> float:
+    """``weight`` at optimiser step ``step``: ramped linearly over ``cfg.warmup_steps``, or constant."""
+    if cfg.schedule == "linear" and cfg.warmup_steps > 0:
+        return weight * min(1.0, step / cfg.warmup_steps)
+    return weight
+
+
+def kl_logs(kl: torch.Tensor, reduction: str) -> dict:
+    """The KL figures every regulariser logs, from the per-element KL (B,C,h,w)."""
+    return {"train/loss/kl": sum_reduce(kl, reduction).item(),
+            "train/kl_nats_per_image": kl.flatten(1).sum(1).mean().item()}
+
+
+def imq_kernel(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...] = MMD_SCALES) -> torch.Tensor:
+    """sum_s c/(c + |x_i - y_j|²) with c = 2·C·s, for x (n, C) and y (m, C): an (n, m) matrix."""
+    distance = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.T).clamp_min(0)  # (n, m) squared
+    return sum(2 * x.shape[1] * s / (2 * x.shape[1] * s + distance) for s in scales)
+
+
+def mmd_imq(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...] = MMD_SCALES) -> torch.Tensor:
+    """Unbiased MMD² (the U-statistic) between samples x (n, C) and y (m, C), kernel :func:`imq_kernel`::
+
+        MMD² = sum_{i≠j} k(x_i, x_j) / (n(n-1)) + sum_{i≠j} k(y_i, y_j) / (m(m-1)) - 2 sum_{i,j} k(x_i, y_j) / (nm)
+    """
+    n, m = x.shape[0], y.shape[0]
+    kxx, kyy = imq_kernel(x, x, scales), imq_kernel(y, y, scales)
+    within = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * imq_kernel(x, y, scales).mean()
+
+
 class KLRegularizer:
     """``kl_weight * KL`` with an optional linear warm-up and a per-channel free-bits floor.
 
@@ -49,9 +87,7 @@ class KLRegularizer:
 
     def weight(self, step: int) -> float:
         """The KL weight at optimiser step ``step``."""
-        if self.cfg.schedule == "linear" and self.cfg.warmup_steps > 0:
-            return self.cfg.kl_weight * min(1.0, step / self.cfg.warmup_steps)
-        return self.cfg.kl_weight
+        return scheduled_weight(self.cfg.kl_weight, self.cfg, step)
 
     def __call__(self, posterior: DiagonalGaussianDistribution, step: int) -> tuple[torch.Tensor, dict]:
         kl = kl_per_element(posterior)  # (B,C,h,w)
@@ -64,9 +100,48 @@ class KLRegularizer:
         else:
             penalised = raw
         weight = self.weight(step)
-        logs = {
-            "train/loss/kl": raw.item(),
-            "train/kl_weight": weight,
-            "train/kl_nats_per_image": kl.flatten(1).sum(1).mean().item(),
-        }
-        return weight * penalised, logs
+        return weight * penalised, {**kl_logs(kl, self.reduction), "train/kl_weight": weight}
+
+
+class MMDRegularizer:
+    """``mmd_weight * MMD²`` between the batch's aggregate posterior and N(0, I) (WAE-MMD).
+
+    Every latent position's C-vector of a posterior sample z = mean + std·ε (the kind of latent the
+    decoder sees; ε is drawn here) is one sample of the aggregate posterior: B·h·w of them, of which
+    at most ``mmd_samples`` are drawn at random and compared with as many N(0, I_C) draws by
+    :func:`mmd_imq` (the inverse multiquadratic kernel over WAE's scales). MMD² counts as a
+    per-latent-element figure: the penalty is ``mmd_weight * C*h*w * MMD²`` in the "sum" reduction
+    and ``mmd_weight * MMD²`` in "mean". The KL is logged as by :class:`KLRegularizer`, not
+    penalised; ``train/loss/mmd`` is MMD² itself.
+    """
+
+    def __init__(self, cfg: RegularizerConfig, reduction: str = "sum"):
+        if cfg.mmd_samples < 2:
+            raise ValueError(f"regularizer.mmd_samples must be at least 2 (a U-statistic), got {cfg.mmd_samples}")
+        self.cfg = cfg
+        self.reduction = reduction
+
+    def weight(self, step: int) -> float:
+        """The MMD weight at optimiser step ``step``."""
+        return scheduled_weight(self.cfg.mmd_weight, self.cfg, step)
+
+    def __call__(self, posterior: DiagonalGaussianDistribution, step: int) -> tuple[torch.Tensor, dict]:
+        kl = kl_per_element(posterior)  # (B,C,h,w)
+        channels = kl.shape[1]
+        mean, std = (t.float().permute(0, 2, 3, 1).reshape(-1, channels) for t in (posterior.mean, posterior.std))
+        keep = torch.randperm(mean.shape[0], device=mean.device)[:self.cfg.mmd_samples]
+        z = mean[keep] + std[keep] * torch.randn_like(std[keep])  # (n, C) posterior samples
+        mmd = mmd_imq(z, torch.randn_like(z))
+        elements = kl[0].numel() if self.reduction == "sum" else 1
+        weight = self.weight(step)
+        logs = {**kl_logs(kl, self.reduction), "train/loss/mmd": mmd.item(), "train/mmd_weight": weight}
+        return weight * elements * mmd, logs
+
+
+# Regularisers by RegularizerConfig.kind.
+REGULARIZERS = {"kl": KLRegularizer, "mmd": MMDRegularizer}
+
+
+def build_regularizer(cfg: RegularizerConfig, reduction: str = "sum") -> KLRegularizer | MMDRegularizer:
+    """The regulariser that ``cfg.kind`` names, in the loss's ``reduction``."""
+    return REGULARIZERS[cfg.kind](cfg, reduction)

@@ -141,6 +141,19 @@ def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     ]
 
 
+def reconstruction_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
+    """The rows of :func:`markdown_table` for reconstruction results: mean ± std over images."""
+    r = [v["results"] for v in vaes]
+    rows = [("images", [x["images"] for x in r], None)]
+    for key, label in (("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓")):
+        if key in r[0]:
+            rows.append((label, [f"{x[key]['mean']:.3f} ± {x[key]['std']:.3f}" if x[key]["mean"] is not None
+                                 else "exact" for x in r], None))
+    rows.append(("exact reconstructions (PSNR = ∞)", [x["psnr"]["exact"] for x in r], None))
+    rows.append(("rFID ↓", [x["rfid"] for x in r], None))
+    return rows
+
+
 def _label(vaes: list[dict]) -> list[str]:
     return [f"{i + 1}: {Path(v['path']).name}" for i, v in enumerate(vaes)]
 

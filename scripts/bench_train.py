@@ -9,8 +9,9 @@ the config's ``performance`` switches) on one fixed batch, then, in the same pro
 images, a naive reference step: eager fp32 diffusers AutoencoderKL with the same loss terms (L1 +
 LPIPS + KL + hinge GAN with the adaptive weight, then the discriminator step) and none of the
 optimisations. Prints one JSON line a result and a table. FLOPs are counted with
-``torch.utils.flop_counter`` on one eager step; MFU = FLOPs of the naive step (model FLOPs, no
-recomputation) x images/s / the device's peak. Without LPIPS weights on disk the VGG16 trunk gets
+``torch.utils.flop_counter`` on one eager step of each; MFU = FLOPs of our step x images/s / the
+device's peak (with gradient checkpointing the count includes the recomputed forward). The naive
+step counts more FLOPs: its generator backward also computes the discriminator's weight gradients. Without LPIPS weights on disk the VGG16 trunk gets
 random weights: the same cost, so the timing holds (the output says so). ``--loss full`` (default)
 switches the discriminator on from step 0, so every term is in the step.
 """
@@ -315,7 +316,7 @@ def main():
                 torch.cuda.reset_peak_memory_stats(device)
             naive_seconds = time_steps(naive, args.steps, args.warmup, device, images, noise)
             naive_memory, _ = peak_memory_gib(device)
-        model_flops = (naive_flops or real_flops) / images.shape[0]
+        model_flops = real_flops / images.shape[0]
         rows = [(real, seconds)] + ([] if args.no_naive else [({**common, "step": "naive", "precision": "no",
                                                                "seconds_per_step": naive_seconds,
                                                                "gflop_per_image_counted": naive_flops / images.shape[0] / 1e9,

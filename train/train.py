@@ -33,7 +33,7 @@ from first_stage.model import AutoencoderWrapper, build_autoencoder, count_param
 from first_stage.perceptual import LPIPSWeightsNotFound, load_lpips
 from first_stage.performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format,
                                      set_tf32, to_memory_format)
-from first_stage.regularizers import KLRegularizer
+from first_stage.regularizers import build_regularizer
 from first_stage.training import (AUTOENCODER_CONFIG, CHECKPOINT_PREFIX, TrainingState, checkpoint_dirs, latent_batch_stats, lr_factor,
                                   resolve_resume, save_grid, set_lr)
 
@@ -143,7 +143,7 @@ def setup_models(config, accelerator) -> SimpleNamespace:
     model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
     perceptual = build_perceptual(config.loss, accelerator)
-    loss_fn = GeneratorLoss(config.loss, KLRegularizer(config.regularizer, config.loss.reduction),
+    loss_fn = GeneratorLoss(config.loss, build_regularizer(config.regularizer, config.loss.reduction),
                             config.discriminator, perceptual)
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
     if discriminator is not None and dcfg.init_from is not None:

@@ -1,0 +1,363 @@
+"""The KL study: how the KL weight and its variants shape latent scale, outliers and reconstruction.
+
+    python scripts/kl_study.py [--gpu] [--preset P] [--steps N] [--resolution R] [--variants NAME ...]
+        [--out docs/kl_study] [--work outputs/kl_study] [--lpips-weights FILE] [--set KEY=VALUE ...]
+
+Trains every variant with train/train.py (a subprocess each) on one base recipe (configs/kl_study.yaml,
+or configs/kl_study_gpu.yaml with --gpu) plus the variant's --set overrides: the same architecture,
+data order, initial weights (train.seed) and step budget for all. Then evaluates every export with
+eval/latent_stats.py and eval/reconstruction.py on held-out tiles: non-overlapping crops of bundled
+scikit-image photographs that are not among the training pictures. Writes OUT.md (the report, which
+keeps the hand-written interpretation between its markers), OUT/kl_study.json (every number) and the
+figures into OUT/. Runs, held-out tiles and evaluation reports go to --work.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import PIL.Image
+import skimage.data
+import torch
+
+from first_stage.config import load_config, to_dict
+from first_stage.data import SAMPLE_IMAGES, describe, to_rgb
+from first_stage.evaluation import data_from_spec
+from first_stage.reports import latent_plots, latent_rows, markdown_table, reconstruction_rows, write_json
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"cpu": REPO / "configs" / "kl_study.yaml", "gpu": REPO / "configs" / "kl_study_gpu.yaml"}
+
+# Held out: bundled photographs that load offline and are none of SAMPLE_IMAGES (the training split
+# is 7 of those; the other 2, colorwheel and logo, are flat synthetic graphics). The motorcycle is
+# the left view of skimage's stereo pair (RGB); the other three are grayscale, fed as RGB.
+HELD_OUT = {
+    "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
+    "camera": skimage.data.camera,
+    "coins": skimage.data.coins,
+    "moon": skimage.data.moon,
+}
+assert not set(HELD_OUT) & set(SAMPLE_IMAGES), "a held-out picture is in the training data"
+
+KL_WEIGHTS = ("0", "1e-8", "1e-6", "1e-4", "1e-2", "1")  # variants kl0 ... kl1, in the sum reduction
+# At kl_weight 1 (sum reduction) a nat in one latent element costs as much as one unit of summed L1
+# error, and an element of the tiny f2 latent serves only 3 pixel values: the only weight of the
+# sweep at which the KL competes with the reconstruction (at kl_weight 1e-6 and 150 CPU steps the KL
+# was ~6800 nats per image against an NLL of ~2100; at kl_weight 1 and 200 steps it fell to 0.03
+# nats per element, one channel of 4 inactive). Free bits at that weight: 1 nat per element and
+# channel (1.44 bits) stays free. That is below every channel's KL at kl_weight 1e-6 (1.5 to 9 nats
+# at 150 steps), so the floor binds only where the weight bites.
+FREE_BITS = 1.0
+# MMD² of N(0, 4I) against N(0, I) in 4 channels is about 0.5: at weight 1 that costs C*h*w*0.5 =
+# 2048 nats per 64² image, about the L1 NLL of an image early in training, so the scale is pinned
+# near 1; unit-variance heavy tails (Laplace, MMD² ≈ 0.015) cost ~60, a few % of the NLL. Measured
+# at 200 CPU steps: MMD² 0.045 (9 % of the NLL), std of latent samples 1.10 on the held-out tiles.
+MMD_WEIGHT = 1.0
+INTERPRETATION = ("<!-- kl_study: interpretation (hand-written; kept when the report is regenerated) -->",
+                  "<!-- kl_study: end of interpretation -->")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="the GPU recipe: sd-f8c4 at 256², more steps")
+    parser.add_argument("--preset", default=None, help="model.preset (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per variant (default: the recipe's)")
+    parser.add_argument("--resolution", type=int, default=None, help="crop and tile side (default: the recipe's)")
+    parser.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
+    parser.add_argument("--tiles-per-image", type=int, default=24, help="held-out tiles per held-out picture")
+    parser.add_argument("--eval-data", default=None, help="evaluate on this data spec instead of the held-out tiles")
+    parser.add_argument("--eval-images", type=int, default=None, help="evaluation images (default: every tile; 1000)")
+    parser.add_argument("--out", default="docs/kl_study", help="figures and JSON; the report is OUT.md")
+    parser.add_argument("--work", default="outputs/kl_study", help="runs, held-out tiles, evaluation reports")
+    parser.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth: LPIPS in training and evaluation")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    parser.add_argument("--reuse", action="store_true", help="keep a variant's run when its config is unchanged")
+    return parser.parse_args()
+
+
+def variants(steps: int) -> dict[str, tuple[list[str], str]]:
+    """Each variant's --set overrides on the base recipe and why it is there, for ``steps`` steps."""
+    table = {f"kl{w}": ([f"regularizer.kl_weight={w}"], "KL weight sweep (sum reduction)") for w in KL_WEIGHTS}
+    table["kl1e-6"] = (table["kl1e-6"][0], "the SD default")
+    table["kl1-warmup"] = (["regularizer.kl_weight=1", "regularizer.schedule=linear",
+                            f"regularizer.warmup_steps={max(steps // 2, 1)}"],
+                           "linear warm-up over the first half: at weight 1 the KL competes with the reconstruction "
+                           "from the start (at 1e-6 it is a few millionths of the loss: a warm-up changes nothing)")
+    table["kl1-freebits"] = (["regularizer.kl_weight=1", f"regularizer.free_bits={FREE_BITS}"],
+                             f"free bits at weight 1: {FREE_BITS:g} nat per element and channel stays free")
+    table["mmd"] = (["regularizer.kind=mmd", f"regularizer.mmd_weight={MMD_WEIGHT}"],
+                    "WAE-MMD to N(0, I) on the aggregate posterior instead of the KL (no charge for information)")
+    table["kl1e-6-gan"] = (["regularizer.kl_weight=1e-6", "discriminator.enabled=true",
+                            f"discriminator.start={steps // 3}"],
+                           f"the SD default with the PatchGAN from step {steps // 3}, a third of the budget")
+    return table
+
+
+def common_overrides(args, work: Path) -> list[str]:
+    """The overrides every variant shares: steps, sizes, LPIPS, where runs go, and --set."""
+    sets = [f"train.output_dir={work / 'runs'}"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
+    if args.preset:
+        sets.append(f"model.preset={args.preset}")
+    if args.resolution:
+        sets += [f"data.resolution={args.resolution}", f"val_data.resolution={args.resolution}"]
+    if args.lpips_weights:
+        sets += ["loss.perceptual_weight=1.0", f"loss.lpips_weights={Path(args.lpips_weights).resolve()}",
+                 "loss.lpips_missing=error"]
+    return sets + args.set
+
+
+def write_held_out_tiles(folder: Path, size: int, per_image: int) -> list[str]:
+    """Non-overlapping size² tiles of the held-out pictures, at most ``per_image`` of each spread
+    evenly over its grid, as PNGs in ``folder``; returns one line per picture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    lines = []
+    for name, load in HELD_OUT.items():
+        image = np.asarray(to_rgb(PIL.Image.fromarray(load())))  # (H, W, 3) uint8
+        rows, cols = image.shape[0] // size, image.shape[1] // size
+        picked = np.unique(np.linspace(0, rows * cols - 1, min(per_image, rows * cols)).round().astype(int))
+        for index in picked:
+            r, c = divmod(int(index), cols)
+            tile = image[r * size:(r + 1) * size, c * size:(c + 1) * size]
+            PIL.Image.fromarray(tile).save(folder / f"{name}_{r:02d}_{c:02d}.png")
+        lines.append(f"{name} ({image.shape[1]}×{image.shape[0]}): {len(picked)} of its {rows * cols} "
+                     f"non-overlapping {size}² tiles, spread evenly")
+    return lines
+
+
+def train(name: str, sets: list[str], config_path: Path, run: Path, reuse: bool) -> dict:
+    """Run train/train.py for one variant (unless ``reuse`` finds the same finished run); returns
+    its exit code and wall time."""
+    expected = load_config(config_path, sets)
+    if reuse and (run / "export" / "config.json").is_file() and load_config(run / "config.yaml") == expected:
+        print(f"{name}: reusing {run}")
+        return {"exit_code": 0, "train_seconds": None, "reused": True}
+    cmd = [sys.executable, str(REPO / "train" / "train.py"), "--config", str(config_path)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    run.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(run.parent / f"{name}.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    seconds = time.time() - start
+    print(f"{name}: exit {code} after {seconds:.0f} s (log {run.parent / f'{name}.log'})")
+    return {"exit_code": code, "train_seconds": seconds, "reused": False}
+
+
+def evaluate(script: str, exports: list[Path], data_spec: str, images: int, out: Path, extra: list[str]) -> dict:
+    """Run one eval/ entry point on every export; returns its report.json."""
+    cmd = [sys.executable, str(REPO / "eval" / script), "--vae", *map(str, exports), "--data", data_spec,
+           "--num-images", str(images), "--out", str(out), *extra]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads((out / "report.json").read_text())
+
+
+def latent_entries(study: dict, names: list[str]) -> list[dict]:
+    """The variants' latent statistics as report entries, labelled by variant (for the plots' legends)."""
+    return [{"path": n, "scaling_factor": study[n]["scaling_factor"], "results": study[n]["latent_stats"]}
+            for n in names]
+
+
+def rate_and_distortion(latent: dict, recon: dict) -> tuple[float, float]:
+    """KL in nats per image (held-out) and the mean squared error per image (pixels in [0, 1])."""
+    c, h, w = latent["latent_shape"]
+    mse = np.mean([10 ** (-p / 10) if p is not None else 0.0 for p in recon["per_image"]["psnr"]])
+    return latent["posterior"]["kl_per_element"] * c * h * w, float(mse)
+
+
+def rate_distortion_plot(points: dict[str, tuple[float, float]], path: Path) -> Path:
+    """One labelled point per variant: (KL per image, MSE), log x axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, (rate, mse) in points.items():
+        ax.scatter(rate, mse, color="C0")
+        ax.annotate(name, (rate, mse), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL per held-out image (nats), posterior against N(0, I)")
+    ax.set_ylabel("reconstruction MSE per image (pixels in [0, 1])")
+    ax.set_title("rate–distortion, one point per variant", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def extremes(label: str, values: dict[str, float], fmt: str = ".3g") -> str:
+    """A line naming the variants with the largest and the smallest value."""
+    hi, lo = max(values, key=values.get), min(values, key=values.get)
+    if values[hi] == values[lo]:
+        return f"- {label}: {values[hi]:{fmt}} in every variant."
+    return f"- {label}: largest {hi} ({values[hi]:{fmt}}), smallest {lo} ({values[lo]:{fmt}})."
+
+
+def summary(study: dict) -> list[str]:
+    """Factual one-liners read off the numbers: extremes and the trend of the scale with kl_weight."""
+    lat = {n: v["latent_stats"] for n, v in study.items() if "latent_stats" in v}
+    if not lat:
+        return ["- no variant was evaluated."]
+    rec = {n: study[n]["reconstruction"] for n in lat}
+    std = {n: r["scale"]["std_of_samples"] for n, r in lat.items()}
+    lines = [extremes("std of latent samples", std),
+             extremes("median per-image peak |ẑ|", {n: r["peaks"]["median"] for n, r in lat.items()}),
+             extremes("P(|ẑ| > 4)", {n: r["tails"]["p_abs_gt_4"] for n, r in lat.items()}),
+             extremes("log-variances at the −30 clamp",
+                      {n: r["posterior"]["fraction_at_clamp"] for n, r in lat.items()}),
+             extremes("active channels", {n: r["posterior"]["active_units"] for n, r in lat.items()}, "d"),
+             extremes("KL per held-out image (nats)", {n: study[n]["kl_nats_per_image"] for n in lat}),
+             extremes("PSNR (dB)", {n: r["psnr"]["mean"] for n, r in rec.items() if r["psnr"]["mean"] is not None},
+                      ".2f")]
+    sweep = [f"kl{w}" for w in KL_WEIGHTS if f"kl{w}" in std]
+    if len(sweep) > 2:
+        steps = np.sign(np.diff([std[n] for n in sweep]))
+        trend = ("decreases monotonically" if (steps < 0).all() else "increases monotonically" if (steps > 0).all()
+                 else "is not monotonic")
+        lines.append(f"- over the kl_weight sweep ({', '.join(sweep)}) the std of latent samples {trend}: "
+                     + ", ".join(f"{std[n]:.3g}" for n in sweep) + ".")
+    return lines
+
+
+def kept_interpretation(report: Path) -> str:
+    """The hand-written interpretation of an existing report (between the markers), or a placeholder."""
+    text = report.read_text() if report.is_file() else ""
+    found = re.search(re.escape(INTERPRETATION[0]) + r"\n(.*?)" + re.escape(INTERPRETATION[1]), text, re.S)
+    return found.group(1) if found else "_Interpretation: to be written after the full run._\n"
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+
+def device() -> str:
+    """What the variants trained on (train/train.py takes a GPU when there is one)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores), no GPU"
+
+
+def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], folder: str, interpretation: str) -> str:
+    """The report: provenance, variants, one table, the figures, and the summary sections."""
+    b = meta["resolved_config"]
+    lines = ["# The KL study", "",
+             "How the KL weight and its variants shape the latent scale, the outliers and the reconstruction. Every",
+             "variant trains the same architecture on the same data in the same order from the same initial weights",
+             "for the same number of steps; only the regulariser (or the discriminator) differs.", "",
+             f"- device: {meta['device']}; date: {meta['date']}; commit: `{meta['commit']}`",
+             f"- command: `{meta['command']}`",
+             f"- step budget: {meta['steps']} optimiser steps of {b['train']['batch_size']} images per variant, "
+             f"preset `{b['model']['preset']}`, seed {b['train']['seed']}, base recipe `{meta['config']}`",
+             f"- training data: {meta['training_data']} (random crops, flips)",
+             f"- evaluation: {meta['evaluation_images']} held-out images (`{meta['evaluation_data']}`), centre crops; "
+             "none from a training picture:"]
+    lines += [f"  - {line}" for line in meta["held_out"]]
+    lines += ["- LPIPS: " + (f"VGG16 weights `{meta['lpips']}`, in training (weight 1) and evaluation" if meta["lpips"] else
+              "not measured and not trained: its VGG16 weights (`vgg16-397923af.pth`) are not available offline; "
+              "pass `--lpips-weights FILE`"), "", "## Variants", "",
+              "| variant | overrides | why | training (s) |", "|---|---|---|---|"]
+    for name, v in study.items():
+        seconds = "reused" if v["reused"] else f"{v['train_seconds']:.0f}"
+        status = "" if v["exit_code"] == 0 else f" **failed, exit {v['exit_code']}**"
+        lines.append(f"| {name} | `{' '.join(v['overrides'])}` | {v['note']}{status} | {seconds} |")
+    lines += ["", "## Results", ""]
+    if done:
+        rows = reconstruction_rows([{"results": study[n]["reconstruction"]} for n in done])
+        if not meta["lpips"]:
+            rows.insert(3, ("LPIPS ↓", ["not measured"] * len(done), None))  # after images, PSNR and SSIM
+        rows += [("reconstruction MSE per image", [study[n]["mse"] for n in done], None),
+                 ("KL per held-out image (nats)", [study[n]["kl_nats_per_image"] for n in done], None),
+                 ("KL per channel (nats per element)", [" / ".join(f"{k:.3g}" for k in study[n]["latent_stats"]
+                                                                  ["posterior"]["channel_kl"]) for n in done], None)]
+        rows += [row for row in latent_rows(latent_entries(study, done)) if row[0] != "images"]
+        lines += [markdown_table(rows, done, "reference"), "",
+                  "Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); 1/(h·w) for the modal peak",
+                  "share; white noise for the spectrum. Reconstructions decode the posterior mean; images in [0, 1].",
+                  "Definitions: `docs/evaluation.md`. Every number: "
+                  f"[{folder}/kl_study.json]({folder}/kl_study.json).", "", "## Figures", ""]
+        lines += [f"![{p.stem}]({folder}/{p.name})" for p in figures]
+    else:
+        lines.append("No variant finished training.")
+    lines += ["", "## What the figures show", "",
+              "<!-- kl_study: summary (generated from the numbers on every run) -->", *summary(study), "",
+              INTERPRETATION[0], interpretation.rstrip("\n"), INTERPRETATION[1], ""]
+    return "\n".join(lines)
+
+
+
+def main():
+    args = parse_args()
+    config_path = CONFIGS["gpu" if args.gpu else "cpu"]
+    out, work = Path(args.out), Path(args.work).resolve()
+    sets = common_overrides(args, work)
+    base = load_config(config_path, sets)
+    table = variants(base.train.max_steps)
+    names = args.variants or list(table)
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {list(table)}")
+
+    # Setup held-out data:
+    if args.eval_data:
+        eval_spec, images = args.eval_data, args.eval_images or 1000
+        held_out = [describe(data_from_spec(eval_spec))]
+    else:
+        folder = work / f"held_out_{base.data.resolution}"
+        held_out = write_held_out_tiles(folder, base.data.resolution, args.tiles_per_image)
+        eval_spec = f"source=imagefolder,path={folder},split=train,resolution={base.data.resolution}"
+        images = args.eval_images or len(list(folder.glob("*.png")))
+
+    # Train each variant:
+    study = {}
+    for name in names:
+        overrides, note = table[name]
+        run_sets = sets + overrides + [f"train.run_name={name}"]
+        study[name] = {"overrides": overrides, "note": note,
+                       **train(name, run_sets, config_path, work / "runs" / name, args.reuse)}
+    done = [n for n in names if study[n]["exit_code"] == 0]
+
+    # Evaluate every finished export on the held-out images:
+    evaluated = 0
+    if done:
+        exports = [work / "runs" / n / "export" for n in done]
+        latents = evaluate("latent_stats.py", exports, eval_spec, images, work / "eval" / "latents", [])
+        lpips = ["--lpips-weights", args.lpips_weights] if args.lpips_weights else ["--no-lpips"]
+        recons = evaluate("reconstruction.py", exports, eval_spec, images, work / "eval" / "reconstruction", lpips)
+        evaluated = latents["num_images"]
+        for name, lat, rec in zip(done, latents["vaes"], recons["vaes"]):
+            rate, mse = rate_and_distortion(lat["results"], rec["results"])
+            study[name].update(latent_stats=lat["results"], reconstruction=rec["results"],
+                               kl_nats_per_image=rate, mse=mse, scaling_factor=lat["scaling_factor"])
+
+    # Figures, JSON and the report (keeping its hand-written interpretation):
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if done:
+        points = {n: (study[n]["kl_nats_per_image"], study[n]["mse"]) for n in done}
+        figures = [rate_distortion_plot(points, out / "rate_distortion.png"),
+                   *latent_plots(latent_entries(study, done), out)]
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain") else "")
+    meta = {"device": device(), "date": datetime.date.today().isoformat(), "commit": commit, "command": command,
+            "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
+            "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
+            "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights}
+    write_json({"meta": meta, "variants": study}, out / "kl_study.json")
+    report = out.with_suffix(".md")
+    report.write_text(markdown(meta, study, done, figures, out.name, kept_interpretation(report)))
+    print(f"wrote {report}, {out / 'kl_study.json'} and {len(figures)} figures in {out}")
+    failed = [n for n in names if n not in done]
+    if failed:
+        sys.exit(f"training failed for {failed}: see {work / 'runs'}/<variant>.log")
+
+
+if __name__ == "__main__":
+    main()
