@@ -315,7 +315,8 @@ def main():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             naive_seconds = time_steps(naive, args.steps, args.warmup, device, images, noise)
-            naive_memory, _ = peak_memory_gib(device)
+            # The CPU figure is the process's peak resident set, which our step already set.
+            naive_memory = peak_memory_gib(device)[0] if device.type == "cuda" else None
         model_flops = real_flops / images.shape[0]
         rows = [(real, seconds)] + ([] if args.no_naive else [({**common, "step": "naive", "precision": "no",
                                                                "seconds_per_step": naive_seconds,

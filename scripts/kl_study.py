@@ -345,7 +345,7 @@ def main():
         figures = [rate_distortion_plot(points, out / "rate_distortion.png"),
                    *latent_plots(latent_entries(study, done), out)]
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain") else "")
+    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     meta = {"device": device(), "date": datetime.date.today().isoformat(), "commit": commit, "command": command,
             "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
             "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
