@@ -7,6 +7,8 @@ None of them changes what is saved: ``nn.Module.compile`` compiles a module in p
 
 from __future__ import annotations
 
+import time
+
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
@@ -67,3 +69,21 @@ def compiled_parts(vae: AutoencoderKL) -> list[nn.Module]:
     """The autoencoder's parts that are compiled: encoder and decoder, whose forward is all tensors
     (the autoencoder's own forward returns a distribution object)."""
     return [vae.encoder, vae.decoder]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, steps: int, warmup: int, device: torch.device, *args) -> float:
+    """Wall seconds per call of ``fn(*args)`` over ``steps`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn(*args)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn(*args)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps

@@ -33,7 +33,8 @@ from first_stage.config import ModelConfig, PerformanceConfig
 from first_stage.data import load_image_dataset, make_dataloader
 from first_stage.evaluation import data_from_spec, evaluation_autoencoder
 from first_stage.model import PRESETS, build_autoencoder
-from first_stage.performance import compile_in_place, compiled_parts, set_memory_format, to_memory_format
+from first_stage.performance import (compile_in_place, compiled_parts, seconds_per_call, set_memory_format, synchronize,
+                                     to_memory_format)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,11 +73,6 @@ def load_vae(name: str, device, dtype):
     return torch.nn.Module.to(vae, device, dtype).eval()
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def loader_images(loader, images: int, step=None) -> tuple[int, float]:
     """Pull ``images`` images (epoch after epoch) through ``loader``, calling ``step(batch)`` on each
     batch; returns (images seen, seconds)."""
@@ -91,18 +87,6 @@ def loader_images(loader, images: int, step=None) -> tuple[int, float]:
                 break
         epoch += 1
     return seen, time.perf_counter() - start
-
-
-def timed(fn, steps: int, warmup: int, device) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / steps
 
 
 @torch.inference_mode()
@@ -133,11 +117,11 @@ def main():
         seen, data_seconds = loader_images(loader, args.images)
         rates = {
             "data": seen / data_seconds,
-            "encode": args.batch / timed(lambda: encode(x), args.steps, args.warmup, device),
-            "decode": args.batch / timed(lambda: vae.decode(z).sample, args.steps, args.warmup, device),
+            "encode": args.batch / seconds_per_call(lambda: encode(x), args.steps, args.warmup, device),
+            "decode": args.batch / seconds_per_call(lambda: vae.decode(z).sample, args.steps, args.warmup, device),
         }
         seen, seconds = loader_images(loader, args.images, encode)
-        sync(device)
+        synchronize(device)
         rates["encode_pipeline"] = seen / seconds
 
     everyone = gather_object([rates])

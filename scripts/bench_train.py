@@ -18,12 +18,12 @@ switches the discriminator on from step 0, so every term is in the step.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from first_stage.discriminator import build_discriminator, discriminator_loss  #
 from first_stage.losses import adaptive_weight  # noqa: E402
 from first_stage.model import build_autoencoder  # noqa: E402
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights  # noqa: E402
-from first_stage.performance import compile_in_place, compiled_parts  # noqa: E402
+from first_stage.performance import compile_in_place, compiled_parts, seconds_per_call, synchronize  # noqa: E402
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {
@@ -88,7 +88,7 @@ def bench_config(args, vgg_file: Path):
                       "discriminator.warmup_steps=0"]
     config = load_config(args.config, overrides)
     if config.loss.perceptual_weight == 0:
-        return config, overrides, "off"
+        return config, "off"
     try:
         resolve_vgg16_weights(config.loss.lpips_weights, download=config.loss.lpips_download)
         lpips = "trained weights"
@@ -97,7 +97,7 @@ def bench_config(args, vgg_file: Path):
         torch.save(trunk, vgg_file)
         config = load_config(args.config, overrides + [f"loss.lpips_weights={vgg_file}", "loss.lpips_download=false"])
         lpips = "random VGG16 trunk (no weights on disk; same cost)"
-    return config, overrides, lpips
+    return config, lpips
 
 
 def fixed_batch(config, batch: int, device) -> torch.Tensor:
@@ -114,20 +114,13 @@ def fixed_batch(config, batch: int, device) -> torch.Tensor:
     return torch.stack(images).to(device)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def real_step(accelerator, parts, x, noise, step, config) -> None:
     """train/train.py's optimiser step on one micro-batch: backward passes, updates, EMA."""
     accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
     with accelerator.accumulate(*accumulated):
         finite, _ = train_step(accelerator, parts, x, noise, step, config)
-        ocfg = config.optimizer
-        disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
-        apply_updates(accelerator, parts.model, parts.optimizer, ocfg.lr, parts.discriminator,
-                      parts.disc_optimizer, parts.disc_scaler, disc_lr, ocfg.grad_clip)
+        apply_updates(accelerator, parts.model, parts.optimizer, config.optimizer.lr, parts.discriminator,
+                      parts.disc_optimizer, parts.disc_scaler, parts.disc_lr, config.optimizer.grad_clip)
         parts.optimizer.zero_grad(set_to_none=True)
         if parts.disc_optimizer is not None:
             parts.disc_optimizer.zero_grad(set_to_none=True)
@@ -186,18 +179,6 @@ def count_flops(step, *args) -> float:
     return float(counter.get_total_flops())
 
 
-def time_steps(step, steps: int, warmup: int, device, *args) -> float:
-    """Seconds per call of ``step`` over ``steps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step(*args)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(*args)
-    sync(device)
-    return (time.perf_counter() - start) / steps
-
-
 def peak_tflops(device, precision: str, tf32: bool, given: float | None) -> tuple[float, str]:
     """The device's dense peak for the step's compute precision, and where the figure comes from."""
     if given is not None:
@@ -246,7 +227,7 @@ def batch_fits(accelerator, parts, config, batch: int, images: torch.Tensor, noi
     try:
         for step in range(2):
             real_step(accelerator, parts, x, noise, step, config)
-        sync(images.device)
+        synchronize(images.device)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -268,13 +249,12 @@ def print_table(rows: list[dict]) -> None:
 def main():
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config, overrides, lpips_note = bench_config(args, Path(tmp) / VGG16_FILENAME)
+        config, lpips_note = bench_config(args, Path(tmp) / VGG16_FILENAME)
         accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
         device = accelerator.device
         tcfg, pcfg = config.train, config.performance
         # FLOPs are counted on eager modules: build uncompiled, count, then compile in place.
-        eager = load_config(args.config, overrides + [f"loss.lpips_weights={config.loss.lpips_weights}",
-                                                      "performance.compile=false"]) if pcfg.compile else config
+        eager = dataclasses.replace(config, performance=dataclasses.replace(pcfg, compile=False))
         torch.manual_seed(tcfg.seed)
         parts = setup_models(eager, accelerator)
         images = fixed_batch(config, tcfg.batch_size, device)
@@ -285,14 +265,13 @@ def main():
         real_flops = count_flops(real_step, accelerator, parts, images, noise, 0, config)
         if pcfg.compile:
             compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
-        graphs_before = None
         counters = torch._dynamo.utils.counters["stats"]
         for _ in range(args.warmup):
             real_step(accelerator, parts, images, noise, 1, config)
         graphs_before = counters["unique_graphs"]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = time_steps(real_step, args.steps, 0, device, accelerator, parts, images, noise, 1, config)
+        seconds = seconds_per_call(real_step, args.steps, 0, device, accelerator, parts, images, noise, 1, config)
         recompiles = counters["unique_graphs"] - graphs_before
         memory, memory_kind = peak_memory_gib(device)
 
@@ -314,7 +293,7 @@ def main():
             naive_flops = count_flops(naive, images, noise)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            naive_seconds = time_steps(naive, args.steps, args.warmup, device, images, noise)
+            naive_seconds = seconds_per_call(naive, args.steps, args.warmup, device, images, noise)
             # The CPU figure is the process's peak resident set, which our step already set.
             naive_memory = peak_memory_gib(device)[0] if device.type == "cuda" else None
         model_flops = real_flops / images.shape[0]

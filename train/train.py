@@ -170,7 +170,7 @@ def setup_models(config, accelerator) -> SimpleNamespace:
         accelerator.register_for_checkpointing(disc_optimizer, disc_scaler)
     accelerator.register_for_checkpointing(ema)
     return SimpleNamespace(
-        model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema, loss_fn=loss_fn,
+        model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema, loss_fn=loss_fn, disc_lr=disc_lr,
         discriminator=discriminator, disc_optimizer=disc_optimizer, disc_scaler=disc_scaler,
         raw_discriminator=accelerator.unwrap_model(discriminator) if discriminator is not None else None)
 
@@ -295,8 +295,7 @@ def main():
     if not config.data.streaming:
         dataloader = accelerator.prepare(dataloader)
     checkpoint_files = {"config.yaml": to_yaml(config), AUTOENCODER_CONFIG: raw_model.vae.to_json_string()}
-    ocfg = config.optimizer
-    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
+    ocfg, disc_lr = config.optimizer, parts.disc_lr
 
     # Setup resume:
     state = TrainingState()
