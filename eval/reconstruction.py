@@ -20,11 +20,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from first_stage.data import calibration_batches, describe
-from first_stage.evaluation import (WorstImages, data_from_spec, evaluate_each, reconstruction_metrics,
+from first_stage.evaluation import (WorstImages, build_fid, data_from_spec, evaluate_each, reconstruction_metrics,
                                     summarize)
 from first_stage.perceptual import load_lpips
-from first_stage.reports import markdown_table, reconstruction_rows, report, write_json, write_markdown
-from first_stage.training import save_grid
+from first_stage.reports import markdown_table, reconstruction_rows, report, save_grid, write_json, write_markdown
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,19 +43,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inception-weights", default=None, help="torch-fidelity's weights-inception-2015-12-05 file")
     parser.add_argument("--worst", type=int, default=8, help="worst images (by PSNR) saved with their reconstructions")
     return parser.parse_args()
-
-
-def build_fid(path: str | None, device):
-    """torchmetrics' FID on the given Inception weights, or None when none are given."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--inception-weights: no file at {Path(path).resolve()}")
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=path).to(device)
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"rFID needs torch-fidelity: pip install torch-fidelity ({err})") from err
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .model import AUTOENCODER_ARGS
+
 # Prefixes under which whole-model checkpoints hold the autoencoder (SD 1.x/2.x/XL checkpoints,
 # some VAE-only files). A latent-diffusion autoencoder checkpoint has no prefix.
 LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -174,8 +176,18 @@ def infer_autoencoder_config(state: dict[str, torch.Tensor], norm_num_groups: in
     }
 
 
-def autoencoder_from_ldm(vae_state: dict[str, torch.Tensor], config: dict) -> AutoencoderKL:
-    """An ``AutoencoderKL`` of ``config`` holding latent-diffusion weights; every key must match."""
+def autoencoder_from_ldm(vae_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                         overrides: dict | None = None) -> AutoencoderKL:
+    """An ``AutoencoderKL`` holding latent-diffusion VAE weights (no prefix); every key must match.
+
+    The architecture comes from the file's metadata (files written by this package carry
+    ``autoencoder_config``) or from the weight shapes (:func:`infer_autoencoder_config`), then ``overrides``.
+    """
+    if metadata and "autoencoder_config" in metadata:
+        config = json.loads(metadata["autoencoder_config"])
+    else:
+        config = infer_autoencoder_config(vae_state)
+    config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in AUTOENCODER_ARGS}
     vae = AutoencoderKL(**config)
     converted = from_ldm_state_dict(vae_state, len(vae.config.block_out_channels))
     missing, unexpected = vae.load_state_dict(converted, strict=False)

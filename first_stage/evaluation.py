@@ -1,4 +1,4 @@
-"""What the evaluation entry points share: loading any kind of VAE, data specs, the decoder-side
+"""What the evaluation entry points share: loading VAEs and FID weights, data specs, the decoder-side
 latent measurement (non-locality) and reconstruction metrics."""
 
 from __future__ import annotations
@@ -12,29 +12,14 @@ from diffusers import AutoencoderKL
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .config import Config, DataConfig, with_overrides
-from .model import load_autoencoder
-from .training import is_run_or_checkpoint, read_checkpoint
-
-
-def load_any_autoencoder(path: str | Path, weights: str = "ema", single_file_config: str | None = None,
-                         norm_num_groups: int | None = None) -> AutoencoderKL:
-    """A diffusers folder, a single file (with ``single_file_config``, a diffusers folder, as
-    ``from_single_file(config=)`` takes it; else its metadata or its weight shapes), a training
-    checkpoint or a run folder (its newest checkpoint; ``weights`` EMA or raw)."""
-    path = Path(path)
-    if is_run_or_checkpoint(path):
-        return read_checkpoint(path, weights)["vae"]
-    if path.is_file() and single_file_config is not None:
-        return AutoencoderKL.from_single_file(str(path), config=str(single_file_config)).eval()
-    overrides = {} if norm_num_groups is None else {"norm_num_groups": norm_num_groups}
-    return load_autoencoder(path, overrides).eval()
+from .checkpoint import load_vae
+from .model import cast
 
 
 def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> AutoencoderKL:
-    """:func:`load_any_autoencoder` on ``device``, in bf16 or fp32, in eval mode."""
-    vae = load_any_autoencoder(path, **load)
-    # nn.Module.to: diffusers' ModelMixin.to (0.42) warns on every dtype cast
-    return torch.nn.Module.to(vae, device, torch.bfloat16 if bf16 else torch.float32).eval()
+    """Any VAE source (:func:`first_stage.checkpoint.load_vae`, with its ``load`` arguments) on
+    ``device``, in bf16 or fp32, in eval mode."""
+    return cast(load_vae(path, **load).vae, torch.bfloat16 if bf16 else torch.float32, device)
 
 
 def evaluate_each(paths: list[str], device, measure: Callable[[AutoencoderKL, int], dict], bf16: bool = False,
@@ -47,6 +32,19 @@ def evaluate_each(paths: list[str], device, measure: Callable[[AutoencoderKL, in
         entries.append({"path": str(path), "scaling_factor": vae.config.scaling_factor,
                         "shift_factor": vae.config.shift_factor, "results": measure(vae, index)})
     return entries
+
+
+def build_fid(path: str | None, device):
+    """torchmetrics' FID on the given Inception weights (torch-fidelity's file), or None when none are given."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--inception-weights: no file at {Path(path).resolve()}")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=path).to(device)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"rFID needs torch-fidelity: pip install torch-fidelity ({err})") from err
 
 
 def data_from_spec(spec: str | None, base: Config | None = None, option: str = "--data") -> DataConfig:

@@ -12,10 +12,14 @@ sums the accumulators over processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .regularizers import gaussian_kl, kl_per_element
 
 LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance here
 TAIL_KS = (3, 4, 6)
@@ -40,6 +44,68 @@ def posterior_moments(count: torch.Tensor, sum_mu: torch.Tensor, sum_mu2: torch.
         "channel_std_of_means": (sum_mu2 / count - channel_mean**2).clamp_min(0).sqrt(),
         "channel_std_of_samples": ((sum_mu2 + sum_var) / count - channel_mean**2).clamp_min(0).sqrt(),
     }
+
+
+@torch.inference_mode()
+def latent_sums(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel float64 sums over a batch's posteriors: (C, 4) = (Σμ, Σμ², Σσ², count)."""
+    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    mu, var = posterior.mean.double(), posterior.var.double()  # (B, C, h, w)
+    count = torch.full_like(mu[0, :, 0, 0], mu[:, 0].numel())
+    return torch.stack([mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)), count], 1).cpu()
+
+
+def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
+                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Mean and std of posterior samples ``z = μ + σ·ε`` over all images, globally and per channel.
+
+    The moments of the samples are taken exactly over ε (E[z] = μ, E[z²] = μ² + σ²) instead of
+    drawing ε, so the figure has no sampling noise and does not depend on how the images are split
+    over batches or processes. ``scaling_factor = 1 / std`` is latent-diffusion's ``scale_by_std``
+    (there from one batch of samples). The sums stream in float64; ``gather`` (e.g. a sum over
+    processes) combines them, so every process must call this, even with no batch.
+    """
+    sums, images = None, 0
+    for x in batches:
+        if x.shape[0] == 0:  # every image of the batch was undecodable
+            continue
+        batch_sums = latent_sums(vae, x)
+        sums = batch_sums if sums is None else sums + batch_sums
+        images += x.shape[0]
+    if sums is None:
+        sums = torch.zeros(vae.config.latent_channels, 4, dtype=torch.float64)
+    if gather is not None:
+        packed = gather(torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]).to(vae.device))
+        sums, images = packed[:-1].cpu().view_as(sums), int(packed[-1].item())
+    if images == 0:
+        raise ValueError("measure_latent_stats: no calibration image could be read")
+    sum_mu, sum_mu2, sum_var, count = sums.unbind(1)  # each (C,)
+    moments = posterior_moments(count, sum_mu, sum_mu2, sum_var)
+    std = moments["std_of_samples"].item()
+    return {
+        "num_images": images,
+        "scaling_factor": 1.0 / std,
+        "shift_factor": moments["mean"].item(),
+        "mean": moments["mean"].item(),
+        "std": std,
+        "std_of_means": moments["std_of_means"].item(),  # what .mode() latents give
+        "channel_mean": moments["channel_mean"].tolist(),
+        "channel_std": moments["channel_std_of_samples"].tolist(),
+    }
+
+
+def latent_batch_stats(posterior: DiagonalGaussianDistribution, prefix: str = "val/latent") -> dict:
+    """Cheap statistics of a batch of posteriors: scale, peak, log-variance and KL per channel."""
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()  # (B,C,h,w)
+    kl_channel = kl_per_element(posterior).mean(dim=(0, 2, 3))  # (C,) nats per element
+    stats = {
+        f"{prefix}/std": mean.std().item(),
+        f"{prefix}/max_abs": mean.abs().max().item(),
+        f"{prefix}/mean_logvar": logvar.mean().item(),
+        f"{prefix}/logvar_at_clamp": (logvar <= LOGVAR_CLAMP[0]).float().mean().item(),
+    }
+    stats.update({f"{prefix}/kl_channel_{c}": v for c, v in enumerate(kl_channel.tolist())})
+    return stats
 
 
 def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -86,7 +152,7 @@ class LatentStatistics:
         """Posterior mean z and log-variance, each (B, C, h, w)."""
         z, logvar = z.double().cpu(), logvar.double().cpu()
         b, c, h, w = z.shape
-        kl = 0.5 * (z.pow(2) + logvar.exp() - 1 - logvar)
+        kl = gaussian_kl(z, logvar)
         at_clamp = (logvar <= LOGVAR_CLAMP[0] + 1e-4).double()
         self.sums1 += torch.stack([torch.full((c,), b * h * w, dtype=torch.float64), z.sum((0, 2, 3)),
                                    z.pow(2).sum((0, 2, 3)), logvar.exp().sum((0, 2, 3)), kl.sum((0, 2, 3)),

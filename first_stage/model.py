@@ -3,9 +3,8 @@ training wrapper that runs the whole forward pass through one module (so DDP see
 
 from __future__ import annotations
 
+import copy
 import inspect
-import json
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -13,7 +12,6 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .convert import autoencoder_from_ldm, infer_autoencoder_config, read_weights, split_ldm_checkpoint
 
 
 def _levels(channels: tuple[int, ...]) -> dict:
@@ -35,16 +33,18 @@ PRESETS: dict[str, dict] = {
     "f8c16": {**_levels((128, 256, 512, 512)), "layers_per_block": 2, "latent_channels": 16},
 }
 
-_AUTOENCODER_ARGS = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
+# Weight dtypes by the names configs and command lines use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOENCODER_ARGS = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
 
 
 def autoencoder_kwargs(cfg: ModelConfig) -> dict:
     """The preset's ``AutoencoderKL`` arguments with ``cfg.overrides`` applied, names checked."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-    unknown = [k for k in cfg.overrides if k not in _AUTOENCODER_ARGS]
+    unknown = [k for k in cfg.overrides if k not in AUTOENCODER_ARGS]
     if unknown:
-        raise ConfigError(f"model.overrides: {unknown} are not AutoencoderKL arguments; valid: {_AUTOENCODER_ARGS}")
+        raise ConfigError(f"model.overrides: {unknown} are not AutoencoderKL arguments; valid: {AUTOENCODER_ARGS}")
     kwargs = {**PRESETS[cfg.preset], **cfg.overrides}
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         kwargs[key] = tuple(kwargs[key])
@@ -53,42 +53,23 @@ def autoencoder_kwargs(cfg: ModelConfig) -> dict:
     return kwargs
 
 
-def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    """A fresh ``AutoencoderKL`` from the config, or one loaded from ``cfg.init_from``."""
-    if cfg.init_from is not None:
-        return load_autoencoder(cfg.init_from, cfg.overrides)
+def new_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    """A freshly initialised ``AutoencoderKL`` of the config's preset and overrides (``cfg.init_from``
+    is not read here: :func:`first_stage.checkpoint.build_autoencoder` loads it)."""
     return AutoencoderKL(**autoencoder_kwargs(cfg))
 
 
-def load_autoencoder(path: str | Path, overrides: dict | None = None) -> AutoencoderKL:
-    """Load a diffusers ``AutoencoderKL`` folder (``config.json`` + weights), or a latent-diffusion
-    single file (``.safetensors``, or ``.ckpt``/``.pt``/``.pth`` read with ``weights_only=True``).
-
-    A single file written by this package carries its architecture in its metadata; for any other
-    the architecture is read off the weight shapes, except what weights do not show (GroupNorm
-    groups: 32 as in latent-diffusion, unless ``overrides`` says otherwise).
-    """
-    path = Path(path)
-    if path.is_file():
-        state, metadata = read_weights(path)
-        return autoencoder_from_ldm_weights(split_ldm_checkpoint(state)[0], metadata, overrides)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.init_from: no diffusers AutoencoderKL folder or weight file at {path.resolve()} "
-            f"(looked for {path.resolve() / 'config.json'})"
-        )
-    return AutoencoderKL.from_pretrained(path)
+def downsampling_factor(config) -> int:
+    """Pixels per latent cell along a side: one 2x downsampling between consecutive levels of an
+    ``AutoencoderKL`` config."""
+    return 2 ** (len(config.block_out_channels) - 1)
 
 
-def autoencoder_from_ldm_weights(vae_state: dict, metadata: dict[str, str], overrides: dict | None = None) -> AutoencoderKL:
-    """An ``AutoencoderKL`` holding latent-diffusion VAE weights (no prefix), its architecture from the
-    file's metadata (files written by this package) or from the weight shapes, then ``overrides``."""
-    if "autoencoder_config" in metadata:
-        config = json.loads(metadata["autoencoder_config"])
-    else:
-        config = infer_autoencoder_config(vae_state)
-    config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in _AUTOENCODER_ARGS}
-    return autoencoder_from_ldm(vae_state, config)
+def cast(vae: AutoencoderKL, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+         copy_first: bool = False) -> AutoencoderKL:
+    """``vae`` (or a copy) on ``device`` in ``dtype``, in eval mode. Uses ``nn.Module.to``: diffusers'
+    ``ModelMixin.to`` (0.42) warns about fp32-only modules on every dtype cast, though AutoencoderKL has none."""
+    return nn.Module.to(copy.deepcopy(vae) if copy_first else vae, device=device, dtype=dtype).eval()
 
 
 def set_trainable(vae: AutoencoderKL, trainable: str) -> None:

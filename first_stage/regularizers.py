@@ -28,10 +28,15 @@ from .config import RegularizerConfig
 MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def kl_per_element(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
-    """Closed-form KL(q || N(0, I)) per latent element, (B,C,h,w), in fp32 nats."""
-    mean, logvar = posterior.mean.float(), posterior.logvar.float()  # logvar already clamped to [-30, 20]
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per element, in nats."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_per_element(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
+    """Closed-form KL(q || N(0, I)) per latent element, (B,C,h,w), in fp32 nats (diffusers has
+    already clamped the log-variance to ``latent_stats.LOGVAR_CLAMP``)."""
+    return gaussian_kl(posterior.mean.float(), posterior.logvar.float())
 
 
 def sum_reduce(per_element: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -14,7 +14,15 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from . import __version__  # noqa: E402
+from .checkpoint import BUNDLE_DIR  # noqa: E402
+from .config import Config  # noqa: E402
+from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP  # noqa: E402
+from .model import downsampling_factor  # noqa: E402
 
 SCHEMA_VERSION = 1
 
@@ -131,7 +139,7 @@ def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
         ("spot concentration, median", [x["spots"]["concentration_median"] for x in r], None),
         ("spot concentration, p99", [x["spots"]["concentration_p99"] for x in r], None),
         ("share of images peaking at the modal position", [x["spots"]["modal_peak_share"] for x in r], 1 / (h * w)),
-        ("log-variance at the -30 clamp", [x["posterior"]["fraction_at_clamp"] for x in r], None),
+        (f"log-variance at the {LOGVAR_CLAMP[0]:g} clamp", [x["posterior"]["fraction_at_clamp"] for x in r], None),
         ("KL per latent element (nats)", [x["posterior"]["kl_per_element"] for x in r], None),
         (f"active channels (of {c})", [x["posterior"]["active_units"] for x in r], None),
         ("DCT energy in the upper half band", [x["spectrum"]["high_band_share"] for x in r],
@@ -204,7 +212,7 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
         counts = np.array(x["posterior"]["logvar_histogram"])
         edges = np.linspace(*x["posterior"]["logvar_range"], len(counts) + 1)
         ax.stairs(counts / max(counts.sum(), 1), edges, label=name)
-    ax.axvline(-30, color="k", ls=":", lw=0.8)
+    ax.axvline(LOGVAR_CLAMP[0], color="k", ls=":", lw=0.8)
     ax.set_xlabel("posterior log-variance")
     ax.set_ylabel("share of latent elements")
     ax.set_yscale("log")
@@ -251,7 +259,118 @@ def evaluation_summary(reports: list[dict]) -> dict | None:
                 out[f"rFID, {where}"] = r["rfid"]
         else:
             out[f"std of latent samples, {where}"] = r["scale"]["std_of_samples"]
-            out[f"P(abs(ẑ) > 4) (Gaussian 6.3e-5), {where}"] = r["tails"]["p_abs_gt_4"]
+            out[f"P(abs(ẑ) > 4) (Gaussian {GAUSSIAN_TAIL[4]:.2g}), {where}"] = r["tails"]["p_abs_gt_4"]
             out[f"median per-image peak abs(ẑ) (Gaussian {r['peaks']['gaussian']['median']:.2f}), {where}"] = r["peaks"]["median"]
-            out[f"log-variances at the -30 clamp, {where}"] = r["posterior"]["fraction_at_clamp"]
+            out[f"log-variances at the {LOGVAR_CLAMP[0]:g} clamp, {where}"] = r["posterior"]["fraction_at_clamp"]
     return out or None
+
+
+def save_grid(images: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> np.ndarray:
+    """Write a PNG with inputs on the top row and reconstructions below; returns it as (H,W,3) uint8."""
+    rows = [torch.cat(list(t.float().clamp(-1, 1)), dim=2) for t in (images, reconstructions)]  # (3,H,B*W)
+    grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluation: dict | None) -> str:
+    """``README.md`` of the export folder."""
+    c, stats, scale = vae.config, report["latent_stats"], report["config_scale"]
+    down = downsampling_factor(c)
+    lines = [
+        f"# {report['name']}: a KL autoencoder for latent diffusion",
+        "",
+        f"Exported by first-stage {__version__} on {report['date']} from `{report['source']}`"
+        + (f" (step {report['step']})." if report["step"] is not None else "."),
+        "",
+        "## Architecture",
+        "",
+        "| downsampling | latent channels | block_out_channels | layers_per_block | quant convs | mid attention | GroupNorm groups | parameters |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| f{down} | {c.latent_channels} | {list(c.block_out_channels)} | {c.layers_per_block} | "
+        f"{'yes' if c.use_quant_conv else 'no'} | {'yes' if c.mid_block_add_attention else 'no'} | "
+        f"{c.norm_num_groups} | {report['parameters']:,} |",
+        "",
+        f"Weights: {report['weights']}, stored as {report['dtype']}.",
+        "",
+    ]
+    if config is not None:
+        d, r = config.data, config.regularizer
+        penalty = f"KL weight {r.kl_weight:g}, free bits {r.free_bits:g}" if r.kind == "kl" else f"MMD weight {r.mmd_weight:g}"
+        lines += [
+            "## Training",
+            "",
+            f"- data: `{d.source}` {d.path or ''} (split `{d.split}`), {d.resolution}² crops",
+            f"- steps: {report['step']}, batch {config.train.batch_size} × accumulation {config.train.grad_accum} per process, "
+            f"mixed precision `{config.train.mixed_precision}`",
+            f"- loss: {config.loss.pixel_loss} + {config.loss.perceptual_weight} × LPIPS, {penalty} "
+            f"({config.loss.reduction} reduction, {r.schedule} schedule), "
+            + (f"PatchGAN from step {config.discriminator.start}" if config.discriminator.enabled else "no discriminator"),
+            f"- config hash `{report['config_hash']}` (the full config is `{BUNDLE_DIR}/config.yaml`)",
+            "",
+        ]
+    lines += [
+        "## Latent scale (measured, not assumed)",
+        "",
+        f"Measured on {stats['num_images']} images of {report['calibration']}: the moments of posterior",
+        "samples z = μ + σ·ε (exact over ε), in float64.",
+        "",
+        "| scaling_factor = 1/std | shift_factor = mean | std | std of posterior means |",
+        "|---|---|---|---|",
+        f"| {stats['scaling_factor']:.5f} | {stats['shift_factor']:.5f} | {stats['std']:.5f} | {stats['std_of_means']:.5f} |",
+        "",
+        "Per channel: mean " + ", ".join(f"{v:.3f}" for v in stats["channel_mean"])
+        + "; std " + ", ".join(f"{v:.3f}" for v in stats["channel_std"]) + ".",
+        "",
+        f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
+        + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}" for k, v in scale.items()) + ".",
+        "SD 1.x/2.x pipelines decode `latents / scaling_factor`; SD3/FLUX pipelines `latents / scaling_factor + shift_factor`;",
+        "the SDXL pipeline, when `latents_mean`/`latents_std` are set, `latents * latents_std / scaling_factor + latents_mean`.",
+        "",
+        "## fp16",
+        "",
+        f"Calibration batch in fp16: {report['fp16']['verdict']} `force_upcast` = {str(vae.config.force_upcast).lower()}.",
+        "",
+        "## Verification",
+        "",
+        f"Read back from disk and compared with the model in memory on {report['verification']['images']} calibration images "
+        f"(latents and reconstructions, max abs difference): diffusers folder {report['verification']['diffusers']:.3g}"
+        + (f", single file {report['verification']['single_file']:.3g}" if "single_file" in report["verification"] else "")
+        + f" (tolerance {report['verification']['tolerance']:g}).",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if evaluation:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                                                     for k, v in evaluation.items()]
+    else:
+        lines += ["Not evaluated at export time."]
+    single = report.get("single_file")
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from diffusers import AutoencoderKL, StableDiffusionPipeline",
+        "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",
+        "pipe = StableDiffusionPipeline.from_pretrained(..., vae=vae)  # or: pipe.vae = vae",
+    ]
+    if single:
+        lines += [f"# the latent-diffusion single file ({Path(single).name}); config= avoids guessing the architecture",
+                  f"vae = AutoencoderKL.from_single_file(\"{Path(single).name}\", config=\"path/to/this/folder\")"]
+    lines += ["```", ""]
+    if report.get("bundle"):
+        lines += [
+            "## Fine-tuning",
+            "",
+            f"`{BUNDLE_DIR}/` holds the discriminator weights (when one was trained), the loss's log-variance and the",
+            "resolved training config pointing at this folder:",
+            "",
+            "```bash",
+            f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune --set train.max_steps=...",
+            "```",
+            "",
+        ]
+    return "\n".join(lines)

@@ -29,15 +29,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from first_stage.checkpoint import load_vae
 from first_stage.config import ModelConfig, PerformanceConfig
 from first_stage.data import load_image_dataset, make_dataloader
-from first_stage.evaluation import data_from_spec, evaluation_autoencoder
-from first_stage.model import PRESETS, build_autoencoder
+from first_stage.evaluation import data_from_spec
+from first_stage.model import DTYPES, PRESETS, cast, new_autoencoder
 from first_stage.performance import (compile_in_place, compiled_parts, seconds_per_call, set_memory_format, synchronize,
                                      to_memory_format)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,13 +62,12 @@ def sample_jpegs(folder: Path) -> str:
     return f"source=imagefolder,path={folder}"
 
 
-def load_vae(name: str, device, dtype):
+def bench_vae(name: str, device, dtype):
     """A preset with random weights, or any VAE the evaluation loaders take."""
     if name in PRESETS:
         torch.manual_seed(0)
-        return torch.nn.Module.to(build_autoencoder(ModelConfig(preset=name)), device, dtype).eval()
-    vae = evaluation_autoencoder(name, device, bf16=False)
-    return torch.nn.Module.to(vae, device, dtype).eval()
+        return cast(new_autoencoder(ModelConfig(preset=name)), dtype, device)
+    return cast(load_vae(name).vae, dtype, device)
 
 
 def loader_images(loader, images: int, step=None) -> tuple[int, float]:
@@ -102,7 +99,7 @@ def main():
         loader = make_dataloader(data, args.batch, seed=accelerator.process_index, drop_last=False)
 
         pcfg = PerformanceConfig(compile=args.compile, channels_last=args.channels_last)
-        vae = load_vae(args.vae, device, dtype)
+        vae = bench_vae(args.vae, device, dtype)
         set_memory_format([vae], pcfg)
         if args.compile:
             compile_in_place(compiled_parts(vae), pcfg)

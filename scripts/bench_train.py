@@ -4,7 +4,8 @@
     python scripts/bench_train.py --preset tiny --resolution 64 --batch 4            # CPU-sized
     accelerate launch --num_processes 8 scripts/bench_train.py ...                  # per-process and total rates
 
-Times train/train.py's own step (``setup_models`` + ``train_step`` + optimiser updates + EMA, with
+Times the library's training step, the one train/train.py runs (``first_stage.trainer.train_step``:
+micro-batches, the skip on a non-finite loss, the learning-rate schedule, both optimisers, EMA, with
 the config's ``performance`` switches) on one fixed batch, then, in the same process and on the same
 images, a naive reference step: eager fp32 diffusers AutoencoderKL with the same loss terms (L1 +
 LPIPS + KL + hinge GAN with the adaptive weight, then the discriminator step) and none of the
@@ -13,16 +14,17 @@ optimisations. Prints one JSON line a result and a table. FLOPs are counted with
 device's peak (with gradient checkpointing the count includes the recomputed forward). The naive
 step counts more FLOPs: its generator backward also computes the discriminator's weight gradients. Without LPIPS weights on disk the VGG16 trunk gets
 random weights: the same cost, so the timing holds (the output says so). ``--loss full`` (default)
-switches the discriminator on from step 0, so every term is in the step.
+switches the discriminator on from step 0, so every term is in the step. With ``train.grad_accum`` > 1
+each timed step is a whole accumulation window, and the figures are per micro-batch of ``--batch`` images.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,16 +33,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/train.py, the step being measured
-from train.train import apply_updates, setup_models, train_step  # noqa: E402
-
-from first_stage.config import load_config  # noqa: E402
-from first_stage.data import make_dataloader  # noqa: E402
-from first_stage.discriminator import build_discriminator, discriminator_loss  # noqa: E402
-from first_stage.losses import adaptive_weight  # noqa: E402
-from first_stage.model import build_autoencoder  # noqa: E402
-from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights  # noqa: E402
-from first_stage.performance import compile_in_place, compiled_parts, seconds_per_call, synchronize  # noqa: E402
+from first_stage.checkpoint import build_autoencoder
+from first_stage.config import load_config
+from first_stage.data import make_dataloader
+from first_stage.discriminator import build_discriminator, discriminator_loss
+from first_stage.losses import adaptive_weight
+from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
+from first_stage.performance import compile_in_place, compiled_parts, seconds_per_call, synchronize
+from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {
@@ -114,18 +114,10 @@ def fixed_batch(config, batch: int, device) -> torch.Tensor:
     return torch.stack(images).to(device)
 
 
-def real_step(accelerator, parts, x, noise, step, config) -> None:
-    """train/train.py's optimiser step on one micro-batch: backward passes, updates, EMA."""
-    accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
-    with accelerator.accumulate(*accumulated):
-        finite, _ = train_step(accelerator, parts, x, noise, step, config)
-        apply_updates(accelerator, parts.model, parts.optimizer, config.optimizer.lr, parts.discriminator,
-                      parts.disc_optimizer, parts.disc_scaler, parts.disc_lr, config.optimizer.grad_clip)
-        parts.optimizer.zero_grad(set_to_none=True)
-        if parts.disc_optimizer is not None:
-            parts.disc_optimizer.zero_grad(set_to_none=True)
-    if config.train.ema and finite:
-        parts.ema.step(parts.raw_model.vae.parameters())
+def real_step(accelerator, parts, config, state: TrainingState, images: torch.Tensor) -> None:
+    """One optimiser step of the library's trainer on ``images`` (every micro-batch of the window)."""
+    batch = {"pixel_values": images, "skipped": 0, "upsized": 0}
+    train_step(accelerator, parts, config, state, itertools.repeat(batch))
 
 
 class NaiveStep:
@@ -141,10 +133,10 @@ class NaiveStep:
         if self.disc is not None:
             self.dopt = torch.optim.AdamW(self.disc.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas)
 
-    def __call__(self, x: torch.Tensor, noise: torch.Tensor) -> None:
+    def __call__(self, x: torch.Tensor) -> None:
         cfg = self.cfg
         posterior = self.vae.encode(x).latent_dist
-        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        reconstruction = self.vae.decode(posterior.sample()).sample
         rec = (x - reconstruction).abs()
         if self.lpips is not None:
             rec = rec + cfg.loss.perceptual_weight * self.lpips(x, reconstruction)
@@ -220,13 +212,12 @@ def largest_batch(fits, start: int, limit: int = 4096) -> int:
     return good
 
 
-def batch_fits(accelerator, parts, config, batch: int, images: torch.Tensor, noise_shape) -> bool:
+def batch_fits(accelerator, parts, config, batch: int, images: torch.Tensor) -> bool:
     """Whether two real steps at ``batch`` run without a CUDA out-of-memory error."""
     x = images[:1].expand(batch, -1, -1, -1).contiguous()
-    noise = torch.randn((batch, *noise_shape), device=images.device)
     try:
-        for step in range(2):
-            real_step(accelerator, parts, x, noise, step, config)
+        for _ in range(2):
+            real_step(accelerator, parts, config, TrainingState(), x)
         synchronize(images.device)
         return True
     except torch.OutOfMemoryError:
@@ -250,28 +241,28 @@ def main():
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config, lpips_note = bench_config(args, Path(tmp) / VGG16_FILENAME)
-        accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        accelerator = Accelerator(**accelerator_options(config.train))
         device = accelerator.device
         tcfg, pcfg = config.train, config.performance
         # FLOPs are counted on eager modules: build uncompiled, count, then compile in place.
         eager = dataclasses.replace(config, performance=dataclasses.replace(pcfg, compile=False))
         torch.manual_seed(tcfg.seed)
-        parts = setup_models(eager, accelerator)
+        parts = build_parts(eager, accelerator)
         images = fixed_batch(config, tcfg.batch_size, device)
-        down = 2 ** (len(parts.raw_model.vae.config.block_out_channels) - 1)
-        latent = (parts.raw_model.vae.config.latent_channels, images.shape[-1] // down, images.shape[-1] // down)
-        noise = torch.randn((images.shape[0], *latent), generator=torch.Generator().manual_seed(0)).to(device)
+        state = TrainingState()  # the step advances, so the lr schedule runs as in training
 
-        real_flops = count_flops(real_step, accelerator, parts, images, noise, 0, config)
+        real_flops = count_flops(real_step, accelerator, parts, config, state, images) / tcfg.grad_accum
         if pcfg.compile:
             compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
         counters = torch._dynamo.utils.counters["stats"]
         for _ in range(args.warmup):
-            real_step(accelerator, parts, images, noise, 1, config)
+            real_step(accelerator, parts, config, state, images)
         graphs_before = counters["unique_graphs"]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = seconds_per_call(real_step, args.steps, 0, device, accelerator, parts, images, noise, 1, config)
+        # per micro-batch of train.batch_size images, like the naive step
+        seconds = seconds_per_call(real_step, args.steps, 0, device, accelerator, parts, config, state,
+                                   images) / tcfg.grad_accum
         recompiles = counters["unique_graphs"] - graphs_before
         memory, memory_kind = peak_memory_gib(device)
 
@@ -285,15 +276,16 @@ def main():
         real = {**common, "step": "first-stage", "precision": tcfg.mixed_precision,
                 "performance": {k: getattr(pcfg, k) for k in pcfg.__dataclass_fields__},
                 "seconds_per_step": seconds, "recompiles_while_timed": recompiles if pcfg.compile else None,
+                "grad_accum": tcfg.grad_accum, "skipped_steps": state.skipped_steps,
                 "gflop_per_image_counted": real_flops / images.shape[0] / 1e9, "peak_mem_gib": memory}
 
         naive_seconds = naive_flops = None
         if not args.no_naive:
             naive = NaiveStep(config, parts.loss_fn.perceptual, device)
-            naive_flops = count_flops(naive, images, noise)
+            naive_flops = count_flops(naive, images)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            naive_seconds = seconds_per_call(naive, args.steps, args.warmup, device, images, noise)
+            naive_seconds = seconds_per_call(naive, args.steps, args.warmup, device, images)
             # The CPU figure is the process's peak resident set, which our step already set.
             naive_memory = peak_memory_gib(device)[0] if device.type == "cuda" else None
         model_flops = real_flops / images.shape[0]
@@ -315,7 +307,7 @@ def main():
             if device.type != "cuda":
                 raise SystemExit("--find-max-batch needs a CUDA device (CPU memory is not the limit worth finding)")
             results[0]["max_batch"] = largest_batch(
-                lambda b: batch_fits(accelerator, parts, config, b, images, latent), images.shape[0])
+                lambda b: batch_fits(accelerator, parts, config, b, images), images.shape[0])
 
         if accelerator.is_main_process:
             lines = [json.dumps(r) for r in results]

@@ -19,15 +19,13 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, config_hash
-from first_stage.convert import read_weights, split_ldm_checkpoint
+from first_stage.checkpoint import SINGLE_FILE_NAME, LoadedVAE, load_vae
+from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, ExportConfig
 from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
-from first_stage.export import SINGLE_FILE_NAME, ExportError, export_autoencoder
 from first_stage.evaluation import data_from_spec
-from first_stage.model import autoencoder_from_ldm_weights, load_autoencoder
+from first_stage.export import ExportError, ExportOptions, ExportSource, export_autoencoder
 from first_stage.reports import evaluation_summary
-from first_stage.training import is_run_or_checkpoint, read_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("source", help="run folder, checkpoint folder, diffusers folder or latent-diffusion weight file")
     parser.add_argument("--out", required=True, help="the diffusers folder to write")
     parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="checkpoints: EMA or raw weights")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=ExportConfig.dtype)
     parser.add_argument("--calibrate", default=None, metavar="DATA_SPEC", help="calibration data (default: the run's data)")
     parser.add_argument("--num-images", type=int, default=None, help="calibration images (default: export.calibration_images)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -53,25 +51,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_source(args) -> dict:
-    """The model to export and what comes with it, from any kind of source."""
-    source = Path(args.source)
-    if is_run_or_checkpoint(source):
-        return read_checkpoint(source, args.weights)
-    found = {"path": source, "config": None, "step": None, "discriminator": None, "logvar": None}
-    if source.is_file():  # a latent-diffusion autoencoder checkpoint may hold its discriminator and log-variance
-        state, metadata = read_weights(source)
-        vae_state, disc, logvar = split_ldm_checkpoint(state)
-        overrides = {} if args.norm_num_groups is None else {"norm_num_groups": args.norm_num_groups}
-        found["vae"] = autoencoder_from_ldm_weights(vae_state, metadata, overrides)
-        found["discriminator"] = disc or None
-        found["logvar"] = None if logvar is None else float(logvar)
-    else:
-        found["vae"] = load_autoencoder(source)
-    found["vae"].eval()
-    return found
-
-
 def calibration_config(spec: str | None, config: Config | None) -> DataConfig:
     """The data to calibrate on: the run's data, its val_data ("val"), or key=value settings over the run's data."""
     if spec is None:
@@ -85,47 +64,44 @@ def calibration_config(spec: str | None, config: Config | None) -> DataConfig:
     return data_from_spec(spec, config, "--calibrate")
 
 
-def import_config(found: dict, data: DataConfig) -> Config | None:
+def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
     """For a released VAE that comes with a discriminator: a training config to fine-tune it with
     (on the calibration data; edit its data section)."""
-    if found["discriminator"] is None:
+    if found.discriminator is None:
         return None
-    disc = DiscriminatorConfig(enabled=True, **infer_discriminator_config(found["discriminator"]))
+    disc = DiscriminatorConfig(enabled=True, **infer_discriminator_config(found.discriminator))
     return Config(data=data, discriminator=disc)
 
 
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    found = load_source(args)
-    config = found["config"]
-    data = calibration_config(args.calibrate, config)
-    if config is None:
-        config = import_config(found, data)
-    num_images = args.num_images or (found["config"].export.calibration_images if found["config"] else 64)
-    latent_norm = args.latent_norm or (found["config"].export.latent_norm if found["config"] else "global")
+    found = load_vae(args.source, args.weights, norm_num_groups=args.norm_num_groups)
+    data = calibration_config(args.calibrate, found.config)
+    config = found.config or import_config(found, data)
+    ecfg = found.config.export if found.config else ExportConfig()
     discriminator = None
-    if found["discriminator"] is not None:
+    if found.discriminator is not None:
         discriminator = build_discriminator(config.discriminator)
-        discriminator.load_state_dict(found["discriminator"])
-    vae = found["vae"].to(accelerator.device)
-    calibration = calibration_batches(data, num_images, args.batch_size, seed=args.seed,
+        discriminator.load_state_dict(found.discriminator)
+    calibration = calibration_batches(data, args.num_images or ecfg.calibration_images, args.batch_size, seed=args.seed,
                                       rank=accelerator.process_index, world_size=accelerator.num_processes)
+    source = ExportSource(source=str(found.path), calibration=describe(data),
+                          weights=args.weights if found.config is not None else "as stored", step=found.step,
+                          config=config, hash_config=found.config is not None, discriminator=discriminator,
+                          logvar=found.logvar,
+                          evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
+    options = ExportOptions(dtype=args.dtype, latent_norm=args.latent_norm or ecfg.latent_norm,
+                            single_file=None if args.no_single_file else args.single_file, overwrite=args.overwrite)
     try:
-        report = export_autoencoder(
-            vae, args.out, (b["pixel_values"] for b in calibration), calibration_source=describe(data),
-            source=str(found["path"]), dtype=args.dtype, latent_norm=latent_norm,
-            weights=args.weights if found["config"] is not None else "as stored",
-            single_file=None if args.no_single_file else args.single_file, config=config, step=found["step"],
-            config_hash=config_hash(found["config"]) if found["config"] else None, discriminator=discriminator,
-            logvar=found["logvar"], overwrite=args.overwrite,
-            evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]),
-            gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
+        report = export_autoencoder(found.vae.to(accelerator.device), args.out, (b["pixel_values"] for b in calibration),
+                                    source, options, gather=lambda t: accelerator.reduce(t, "sum"),
+                                    is_main=accelerator.is_main_process)
     except (ExportError, FileExistsError) as err:
         sys.exit(f"export failed: {err}")  # the launcher then stops the other processes
     if report is not None:
         stats, check = report["latent_stats"], report["verification"]
-        print(f"exported {args.out} from {found['path']}")
+        print(f"exported {args.out} from {found.path}")
         print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor {stats['shift_factor']:.5f} "
               f"(std {stats['std']:.5f}) from {stats['num_images']} images of {report['calibration']}")
         print(f"  config.json: {report['config_scale']}")

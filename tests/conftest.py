@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from first_stage.config import ModelConfig
-from first_stage.model import build_autoencoder
+from first_stage.model import new_autoencoder
 from first_stage.perceptual import LPIPS, VGG16_FILENAME
 
 
@@ -37,7 +37,7 @@ def vgg_file(tmp_path_factory):
 @pytest.fixture
 def tiny_vae():
     torch.manual_seed(0)
-    return build_autoencoder(ModelConfig(preset="tiny"))
+    return new_autoencoder(ModelConfig(preset="tiny"))
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import scipy.fft
 import torch
 from PIL import Image
 
-from first_stage.evaluation import nonlocality, reconstruction_metrics, summarize
-from first_stage.export import export_autoencoder
+from first_stage.evaluation import build_fid, nonlocality, reconstruction_metrics, summarize
+from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix
 from first_stage.perceptual import load_lpips
 from first_stage.reports import REPORT_SCHEMA, evaluation_summary
@@ -169,10 +169,10 @@ def run_eval(script, *args):
 
 @pytest.mark.slow
 def test_eval_commands_end_to_end(tiny_vae, images, tmp_path, vgg_file):
-    export_autoencoder(tiny_vae, tmp_path / "a", [images], calibration_source="test", source="test")
+    export_autoencoder(tiny_vae, tmp_path / "a", [images], ExportSource("test", "test"))
     torch.manual_seed(1)
     other = type(tiny_vae)(**tiny_vae.config)
-    export_autoencoder(other, tmp_path / "b", [images], calibration_source="test", source="test", single_file=None)
+    export_autoencoder(other, tmp_path / "b", [images], ExportSource("test", "test"), ExportOptions(single_file=None))
     data = "source=sample,split=all,resolution=32"
     common = ["--data", data, "--num-images", "5", "--batch-size", "2"]
     run_eval("latent_stats.py", "--vae", tmp_path / "a", tmp_path / "a" / "vae_ldm.safetensors", tmp_path / "b",
@@ -196,25 +196,19 @@ def test_eval_commands_end_to_end(tiny_vae, images, tmp_path, vgg_file):
     assert len(rec["per_image"]["psnr"]) == 5 and rec["lpips"]["mean"] > 0 and rec["rfid"] is None
     # the figures go into an export's model card (scripts/export.py --eval-report)
     summary = evaluation_summary([json.loads((tmp_path / d / "report.json").read_text()) for d in ("rec", "stats")])
-    export_autoencoder(tiny_vae, tmp_path / "carded", [images], calibration_source="test", source="test",
-                       evaluation=summary)
+    export_autoencoder(tiny_vae, tmp_path / "carded", [images], ExportSource("test", "test", evaluation=summary))
     card = (tmp_path / "carded" / "README.md").read_text()
     assert "PSNR (dB), 5 images" in card and "std of latent samples" in card and "Not evaluated" not in card
 
 
 def test_missing_inception_weights_are_named(tmp_path):
-    sys.path.insert(0, str(REPO / "eval"))
-    try:
-        from reconstruction import build_fid
-    finally:
-        sys.path.pop(0)
     with pytest.raises(FileNotFoundError, match="inception.pth"):
         build_fid(str(tmp_path / "inception.pth"), "cpu")
 
 
 @pytest.mark.slow
 def test_latent_stats_two_processes_equal_one(tiny_vae, images, tmp_path):
-    export_autoencoder(tiny_vae, tmp_path / "a", [images], calibration_source="test", source="test")
+    export_autoencoder(tiny_vae, tmp_path / "a", [images], ExportSource("test", "test"))
     common = [str(REPO / "eval" / "latent_stats.py"), "--vae", str(tmp_path / "a"), "--data",
               "source=sample,split=all,resolution=32", "--num-images", "9", "--batch-size", "2",
               "--nonlocality-images", "2"]

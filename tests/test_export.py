@@ -13,12 +13,13 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from first_stage.config import Config, DiscriminatorConfig, load_config
+from first_stage.checkpoint import EXPORT_WEIGHTS, SINGLE_FILE_NAME, load_vae
+from first_stage.config import Config, DiscriminatorConfig, config_hash, load_config
 from first_stage.convert import infer_autoencoder_config, to_ldm_state_dict
 from first_stage.discriminator import build_discriminator, discriminator_state, load_discriminator
-from first_stage.export import (ExportError, export_autoencoder, fp16_overflow_check, measure_latent_stats,
+from first_stage.export import (ExportError, ExportOptions, ExportSource, export_autoencoder, fp16_overflow_check,
                                 output_difference)
-from first_stage.model import load_autoencoder
+from first_stage.latent_stats import measure_latent_stats
 
 
 def levels(*channels, attention=()):
@@ -49,10 +50,10 @@ def make_vae(config: dict, seed: int = 0) -> AutoencoderKL:
     return vae
 
 
-def export(vae, out, images, **kwargs):
-    kwargs.setdefault("calibration_source", "test images")
-    kwargs.setdefault("source", "test")
-    return export_autoencoder(vae, out, [images[:1], images[1:]], **kwargs)
+def export(vae, out, images, options=ExportOptions(), **source):
+    """Export ``vae`` calibrated on ``images`` (in two batches); ``source`` are ExportSource fields."""
+    source = {"source": "test", "calibration": "test images", **source}
+    return export_autoencoder(vae, out, [images[:1], images[1:]], ExportSource(**source), options)
 
 
 def test_export_loads_identical_with_measured_scale(tiny_vae, images, tmp_path):
@@ -96,15 +97,15 @@ def test_scale_does_not_depend_on_batching_or_processes(tiny_vae, images):
 
 
 def test_safetensors_metadata_and_per_channel_fields(tiny_vae, images, tmp_path):
-    report = export(tiny_vae, tmp_path / "vae", images, latent_norm="per_channel", step=7, config_hash="abc")
+    report = export(tiny_vae, tmp_path / "vae", images, ExportOptions(latent_norm="per_channel"), step=7, config=Config())
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["latents_mean"] == pytest.approx(report["latent_stats"]["channel_mean"])
     assert config["latents_std"] == pytest.approx(report["latent_stats"]["channel_std"])
     assert config["scaling_factor"] == 1.0 and config["shift_factor"] is None
-    for name in ("diffusion_pytorch_model.safetensors", "vae_ldm.safetensors"):
+    for name in (EXPORT_WEIGHTS, SINGLE_FILE_NAME):
         with safe_open(str(tmp_path / "vae" / name), "pt") as f:
             meta = f.metadata()
-        assert meta["format"] == "pt" and meta["step"] == "7" and meta["config_hash"] == "abc"
+        assert meta["format"] == "pt" and meta["step"] == "7" and meta["config_hash"] == config_hash(Config())
         assert meta["producer"].startswith("first-stage ")
         assert json.loads(meta["autoencoder_config"])["latents_std"] == config["latents_std"]
 
@@ -122,7 +123,7 @@ def test_single_file_round_trip(name, tmp_path, images):
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(single), bare)
     for path, overrides in ((single, None), (bare, {"norm_num_groups": 8})):
-        imported = load_autoencoder(path, overrides).state_dict()
+        imported = load_vae(path, overrides=overrides).vae.state_dict()
         assert imported.keys() == vae.state_dict().keys()
         assert all(torch.equal(imported[k], v) for k, v in vae.state_dict().items())
 
@@ -138,7 +139,7 @@ def test_import_covers_attention_levels_and_prefixes(tmp_path, images):
     assert infer_autoencoder_config(ldm, 8)["up_block_types"] == ("AttnUpDecoderBlock2D", "UpDecoderBlock2D")
     path = tmp_path / "sd.ckpt"
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in ldm.items()} | {"model.x": torch.zeros(1)}}, path)
-    imported = load_autoencoder(path, {"norm_num_groups": 8})
+    imported = load_vae(path, norm_num_groups=8).vae
     assert all(torch.equal(imported.state_dict()[k], v) for k, v in vae.state_dict().items())
     assert output_difference(vae, imported, images) < 1e-5
 
@@ -183,23 +184,23 @@ def test_existing_export_is_not_overwritten(tiny_vae, images, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(tiny_vae, tmp_path / "vae", images)
     assert (tmp_path / "vae" / "keep.txt").read_text() == "mine"
-    export(tiny_vae, tmp_path / "vae", images, overwrite=True)
+    export(tiny_vae, tmp_path / "vae", images, ExportOptions(overwrite=True))
     assert not (tmp_path / "vae" / "keep.txt").exists()
 
 
 def test_fp16_overflow_is_detected_and_sets_force_upcast(tiny_vae, images, tmp_path):
-    report = export(tiny_vae, tmp_path / "ok", images, dtype="fp16")
+    report = export(tiny_vae, tmp_path / "ok", images, ExportOptions(dtype="fp16"))
     assert report["fp16"]["overflow_modules"] == [] and report["fp16"]["force_upcast"] is False
     assert AutoencoderKL.from_pretrained(tmp_path / "ok").config.force_upcast is False
     with torch.no_grad():  # activations past fp16's 65504 in the decoder, still finite in fp32
         tiny_vae.decoder.conv_in.weight.mul_(1e5)
     found = fp16_overflow_check(tiny_vae, images)
     assert found["overflow"][0] == "decoder.conv_in"
-    report = export(tiny_vae, tmp_path / "upcast", images, dtype="fp16")
+    report = export(tiny_vae, tmp_path / "upcast", images, ExportOptions(dtype="fp16"))
     assert report["fp16"]["force_upcast"] is True and "overflow" in report["fp16"]["verdict"]
     loaded = AutoencoderKL.from_pretrained(tmp_path / "upcast")
     assert loaded.config.force_upcast is True
-    stored = load_file(tmp_path / "upcast" / "diffusion_pytorch_model.safetensors")
+    stored = load_file(tmp_path / "upcast" / EXPORT_WEIGHTS)
     assert {v.dtype for v in stored.values()} == {torch.float16}
     assert "decoder.conv_in" in (tmp_path / "upcast" / "README.md").read_text()
 

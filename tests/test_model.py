@@ -2,8 +2,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from first_stage.checkpoint import build_autoencoder
 from first_stage.config import ConfigError, ModelConfig
-from first_stage.model import PRESETS, AutoencoderWrapper, build_autoencoder, count_parameters, set_trainable
+from first_stage.model import PRESETS, AutoencoderWrapper, count_parameters, set_trainable
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

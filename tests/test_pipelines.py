@@ -11,7 +11,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteSched
                        StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from first_stage.export import export_autoencoder
+from first_stage.export import ExportSource, export_autoencoder
 
 
 def tokenizer(tmp_path) -> CLIPTokenizer:
@@ -31,7 +31,7 @@ def text_config(**extra) -> CLIPTextConfig:
 @pytest.fixture
 def exported(tiny_vae, images, tmp_path):
     """The tiny VAE exported with its measured scale, then loaded as users load it."""
-    export_autoencoder(tiny_vae, tmp_path / "vae", [images], calibration_source="test", source="test")
+    export_autoencoder(tiny_vae, tmp_path / "vae", [images], ExportSource("test", "test"))
     return AutoencoderKL.from_pretrained(tmp_path / "vae")
 
 

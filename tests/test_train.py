@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from first_stage.config import load_config
-from first_stage.training import read_checkpoint
+from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, TRAINING_STATE,
+                                   load_vae, registered_state_files)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -64,7 +65,7 @@ def train_losses(run_dir):
 
 
 def weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+    return load_file(run_dir / "checkpoints" / f"checkpoint-{step}" / AUTOENCODER_WEIGHTS)
 
 
 def test_smoke_accelerate_launch(tmp_path, vgg_file):
@@ -73,7 +74,7 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     _, run = run_train(tmp_path, "smoke", "train.max_steps=4", vgg_file=vgg_file, launch=launch)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     for ckpt in (run / "checkpoints").iterdir():
-        assert {"model.safetensors", "optimizer.bin", "config.yaml", "training_state.json"} <= {p.name for p in ckpt.iterdir()}
+        assert {AUTOENCODER_WEIGHTS, "optimizer.bin", CONFIG_FILE, TRAINING_STATE} <= {p.name for p in ckpt.iterdir()}
     assert (run / "config.yaml").is_file()
     logged = metrics(run)
     assert {"train/loss/lpips", "train/loss/g", "train/loss/disc", "val/psnr"} <= set().union(*logged)
@@ -86,8 +87,8 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     assert vae.config.scaling_factor != 0.18215  # measured, not the SD default
     assert report["latent_stats"]["num_images"] == 4 and report["verification"]["diffusers"] == 0
     # scripts/export.py reads the same EMA weights back from the run's last checkpoint
-    exported = load_file(run / "export" / "diffusion_pytorch_model.safetensors")
-    ema, raw = (read_checkpoint(run, w)["vae"].state_dict() for w in ("ema", "raw"))
+    exported = load_file(run / "export" / EXPORT_WEIGHTS)
+    ema, raw = (load_vae(run, w).vae.state_dict() for w in ("ema", "raw"))
     assert all(torch.equal(ema[k], v) for k, v in exported.items())
     assert any(not torch.equal(raw[k], v) for k, v in exported.items())
     # The fine-tuning bundle: discriminator, log-variance, and a config that starts from this export.
@@ -113,7 +114,8 @@ def test_exact_resume(tmp_path, vgg_file):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the discriminator and the EMA are restored too
-    for extra in ("custom_checkpoint_0.pkl", "custom_checkpoint_2.pkl", "model_1.safetensors"):
+    states = registered_state_files(discriminator=True)
+    for extra in (states["disc_optimizer"], states["ema"], DISCRIMINATOR_WEIGHTS):
         pa = straight / "checkpoints" / "checkpoint-6" / extra
         pb = resumed / "checkpoints" / "checkpoint-6" / extra
         if extra.endswith(".safetensors"):
@@ -209,7 +211,7 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
     assert proc.returncode == 143, out[-2000:]
     (ckpt,) = (run / "checkpoints").iterdir()
     step = int(ckpt.name.split("-")[1])
-    assert step >= 2 and json.loads((ckpt / "training_state.json").read_text())["step"] == step
+    assert step >= 2 and json.loads((ckpt / TRAINING_STATE).read_text())["step"] == step
     resumed, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 1}", "discriminator.enabled=false",
                            resume="latest")
     assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr
@@ -227,7 +229,10 @@ def test_empty_batches_skip_the_step(tmp_path):
                        "val_data.split=validation", "train.checkpoint_every=8")
     last = [m for m in metrics(run) if "train/skipped_steps" in m][-1]
     assert last["data/skipped_images"] == 4 and last["train/skipped_steps"] == 4
-    assert AutoencoderKL.from_pretrained(run / "export") is not None
+    # The four steps that did train reach the export: it holds the last checkpoint's EMA weights.
+    exported = AutoencoderKL.from_pretrained(run / "export").state_dict()
+    ema = load_vae(run / "checkpoints" / "checkpoint-8").vae.state_dict()
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], v) for k, v in ema.items())
 
 
 def test_streaming_data_trains(tmp_path):
@@ -242,5 +247,5 @@ def test_performance_switches_train_the_same(tmp_path):
     _, fast = run_train(tmp_path, "fast", *EQUIVALENCE, *switches)
     _, plain = run_train(tmp_path, "plain", *EQUIVALENCE)
     assert_same_training(fast, plain)
-    assert set(load_file(fast / "export" / "diffusion_pytorch_model.safetensors")) == \
-        set(load_file(plain / "export" / "diffusion_pytorch_model.safetensors"))
+    assert set(load_file(fast / "export" / EXPORT_WEIGHTS)) == \
+        set(load_file(plain / "export" / EXPORT_WEIGHTS))

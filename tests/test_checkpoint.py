@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from first_stage.checkpoint import TRAINING_STATE, checkpoint_dirs, resolve_resume
 from first_stage.config import OptimizerConfig
-from first_stage.training import checkpoint_dirs, lr_factor, resolve_resume
+from first_stage.trainer import lr_factor
 
 
 def test_lr_schedule():
@@ -19,7 +20,7 @@ def test_lr_schedule():
 def make_checkpoint(root, step):
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "training_state.json").write_text(json.dumps({"step": step}))
+    (path / TRAINING_STATE).write_text(json.dumps({"step": step}))
     return path
 
 

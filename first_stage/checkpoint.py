@@ -1,0 +1,227 @@
+"""Checkpoints and every other source of VAE weights: the one module that knows their file names.
+
+- Writing: :func:`save_checkpoint` (``accelerator.save_state`` into a hidden folder, renamed when
+  complete). The Accelerator is handed in, never constructed here.
+- Discovery and resume: :func:`checkpoint_dirs`, :func:`resolve_resume`.
+- Reading: :func:`load_vae` takes any source — a training run folder (its newest checkpoint), a
+  checkpoint folder, a diffusers ``AutoencoderKL`` folder, or a latent-diffusion single file
+  (``.safetensors``/``.ckpt``, with its discriminator and log-variance when it holds them) — and is
+  what ``model.init_from``, ``scripts/export.py`` and both ``eval/`` scripts call.
+
+A checkpoint folder ``checkpoint-<step>/`` holds Accelerate's files (the names below: prepared
+models as ``model.safetensors``, ``model_1.safetensors``; the objects registered for checkpointing
+as ``custom_checkpoint_<i>.pkl`` in registration order; optimisers, RNG states) and this package's
+``config.yaml``, ``autoencoder_config.json`` and ``training_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils.constants import SAFE_MODEL_NAME
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+
+from .config import Config, ModelConfig, load_config
+from .convert import autoencoder_from_ldm, read_weights, split_ldm_checkpoint
+from .model import new_autoencoder
+
+
+def accelerate_model_file(index: int) -> str:
+    """The file ``accelerator.save_state`` writes the ``index``-th prepared model to."""
+    return f"{SAFE_MODEL_NAME}{'' if index == 0 else f'_{index}'}.safetensors"
+
+
+def registered_state_files(discriminator: bool) -> dict[str, str]:
+    """The objects the trainer registers for checkpointing, in registration order, each with the
+    file ``save_state`` gives it (accelerate's ``save_custom_state``: ``custom_checkpoint_<i>.pkl``)."""
+    names = (["disc_optimizer", "disc_scaler"] if discriminator else []) + ["ema"]
+    return {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(names)}
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+UNFINISHED_PREFIX = ".tmp-"  # a checkpoint being written; renamed to its final name when complete
+AUTOENCODER_WEIGHTS = accelerate_model_file(0)  # the training wrapper: vae.* and logvar
+DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
+CONFIG_FILE = "config.yaml"  # the resolved training config
+AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config
+TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
+
+# An export folder (first_stage.export): diffusers' config.json and weights, then this package's files.
+EXPORT_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SINGLE_FILE_NAME = "vae_ldm.safetensors"  # the latent-diffusion key layout
+BUNDLE_DIR = "finetune"  # discriminator, log-variance and a training config that continues from the export
+EXPORT_REPORT = "export_report.json"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (unfinished ones are hidden)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume(resume: str, root: Path) -> Path:
+    """``latest`` → the newest complete checkpoint under ``root``; otherwise the given folder."""
+    if resume == "latest":
+        found = checkpoint_dirs(root)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no {CHECKPOINT_PREFIX}<step> folder in {root.resolve()}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: {path.resolve()} is not a complete checkpoint "
+                                f"(no {TRAINING_STATE})")
+    step = json.loads((path / TRAINING_STATE).read_text())["step"]
+    newer = [p.name for p in checkpoint_dirs(root) if checkpoint_step(p) > step]
+    if newer:
+        # Rotation and "latest" go by step: the newer checkpoints of the abandoned run would win.
+        raise ValueError(f"--resume {resume}: {root.resolve()} holds newer checkpoints {newer}; move them "
+                         "elsewhere (or give the run another train.run_name) before going back to step "
+                         f"{step}")
+    return path
+
+
+def save_checkpoint(accelerator, root: Path, step: int, files: dict[str, str], keep: int) -> Path:
+    """``accelerator.save_state`` into a hidden temporary folder, then rename it: a crash mid-save
+    never leaves a folder that looks complete. ``files`` (name → text, e.g. the training state) are
+    written beside the state. Keeps the newest ``keep`` checkpoints (all when ``keep`` ≤ 0)."""
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f"{UNFINISHED_PREFIX}{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
+    if accelerator.is_main_process:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def is_run_or_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a training run folder (with checkpoints/) or one checkpoint folder."""
+    path = Path(path)
+    return (path / "checkpoints").is_dir() or (path / TRAINING_STATE).is_file()
+
+
+@dataclass
+class LoadedVAE:
+    """What :func:`load_vae` found: the autoencoder (eval mode, CPU, fp32) and what came with it.
+
+    ``config`` and ``step`` are set for training checkpoints; ``discriminator`` (a state dict) and
+    ``logvar`` for checkpoints and latent-diffusion files that hold them.
+    """
+
+    path: Path
+    vae: AutoencoderKL
+    config: Config | None = None
+    step: int | None = None
+    discriminator: dict[str, torch.Tensor] | None = None
+    logvar: float | None = None
+
+
+def _read_ema(path: Path, vae: AutoencoderKL, discriminator: bool) -> None:
+    """Copy the EMA weights of checkpoint ``path`` into ``vae``, through diffusers' ``EMAModel`` (the
+    class training saved them from)."""
+    file = path / registered_state_files(discriminator)["ema"]
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no EMA state {file.name}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    params = list(vae.parameters())
+    if "shadow_params" not in state or len(state["shadow_params"]) != len(params):
+        raise ValueError(f"{file}: not an EMA state of this model (expected {len(params)} shadow_params)")
+    shadow = EMAModel(params)
+    shadow.load_state_dict(state)
+    shadow.copy_to(params)
+
+
+def read_checkpoint(path: Path, weights: str = "ema") -> LoadedVAE:
+    """A training checkpoint (or a run folder: its newest checkpoint). The autoencoder holds the EMA
+    weights (``weights="ema"``, when the run kept them) or the raw ones. Tensors come from
+    safetensors or ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = resolve_resume("latest", path / "checkpoints")
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"{path.resolve()} is neither a run folder (with checkpoints/) nor a complete "
+                                f"checkpoint (with {TRAINING_STATE})")
+    config = load_config(path / CONFIG_FILE)
+    arch = path / AUTOENCODER_CONFIG
+    if arch.is_file():
+        vae = AutoencoderKL.from_config(json.loads(arch.read_text()))
+    elif config.model.init_from is None:
+        vae = new_autoencoder(config.model)
+    else:
+        raise FileNotFoundError(f"{arch} is missing and the run started from {config.model.init_from}: "
+                                "cannot tell the architecture")
+    state = load_file(str(path / AUTOENCODER_WEIGHTS))  # the training wrapper: vae.* and logvar
+    vae.load_state_dict({k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")})
+    if weights == "ema":
+        if not config.train.ema:
+            raise ValueError(f"{path}: the run kept no EMA weights (train.ema: false); export --weights raw")
+        _read_ema(path, vae, config.discriminator.enabled)
+    elif weights != "raw":
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    disc_file = path / DISCRIMINATOR_WEIGHTS
+    return LoadedVAE(
+        path=path, vae=vae.eval(), config=config,
+        step=int(json.loads((path / TRAINING_STATE).read_text())["step"]),
+        discriminator=load_file(str(disc_file)) if config.discriminator.enabled and disc_file.is_file() else None,
+        logvar=float(state["logvar"]) if "logvar" in state else None,
+    )
+
+
+def load_vae(source: str | Path, weights: str = "ema", single_file_config: str | Path | None = None,
+             overrides: dict | None = None, norm_num_groups: int | None = None) -> LoadedVAE:
+    """Any source of VAE weights (see the module docstring), in eval mode on the CPU.
+
+    ``weights`` picks EMA or raw weights of a training checkpoint. A single file written by this
+    package carries its architecture in its metadata; for any other it is read off the weight
+    shapes, except what weights do not show (GroupNorm groups: 32 as in latent-diffusion, unless
+    ``norm_num_groups`` or ``overrides`` say otherwise), or taken from ``single_file_config`` (a
+    diffusers folder, as ``from_single_file(config=)`` takes it).
+    """
+    path = Path(source)
+    if norm_num_groups is not None:
+        overrides = {**(overrides or {}), "norm_num_groups": norm_num_groups}
+    if is_run_or_checkpoint(path):
+        return read_checkpoint(path, weights)
+    if path.is_file():
+        if single_file_config is not None:
+            return LoadedVAE(path, AutoencoderKL.from_single_file(str(path), config=str(single_file_config)).eval())
+        state, metadata = read_weights(path)
+        vae_state, discriminator, logvar = split_ldm_checkpoint(state)
+        return LoadedVAE(path, autoencoder_from_ldm(vae_state, metadata, overrides).eval(),
+                         discriminator=discriminator or None, logvar=None if logvar is None else float(logvar))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no VAE at {path.resolve()}: expected a training run (checkpoints/), a checkpoint "
+            f"({TRAINING_STATE}), a diffusers AutoencoderKL folder ({path.resolve() / 'config.json'}) "
+            "or a latent-diffusion weight file")
+    return LoadedVAE(path, AutoencoderKL.from_pretrained(path).eval())
+
+
+def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    """The autoencoder a training config asks for: loaded from ``cfg.init_from`` (any source
+    :func:`load_vae` takes; the EMA weights of a run) or freshly initialised from the preset."""
+    if cfg.init_from is None:
+        return new_autoencoder(cfg)
+    return load_vae(cfg.init_from, overrides=cfg.overrides).vae.train()

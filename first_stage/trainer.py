@@ -1,0 +1,331 @@
+"""The training step: what ``train/train.py``, ``scripts/bench_train.py`` and every new loss share.
+
+The library is handed an ``Accelerator`` and never constructs one (:func:`accelerator_options` says
+how the entry points build theirs). The pieces, in the order a run uses them:
+
+- :func:`build_parts` builds the typed :class:`TrainingParts` from the config: the autoencoder in
+  its wrapper, EMA, loss, discriminator, optimisers and scalers, prepared and registered for
+  checkpointing;
+- :func:`train_step` runs one optimiser step: ``grad_accum`` micro-batches, each through
+  :func:`micro_step` (the generator's backward with the discriminator frozen, then the
+  discriminator's on detached images), then :func:`optimizer_step` at the end of the window
+  (learning rate, clipping, both optimisers, the discriminator's scaler, EMA, skip bookkeeping);
+- :func:`validate` reconstructs the fixed validation batch with the EMA weights.
+
+:class:`TrainingState` holds the run's counters; ``first_stage.checkpoint.save_checkpoint`` writes
+it beside Accelerate's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from .checkpoint import build_autoencoder, registered_state_files
+from .config import Config, LossConfig, OptimizerConfig, TrainConfig
+from .discriminator import build_discriminator, load_discriminator
+from .latent_stats import latent_batch_stats
+from .losses import GeneratorLoss, discriminator_step_loss
+from .model import AutoencoderWrapper, downsampling_factor, set_trainable
+from .perceptual import LPIPSWeightsNotFound, load_lpips
+from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
+                          to_memory_format)
+from .regularizers import build_regularizer
+from .reports import save_grid
+
+
+def accelerator_options(cfg: TrainConfig) -> dict:
+    """``Accelerator`` arguments the step relies on (the entry points add trackers and folders)."""
+    return {
+        "mixed_precision": cfg.mixed_precision,
+        # sync_with_dataloader=False: accumulation windows run across epoch ends, so one optimiser
+        # step is always exactly grad_accum batches and the data position is step * grad_accum.
+        "gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
+        # The shuffle order of epoch e depends on (seed, e) only, so a resumed run sees the same order.
+        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    }
+
+
+@dataclass
+class TrainingState:
+    """The run's counters, saved with every checkpoint as ``training_state.json``."""
+
+    step: int = 0  # optimiser updates done (skipped ones included)
+    skipped_steps: int = 0  # non-finite losses, empty batches or overflowing fp16 gradients
+    consecutive_nonfinite: int = 0
+    last_finite_step: int = -1
+    skipped_images: int = 0  # corrupt or undecodable
+    upsized_images: int = 0  # smaller than the crop
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+@dataclass
+class TrainingParts:
+    """Everything a step touches. ``model`` and ``discriminator`` are as Accelerate prepared them
+    (DDP-wrapped on several processes); ``raw_*`` are the modules themselves."""
+
+    model: nn.Module
+    raw_model: AutoencoderWrapper
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel
+    loss_fn: GeneratorLoss
+    disc_lr: float
+    discriminator: nn.Module | None = None
+    raw_discriminator: nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    disc_scaler: torch.amp.GradScaler | None = None
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of a ``resolution``² image."""
+        config = self.raw_model.vae.config
+        side = resolution // downsampling_factor(config)
+        return config.latent_channels, side, side
+
+
+@dataclass
+class StepMeter:
+    """Throughput since the last :meth:`reset`: images over all processes, and the time spent
+    waiting for batches (decoding not hidden behind the step)."""
+
+    images: int = 0
+    data_wait: float = 0.0
+    start: float = field(default_factory=time.time)
+
+    def logs(self) -> dict:
+        elapsed = time.time() - self.start
+        return {"train/images_per_s": self.images / elapsed, "train/data_wait_fraction": self.data_wait / elapsed}
+
+    def reset(self) -> None:
+        self.images, self.data_wait, self.start = 0, 0.0, time.time()
+
+
+def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to ``final_lr_ratio``; a pure function of the
+    step, so restoring the step restores the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_perceptual(cfg: LossConfig, accelerator) -> nn.Module | None:
+    """The frozen LPIPS network, or None when its weights are missing and the config says "warn"."""
+    if cfg.perceptual_weight == 0:
+        return None
+    try:
+        return load_lpips(cfg.lpips_weights, download=cfg.lpips_download).to(accelerator.device)
+    except LPIPSWeightsNotFound as err:
+        if cfg.lpips_missing == "error":
+            raise
+        accelerator.print(f"\n{'!' * 78}\nWARNING: training WITHOUT the LPIPS perceptual term "
+                          f"(loss.lpips_missing=warn).\n{err}\n{'!' * 78}\n")
+        return None
+
+
+def build_parts(config: Config, accelerator) -> TrainingParts:
+    """The autoencoder (in its wrapper), EMA, loss, discriminator and optimisers, with the
+    performance switches applied, prepared by ``accelerator`` and registered for checkpointing."""
+    pcfg, tcfg, dcfg, ocfg = config.performance, config.train, config.discriminator, config.optimizer
+    set_tf32(pcfg.tf32)
+    vae = build_autoencoder(config.model)
+    set_trainable(vae, config.model.trainable)
+    prepare_autoencoder(vae, pcfg, accelerator.device)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
+    ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
+    perceptual = build_perceptual(config.loss, accelerator)
+    loss_fn = GeneratorLoss(config.loss, build_regularizer(config.regularizer, config.loss.reduction),
+                            config.discriminator, perceptual)
+    discriminator = build_discriminator(dcfg) if dcfg.enabled else None
+    if discriminator is not None and dcfg.init_from is not None:
+        load_discriminator(discriminator, dcfg.init_from)
+    if discriminator is not None and dcfg.norm == "batch" and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
+    set_memory_format([model, perceptual, discriminator], pcfg)
+    if pcfg.compile:
+        compile_in_place(compiled_parts(vae) + [perceptual, discriminator], pcfg)
+
+    # The discriminator keeps its own GradScaler: Accelerate's single scaler updates at every
+    # optimiser step, which would unscale the second optimiser with a changed scale.
+    disc_lr = ocfg.lr if ocfg.disc_lr is None else ocfg.disc_lr
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], ocfg, ocfg.lr, pcfg.fused_optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = TrainingParts(model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema,
+                          loss_fn=loss_fn, disc_lr=disc_lr)
+    if discriminator is not None:
+        parts.disc_optimizer = adamw(discriminator.parameters(), ocfg, disc_lr, pcfg.fused_optimizer)
+        parts.discriminator = accelerator.prepare_model(discriminator)
+        parts.raw_discriminator = accelerator.unwrap_model(parts.discriminator)
+        parts.disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
+    # The order fixes the file each object is saved to; the checkpoint reader uses the same list.
+    for name in registered_state_files(discriminator is not None):
+        accelerator.register_for_checkpointing(getattr(parts, name))
+    return parts
+
+
+def sum_over_processes(accelerator, *values: float) -> list[float]:
+    """Sum scalars over all processes (one collective); keeps the processes in lock-step."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+
+
+def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n: int, latent_shape) -> torch.Tensor:
+    """N(0, I) noise for this process's ``n`` images of the step, (n, C, h, w).
+
+    Each image's noise comes from its own generator, seeded by (seed, step, its place in the step's
+    global batch in the order the data is sharded), so a run draws the same noise per image
+    whatever its process count, accumulation or resume point.
+    """
+    first = (micro * accelerator.num_processes + accelerator.process_index) * batch
+    draws = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(hash((seed, step, first + i))))
+             for i in range(n)]
+    return torch.stack(draws).to(accelerator.device)
+
+
+def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.Tensor, step: int,
+               config: Config, inject_nonfinite: bool = False) -> tuple[bool, dict]:
+    """One micro-batch's backward passes: the generator's with the discriminator frozen, then the
+    discriminator's on detached images. Returns (the loss was finite on every process, logs); a
+    non-finite loss backpropagates nothing anywhere."""
+    dcfg = config.discriminator
+    # The discriminator is frozen and called unwrapped here (it gets no gradient, so it must not
+    # enter a DDP collective).
+    if parts.raw_discriminator is not None:
+        parts.raw_discriminator.requires_grad_(False)
+    x = to_memory_format(x, config.performance)
+    reconstruction, posterior, logvar = parts.model(x, noise)
+    loss, logs = parts.loss_fn(x, reconstruction, posterior, logvar, step, parts.raw_discriminator,
+                               parts.raw_model.last_layer())
+    if inject_nonfinite:
+        loss = loss * float("nan")
+    finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
+    if finite:
+        accelerator.backward(loss)
+        if parts.discriminator is not None and step >= dcfg.start:
+            parts.raw_discriminator.requires_grad_(True)
+            d_loss, d_logs = discriminator_step_loss(parts.discriminator, x, reconstruction, dcfg.loss)
+            parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
+            logs.update(d_logs)
+    return finite, logs
+
+
+def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState,
+                   finite: bool, empty: bool) -> dict:
+    """The end of an accumulation window, on every process alike: when every micro-batch was finite
+    and none was empty, the learning rate of the step, clipping, both optimisers (the
+    discriminator's through its own scaler) and the EMA; otherwise no change but the skip count.
+    Then the gradients are cleared and the step counted. Returns logs."""
+    ocfg, tcfg = config.optimizer, config.train
+    logs = {}
+    if finite and not empty:
+        factor = lr_factor(state.step, ocfg, tcfg.max_steps)
+        set_lr(parts.optimizer, ocfg.lr * factor)
+        if ocfg.grad_clip:
+            logs["train/grad_norm"] = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip).item()
+        parts.optimizer.step()
+        if parts.disc_optimizer is not None and any(p.grad is not None for p in parts.discriminator.parameters()):
+            set_lr(parts.disc_optimizer, parts.disc_lr * factor)
+            parts.disc_scaler.unscale_(parts.disc_optimizer)
+            if ocfg.grad_clip:
+                logs["train/disc_grad_norm"] = torch.nn.utils.clip_grad_norm_(parts.discriminator.parameters(),
+                                                                              ocfg.grad_clip).item()
+            parts.disc_scaler.step(parts.disc_optimizer)
+            parts.disc_scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.disc_optimizer is not None:
+        parts.disc_optimizer.zero_grad(set_to_none=True)
+
+    if finite and not empty and not accelerator.optimizer_step_was_skipped:
+        if tcfg.ema:
+            parts.ema.step(parts.raw_model.vae.parameters())
+        state.consecutive_nonfinite, state.last_finite_step = 0, state.step
+    else:
+        reason = "non-finite loss" if not finite else "empty batch" if empty else "fp16 overflow"
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 0 if finite else 1
+        accelerator.print(f"step {state.step}: skipped ({reason})")
+    state.step += 1
+    return logs
+
+
+def train_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState, batches: Iterator[dict],
+               meter: StepMeter | None = None, inject_nonfinite: bool = False) -> dict:
+    """One optimiser step: ``train.grad_accum`` micro-batches from ``batches`` (dicts with
+    ``pixel_values``, ``skipped``, ``upsized``), then :func:`optimizer_step`. Updates ``state``
+    (step, image counts) and ``meter``; returns the step's logs (the last micro-batch's losses).
+
+    A window in which every image of some process's batch was undecodable is skipped on every
+    process: a partial window would step with gradients that were never synchronised.
+    """
+    tcfg = config.train
+    accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
+    finite, empty, logs = True, False, {}
+    for micro in range(tcfg.grad_accum):
+        wait = time.time()
+        batch = next(batches)
+        x = batch["pixel_values"]
+        if meter is not None:
+            meter.data_wait += time.time() - wait
+            meter.images += x.shape[0] * accelerator.num_processes
+        skipped, upsized, no_image = sum_over_processes(accelerator, batch["skipped"], batch["upsized"], x.shape[0] == 0)
+        state.skipped_images += int(skipped)
+        state.upsized_images += int(upsized)
+        empty |= no_image > 0
+        with accelerator.accumulate(*accumulated):
+            if not empty:
+                noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0],
+                                        parts.latent_shape(x.shape[-1]))
+                micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config, inject_nonfinite)
+                finite &= micro_finite
+                logs.update(micro_logs)
+            if accelerator.sync_gradients:
+                logs.update(optimizer_step(accelerator, parts, config, state, finite, empty))
+    if not accelerator.sync_gradients:
+        raise RuntimeError(f"train_step: {tcfg.grad_accum} micro-batches did not end an accumulation window; "
+                           "build the Accelerator with trainer.accelerator_options(config.train)")
+    return logs
+
+
+@torch.no_grad()
+def validate(parts: TrainingParts, val_images: torch.Tensor, use_ema: bool, grid_path: Path) -> dict:
+    """Reconstruct the fixed validation batch with the EMA weights; save a grid; return statistics."""
+    vae = parts.raw_model.vae
+    if use_ema:
+        parts.ema.store(vae.parameters())
+        parts.ema.copy_to(vae.parameters())
+    vae.eval()
+    posterior = vae.encode(val_images).latent_dist
+    reconstruction = vae.decode(posterior.mode()).sample.float()
+    vae.train()
+    if use_ema:
+        parts.ema.restore(vae.parameters())
+    mse = (reconstruction.clamp(-1, 1) - val_images).pow(2).mean(dim=(1, 2, 3))
+    stats = {"val/psnr": (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean().item()}  # range [-1,1]: peak² = 4
+    stats.update(latent_batch_stats(posterior))
+    save_grid(val_images, reconstruction, grid_path)
+    return stats

@@ -1,0 +1,84 @@
+"""The library's training step, in process, on a tiny model: the generator/discriminator
+alternation, the skip on a non-finite loss and the learning-rate schedule."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from first_stage.config import load_config
+from first_stage.losses import discriminator_step_loss
+from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
+                                 posterior_noise, train_step)
+
+TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "discriminator.enabled=true",
+        "discriminator.start=0", "discriminator.channels=16", "optimizer.warmup_steps=4"]
+
+
+@pytest.fixture
+def parts_and_accelerator():
+    """Training parts of the tiny config on a one-process CPU Accelerator (reset afterwards)."""
+    config = load_config(None, TINY)
+    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
+    torch.manual_seed(0)
+    yield config, build_parts(config, accelerator), accelerator
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def grads(params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+def test_generator_backward_freezes_the_discriminator_and_its_step_detaches(parts_and_accelerator, images):
+    """micro_step's gradients equal the two passes written out: the generator loss with the
+    discriminator frozen (its gradients reach the autoencoder only), and the discriminator loss on
+    detached images (its gradients reach the discriminator only). Unfrozen, the discriminator would
+    also collect the generator's adversarial gradient; undetached, the autoencoder would collect the
+    discriminator's."""
+    config, parts, accelerator = parts_and_accelerator
+    model, disc = parts.raw_model, parts.raw_discriminator
+    ae_params = [p for p in model.parameters() if p.requires_grad]
+    noise = posterior_noise(0, 0, 0, accelerator, 2, 2, parts.latent_shape(32))
+    assert all(p.requires_grad for p in disc.parameters())  # as built: micro_step must freeze it itself
+
+    reconstruction, posterior, logvar = model(images, noise)
+    disc.requires_grad_(False)
+    loss, _ = parts.loss_fn(images, reconstruction, posterior, logvar, 0, disc, model.last_layer())
+    assert "train/loss/g" in _  # the adversarial term is in the generator loss
+    expected_ae = torch.autograd.grad(loss, ae_params)
+    disc.requires_grad_(True)
+    d_loss, _ = discriminator_step_loss(disc, images, reconstruction.detach(), config.discriminator.loss)
+    expected_disc = torch.autograd.grad(d_loss, list(disc.parameters()))
+
+    finite, logs = micro_step(accelerator, parts, images, noise, 0, config)
+    assert finite and "train/loss/disc" in logs
+    for got, want in zip(grads(ae_params), expected_ae):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for got, want in zip(grads(disc.parameters()), expected_disc):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accelerator, images):
+    config, parts, accelerator = parts_and_accelerator
+    state = TrainingState()
+    batches = iter([{"pixel_values": images, "skipped": 0, "upsized": 1}] * 3)
+    before = [p.detach().clone() for p in parts.raw_model.parameters()]
+    train_step(accelerator, parts, config, state, batches)
+    assert state.step == 1 and state.skipped_steps == 0 and state.upsized_images == 1
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * lr_factor(0, config.optimizer, 1000))
+    assert parts.disc_optimizer.param_groups[0]["lr"] == pytest.approx(parts.disc_lr * lr_factor(0, config.optimizer, 1000))
+    trained = [p.detach().clone() for p in parts.raw_model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained))
+    shadow = [s.clone() for s in parts.ema.shadow_params]
+
+    train_step(accelerator, parts, config, state, batches, inject_nonfinite=True)
+    assert state.step == 2 and state.skipped_steps == 1 and state.consecutive_nonfinite == 1
+    assert state.last_finite_step == 0
+    assert all(torch.equal(a, p) for a, p in zip(trained, parts.raw_model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(shadow, parts.ema.shadow_params))
+    assert all(p.grad is None for p in parts.raw_model.parameters())
+
+    train_step(accelerator, parts, config, state, batches)
+    assert state.consecutive_nonfinite == 0 and state.last_finite_step == 2
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * lr_factor(2, config.optimizer, 1000))
