@@ -29,7 +29,8 @@ class ModelConfig:
     preset: str = "tiny"  # a key of first_stage.model.PRESETS
     # AutoencoderKL constructor arguments that replace the preset's, e.g. {latent_channels: 16}.
     overrides: dict[str, Any] = field(default_factory=dict)
-    # Weights to start from (fine-tuning): a diffusers AutoencoderKL folder, or a latent-diffusion
+    # Weights to start from (fine-tuning), any source first_stage.checkpoint.load_vae reads: a training
+    # run or checkpoint folder (its EMA weights), a diffusers AutoencoderKL folder, or a latent-diffusion
     # single file (.safetensors/.ckpt) whose architecture is read off its weights (and overrides).
     init_from: str | None = None
     trainable: Literal["all", "decoder"] = "all"  # "decoder": the sd-vae-ft-MSE recipe

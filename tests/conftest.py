@@ -1,11 +1,40 @@
 """Shared fixtures: tiny models and images built in the test, nothing downloaded."""
 
+import importlib.util
+import sys
+import types
+
 import pytest
 import torch
 
-from first_stage.config import ModelConfig
-from first_stage.model import new_autoencoder
-from first_stage.perceptual import LPIPS, VGG16_FILENAME
+
+def _import_cpu_torchvision() -> None:
+    """Make a CUDA build of torchvision importable beside a CPU-only torch, for the LPIPS parity test.
+
+    PyPI's torchvision wheels are CUDA builds: beside a CPU-only torch their operators do not load,
+    and the import fails where ``torchvision._meta_registrations`` registers fake kernels for them
+    ("operator torchvision::nms does not exist"). Those serve torch.compile's detection ops only,
+    which LPIPS (VGG16 convolutions) never calls: the module is replaced by an empty one. This runs
+    before anything imports diffusers or transformers, which import torchvision when it is present.
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        import torchvision  # noqa: F401
+
+
+_import_cpu_torchvision()
+
+from first_stage.config import ModelConfig  # noqa: E402
+from first_stage.model import new_autoencoder  # noqa: E402
+from first_stage.perceptual import LPIPS, VGG16_FILENAME  # noqa: E402
 
 
 def standin_vgg16_state() -> dict[str, torch.Tensor]:

@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from first_stage.config import load_config
+from first_stage.config import ModelConfig, load_config
 from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, TRAINING_STATE,
-                                   load_vae, registered_state_files)
+                                   build_autoencoder, load_vae, registered_state_files)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -91,6 +91,9 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     ema, raw = (load_vae(run, w).vae.state_dict() for w in ("ema", "raw"))
     assert all(torch.equal(ema[k], v) for k, v in exported.items())
     assert any(not torch.equal(raw[k], v) for k, v in exported.items())
+    # model.init_from takes the run itself too: its EMA weights
+    started = build_autoencoder(ModelConfig(init_from=str(run))).state_dict()
+    assert all(torch.equal(started[k], v) for k, v in exported.items())
     # The fine-tuning bundle: discriminator, log-variance, and a config that starts from this export.
     bundle = run / "export" / "finetune"
     assert {"discriminator.safetensors", "loss.safetensors", "config.yaml"} <= {p.name for p in bundle.iterdir()}
