@@ -8,10 +8,11 @@
   (``.safetensors``/``.ckpt``, with its discriminator and log-variance when it holds them) — and is
   what ``model.init_from``, ``scripts/export.py`` and both ``eval/`` scripts call.
 
-A checkpoint folder ``checkpoint-<step>/`` holds Accelerate's files (the names below: prepared
-models as ``model.safetensors``, ``model_1.safetensors``; the objects registered for checkpointing
-as ``custom_checkpoint_<i>.pkl`` in registration order; optimisers, RNG states) and this package's
-``config.yaml``, ``autoencoder_config.json`` and ``training_state.json``.
+A checkpoint folder ``checkpoint-<step>/`` holds Accelerate's files (prepared models as
+``model.safetensors``, ``model_1.safetensors``; the optimiser, RNG states) and this package's:
+the trainer's own state (:data:`TRAINER_STATES`: EMA, the discriminator's optimiser and scaler),
+``config.yaml``, ``autoencoder_config.json`` and ``training_state.json``. Nothing in it is ever read
+in a way that can run code (:func:`check_checkpoint` refuses a folder before anything is restored).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import SAFE_MODEL_NAME
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
@@ -37,11 +40,22 @@ def accelerate_model_file(index: int) -> str:
     return f"{SAFE_MODEL_NAME}{'' if index == 0 else f'_{index}'}.safetensors"
 
 
-def registered_state_files(discriminator: bool) -> dict[str, str]:
-    """The objects the trainer registers for checkpointing, in registration order, each with the
-    file ``save_state`` gives it (accelerate's ``save_custom_state``: ``custom_checkpoint_<i>.pkl``)."""
+# The trainer's own state beside Accelerate's, by the attribute of TrainingParts that holds it. Written
+# with torch.save and read only with torch.load(weights_only=True): Accelerate's
+# register_for_checkpointing would read them back with weights_only=False, which runs any code a
+# pickle in the folder carries.
+TRAINER_STATES = {"ema": "ema.pt", "disc_optimizer": "disc_optimizer.pt", "disc_scaler": "disc_scaler.pt"}
+
+
+def legacy_state_files(discriminator: bool) -> dict[str, str]:
+    """Where checkpoints of first-stage 0.1 (before 2026-12) kept the same state: the objects were
+    registered for checkpointing in this order and saved as ``custom_checkpoint_<i>.pkl``."""
     names = (["disc_optimizer", "disc_scaler"] if discriminator else []) + ["ema"]
     return {name: f"custom_checkpoint_{i}.pkl" for i, name in enumerate(names)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely: corrupt, truncated, or a pickle that would run code."""
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -94,10 +108,12 @@ def resolve_resume(resume: str, root: Path) -> Path:
     return path
 
 
-def save_checkpoint(accelerator, root: Path, step: int, files: dict[str, str], keep: int) -> Path:
+def save_checkpoint(accelerator, root: Path, step: int, files: dict[str, str], keep: int,
+                    states: dict[str, object] | None = None) -> Path:
     """``accelerator.save_state`` into a hidden temporary folder, then rename it: a crash mid-save
-    never leaves a folder that looks complete. ``files`` (name → text, e.g. the training state) are
-    written beside the state. Keeps the newest ``keep`` checkpoints (all when ``keep`` ≤ 0)."""
+    never leaves a folder that looks complete. ``files`` (name → text, e.g. the training state) and
+    ``states`` (file name → an object whose ``state_dict()`` holds tensors and plain values) are
+    written beside it. Keeps the newest ``keep`` checkpoints (all when ``keep`` ≤ 0)."""
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{UNFINISHED_PREFIX}{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
@@ -108,12 +124,63 @@ def save_checkpoint(accelerator, root: Path, step: int, files: dict[str, str], k
     if accelerator.is_main_process:
         for name, text in files.items():
             (tmp / name).write_text(text)
+        for name, obj in (states or {}).items():
+            torch.save(obj.state_dict(), tmp / name)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_state(file: Path):
+    """What ``torch.save`` wrote to ``file``, read with ``weights_only=True`` (tensors, numbers,
+    strings, containers and the numpy arrays of Accelerate's RNG states; never code)."""
+    try:
+        return accelerate_load(file, map_location="cpu")  # torch.load(weights_only=True) + numpy's safe globals
+    except Exception as err:
+        raise CheckpointError(f"{file}: refused, it is not a plain state file that loads with "
+                              f"torch.load(weights_only=True) ({type(err).__name__}: {str(err)[:300]})") from None
+
+
+def _recovery_hint(path: Path) -> str:
+    """How to resume without a broken checkpoint ``path``."""
+    if not (path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()):
+        return ""
+    older = [p for p in checkpoint_dirs(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
+    if not older:
+        return ""
+    return (f" To resume from the previous checkpoint instead, move {path} out of {path.parent} "
+            f"(e.g. to {path.parent.parent / ('broken-' + path.name)}); --resume latest then takes {older[-1].name}.")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Read every file of checkpoint folder ``path`` the safe way before anything is restored from
+    it: safetensors whole, JSON and YAML parsed, every pickle with ``weights_only=True``. Raises
+    :class:`CheckpointError` naming the first file that fails, and how to go back one checkpoint."""
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                try:
+                    load_file(str(file))
+                except Exception as err:
+                    raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                                          f"({str(err)[:200]})") from None
+            elif file.suffix == ".json":
+                try:
+                    json.loads(file.read_text())
+                except (ValueError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+            elif file.suffix in (".yaml", ".yml"):
+                try:
+                    yaml.safe_load(file.read_text())
+                except (yaml.YAMLError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{file}: not valid YAML ({str(err)[:200]})") from None
+            elif file.suffix in (".pkl", ".bin", ".pt", ".pth"):
+                read_state(file)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{_recovery_hint(path)}") from None
 
 
 def is_run_or_checkpoint(path: Path) -> bool:
@@ -138,13 +205,21 @@ class LoadedVAE:
     logvar: float | None = None
 
 
+def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
+    """The file of checkpoint ``path`` holding trainer state ``name`` (a key of :data:`TRAINER_STATES`),
+    also in a checkpoint of first-stage 0.1."""
+    file = path / TRAINER_STATES[name]
+    legacy = path / legacy_state_files(discriminator)[name]
+    return legacy if not file.is_file() and legacy.is_file() else file
+
+
 def _read_ema(path: Path, vae: AutoencoderKL, discriminator: bool) -> None:
     """Copy the EMA weights of checkpoint ``path`` into ``vae``, through diffusers' ``EMAModel`` (the
     class training saved them from)."""
-    file = path / registered_state_files(discriminator)["ema"]
+    file = trainer_state_file(path, "ema", discriminator)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no EMA state {file.name}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_state(file)
     params = list(vae.parameters())
     if "shadow_params" not in state or len(state["shadow_params"]) != len(params):
         raise ValueError(f"{file}: not an EMA state of this model (expected {len(params)} shadow_params)")

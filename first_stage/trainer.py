@@ -10,16 +10,20 @@ how the entry points build theirs). The pieces, in the order a run uses them:
   :func:`micro_step` (the generator's backward with the discriminator frozen, then the
   discriminator's on detached images), then :func:`optimizer_step` at the end of the window
   (learning rate, clipping, both optimisers, the discriminator's scaler, EMA, skip bookkeeping);
-- :func:`validate` reconstructs the fixed validation batch with the EMA weights.
+- :func:`validate` reconstructs the fixed validation batch with the EMA weights;
+- :func:`trainer_states` is what ``first_stage.checkpoint.save_checkpoint`` writes beside
+  Accelerate's state, and :func:`restore` reads a checkpoint back (safely: nothing in a checkpoint
+  folder can run code).
 
-:class:`TrainingState` holds the run's counters; ``first_stage.checkpoint.save_checkpoint`` writes
-it beside Accelerate's state.
+:class:`TrainingState` holds the run's counters (``training_state.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +34,8 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from .checkpoint import build_autoencoder, registered_state_files
+from .checkpoint import (TRAINER_STATES, TRAINING_STATE, build_autoencoder, check_checkpoint, read_state,
+                         trainer_state_file)
 from .config import Config, LossConfig, OptimizerConfig, TrainConfig
 from .discriminator import build_discriminator, load_discriminator
 from .latent_stats import latent_batch_stats
@@ -146,7 +151,7 @@ def build_perceptual(cfg: LossConfig, accelerator) -> nn.Module | None:
 
 def build_parts(config: Config, accelerator) -> TrainingParts:
     """The autoencoder (in its wrapper), EMA, loss, discriminator and optimisers, with the
-    performance switches applied, prepared by ``accelerator`` and registered for checkpointing."""
+    performance switches applied, prepared by ``accelerator``."""
     pcfg, tcfg, dcfg, ocfg = config.performance, config.train, config.discriminator, config.optimizer
     set_tf32(pcfg.tf32)
     vae = build_autoencoder(config.model)
@@ -181,10 +186,34 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
         parts.discriminator = accelerator.prepare_model(discriminator)
         parts.raw_discriminator = accelerator.unwrap_model(parts.discriminator)
         parts.disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
-    # The order fixes the file each object is saved to; the checkpoint reader uses the same list.
-    for name in registered_state_files(discriminator is not None):
-        accelerator.register_for_checkpointing(getattr(parts, name))
     return parts
+
+
+def trainer_states(parts: TrainingParts) -> dict[str, object]:
+    """The state a checkpoint holds beside Accelerate's (file name → object with ``state_dict``):
+    ``first_stage.checkpoint.save_checkpoint`` writes it, :func:`restore` reads it back."""
+    return {file: getattr(parts, name) for name, file in TRAINER_STATES.items() if getattr(parts, name) is not None}
+
+
+def restore(accelerator, parts: TrainingParts, path: Path) -> TrainingState:
+    """Resume from checkpoint folder ``path``: every file is checked first (nothing restored from a
+    folder with a corrupt file or a pickle that would run code), then Accelerate's state (models,
+    optimiser, RNG) and the trainer's own. Returns the run's counters."""
+    check_checkpoint(path)
+    legacy = sorted(path.glob("custom_checkpoint_*.pkl"))  # first-stage 0.1: Accelerate would unpickle them
+    with tempfile.TemporaryDirectory() as view:
+        if legacy:  # Accelerate refuses a folder with more custom_checkpoint files than registered objects
+            for file in path.iterdir():
+                if file not in legacy:
+                    (Path(view) / file.name).symlink_to(file.resolve())
+        accelerator.load_state(view if legacy else str(path))  # comes back on the CPU
+    discriminator = parts.discriminator is not None
+    for name in TRAINER_STATES:
+        if getattr(parts, name) is not None:
+            getattr(parts, name).load_state_dict(read_state(trainer_state_file(path, name, discriminator)))
+    state = TrainingState()
+    state.load_state_dict(json.loads((path / TRAINING_STATE).read_text()))
+    return state
 
 
 def sum_over_processes(accelerator, *values: float) -> list[float]:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from first_stage.config import ModelConfig, load_config
 from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, TRAINING_STATE,
-                                   build_autoencoder, load_vae, registered_state_files)
+                                   TRAINER_STATES, build_autoencoder, checkpoint_dirs, load_vae)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -117,8 +117,7 @@ def test_exact_resume(tmp_path, vgg_file):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the discriminator and the EMA are restored too
-    states = registered_state_files(discriminator=True)
-    for extra in (states["disc_optimizer"], states["ema"], DISCRIMINATOR_WEIGHTS):
+    for extra in (*TRAINER_STATES.values(), DISCRIMINATOR_WEIGHTS):
         pa = straight / "checkpoints" / "checkpoint-6" / extra
         pb = resumed / "checkpoints" / "checkpoint-6" / extra
         if extra.endswith(".safetensors"):
@@ -218,6 +217,14 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
     resumed, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 1}", "discriminator.enabled=false",
                            resume="latest")
     assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr
+    # A corrupt file in the newest checkpoint: the run refuses to start and names it (no traceback).
+    ckpt = checkpoint_dirs(run / "checkpoints")[-1]
+    good = (ckpt / TRAINER_STATES["ema"]).read_bytes()
+    (ckpt / TRAINER_STATES["ema"]).write_bytes(good[:100])
+    refused, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 2}", "discriminator.enabled=false",
+                           resume="latest", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"error: {ckpt / TRAINER_STATES['ema']}: refused" in refused.stderr
 
 
 def test_empty_batches_skip_the_step(tmp_path):

@@ -1,15 +1,25 @@
 """The library's training step, in process, on a tiny model: the generator/discriminator
-alternation, the skip on a non-finite loss and the learning-rate schedule."""
+alternation, the skip on a non-finite loss, the learning-rate schedule, and resuming safely."""
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import save_file
 
-from first_stage.config import load_config
+from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES, TRAINING_STATE,
+                                    CheckpointError, check_checkpoint, legacy_state_files, save_checkpoint)
+from first_stage.config import load_config, to_yaml
 from first_stage.losses import discriminator_step_loss
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
-                                 posterior_noise, train_step)
+                                 posterior_noise, restore, train_step, trainer_states)
 
 TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "discriminator.enabled=true",
         "discriminator.start=0", "discriminator.channels=16", "optimizer.warmup_steps=4"]
@@ -82,3 +92,75 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
     train_step(accelerator, parts, config, state, batches)
     assert state.consecutive_nonfinite == 0 and state.last_finite_step == 2
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * lr_factor(2, config.optimizer, 1000))
+
+
+class RunsCode:
+    """A pickle that runs a command when it is loaded with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def trained_checkpoint(parts, config, accelerator, images, root: Path) -> Path:
+    """A real checkpoint of one training step, as train/train.py writes it."""
+    state = TrainingState()
+    train_step(accelerator, parts, config, state, iter([{"pixel_values": images, "skipped": 0, "upsized": 0}]))
+    files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
+             TRAINING_STATE: json.dumps(state.state_dict())}
+    return save_checkpoint(accelerator, root, state.step, files, 0, trainer_states(parts))
+
+
+def test_resume_refuses_any_file_that_would_run_code(parts_and_accelerator, images, tmp_path):
+    """Each file of a checkpoint replaced, one at a time, by a pickle that runs a command: restore
+    refuses it, naming the file, before anything is restored, and the command never runs."""
+    config, parts, accelerator = parts_and_accelerator
+    good = trained_checkpoint(parts, config, accelerator, images, tmp_path / "run" / "checkpoints")
+    names = sorted(p.name for p in good.iterdir())
+    assert {*TRAINER_STATES.values(), AUTOENCODER_WEIGHTS, "optimizer.bin", "random_states_0.pkl"} <= set(names)
+    assert restore(accelerator, parts, good).step == 1
+    marker = tmp_path / "code-ran"
+    for name in names:
+        bad = tmp_path / f"bad-{name}" / good.name
+        shutil.copytree(good, bad)
+        with open(bad / name, "wb") as f:
+            pickle.dump(RunsCode(marker), f)
+        with pytest.raises(CheckpointError, match=re.escape(str(bad / name))):
+            restore(accelerator, parts, bad)
+        assert not marker.exists(), name
+
+
+def test_resume_reads_checkpoints_of_the_previous_layout(parts_and_accelerator, images, tmp_path):
+    """first-stage 0.1 kept EMA and the discriminator's optimiser and scaler in Accelerate's
+    custom_checkpoint_<i>.pkl files: they resume the same, read with weights_only=True."""
+    config, parts, accelerator = parts_and_accelerator
+    new = trained_checkpoint(parts, config, accelerator, images, tmp_path / "new" / "checkpoints")
+    old = tmp_path / "old" / new.name
+    shutil.copytree(new, old)
+    for name, legacy in legacy_state_files(discriminator=True).items():
+        (old / TRAINER_STATES[name]).rename(old / legacy)
+    shadow = [s.clone() for s in parts.ema.shadow_params]
+    for s in parts.ema.shadow_params:
+        s.zero_()
+    assert restore(accelerator, parts, old).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(shadow, parts.ema.shadow_params))
+    with open(old / legacy_state_files(discriminator=True)["ema"], "wb") as f:
+        pickle.dump(RunsCode(tmp_path / "code-ran"), f)
+    with pytest.raises(CheckpointError, match="custom_checkpoint_2.pkl"):
+        restore(accelerator, parts, old)
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_truncated_weights_name_the_file_and_the_way_back(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({"w": torch.zeros(64)}, root / f"checkpoint-{step}" / AUTOENCODER_WEIGHTS)
+    data = (root / "checkpoint-4" / AUTOENCODER_WEIGHTS).read_bytes()
+    (root / "checkpoint-4" / AUTOENCODER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    check_checkpoint(root / "checkpoint-2")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file.*"
+                                              r"--resume latest then takes checkpoint-2"):
+        check_checkpoint(root / "checkpoint-4")

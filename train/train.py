@@ -19,13 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from first_stage.checkpoint import AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, resolve_resume, save_checkpoint
-from first_stage.config import load_config, save_config, to_yaml
+from first_stage.checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, CheckpointError, resolve_resume,
+                                   save_checkpoint)
+from first_stage.config import ConfigError, load_config, save_config, to_yaml
 from first_stage.data import calibration_batches, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters
-from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, sum_over_processes, train_step,
-                                 validate)
+from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, restore, sum_over_processes,
+                                 train_step, trainer_states, validate)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 EXIT_NONFINITE = 2
@@ -119,8 +120,7 @@ def main():
     state = TrainingState()
     if args.resume:
         resume_dir = resolve_resume(args.resume, ckpt_root)
-        accelerator.load_state(str(resume_dir))  # registered objects come back on the CPU
-        state.load_state_dict(json.loads((resume_dir / TRAINING_STATE).read_text()))
+        state = restore(accelerator, parts, resume_dir)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     parts.ema.to(accelerator.device)
     if accelerator.is_main_process:
@@ -158,7 +158,7 @@ def main():
         stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
         if state.step % tcfg.checkpoint_every == 0 or too_many or stop or last:
             files = {**checkpoint_files, TRAINING_STATE: json.dumps(state.state_dict(), indent=1)}
-            save_checkpoint(accelerator, ckpt_root, state.step, files, tcfg.keep_checkpoints)
+            save_checkpoint(accelerator, ckpt_root, state.step, files, tcfg.keep_checkpoints, trainer_states(parts))
         if too_many:
             accelerator.print(f"stopping: {state.consecutive_nonfinite} consecutive non-finite losses; "
                               f"the last finite step was {state.last_finite_step}. Checkpoint saved.")
@@ -197,4 +197,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:  # they name the file and what to do
+        sys.exit(f"error: {err}")
