@@ -189,6 +189,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".", source)
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            return "no"
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
         return value
@@ -235,10 +237,11 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            # The same name in another section ('loss.kl_weight' -> 'regularizer.kl_weight'),
-            # else the closest name in this section.
-            elsewhere = [k for k in _dotted_keys(Config) if k.rsplit(".", 1)[-1] == key]
-            close = elsewhere or [prefix + k for k in difflib.get_close_matches(str(key), list(hints), n=1)]
+            # The closest name in any section ('loss.klweight' -> 'regularizer.kl_weight'), this
+            # section's first when two are as close.
+            scored = [(difflib.SequenceMatcher(None, str(key), k.rsplit(".", 1)[-1]).ratio(), k.startswith(prefix), k)
+                      for k in _dotted_keys(Config)]
+            close = [k for ratio, _, k in sorted(scored, reverse=True)[:1] if ratio >= 0.6]
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(hints)})"
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
         kwargs[key] = _convert(value, hints[key], prefix + key, source)

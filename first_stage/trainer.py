@@ -314,6 +314,10 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
     tcfg = config.train
     accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
     finite, empty, logs = True, False, {}
+    # Forward passes in train mode update buffers (the discriminator's BatchNorm statistics): a
+    # skipped step puts them back, so that it changes nothing at all.
+    buffers = {name: b.clone() for module in (parts.raw_model, parts.raw_discriminator) if module is not None
+               for name, b in _named_buffers(module)}
     for micro in range(tcfg.grad_accum):
         wait = time.time()
         batch = next(batches)
@@ -334,10 +338,25 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                 logs.update(micro_logs)
             if accelerator.sync_gradients:
                 logs.update(optimizer_step(accelerator, parts, config, state, finite, empty))
+                if not finite or empty:
+                    _restore_buffers(parts, buffers)
     if not accelerator.sync_gradients:
         raise RuntimeError(f"train_step: {tcfg.grad_accum} micro-batches did not end an accumulation window; "
                            "build the Accelerator with trainer.accelerator_options(config.train)")
     return logs
+
+
+def _named_buffers(module: nn.Module):
+    """(id-qualified name, buffer) of every buffer of ``module``."""
+    return [(f"{id(module)}.{name}", b) for name, b in module.named_buffers()]
+
+
+@torch.no_grad()
+def _restore_buffers(parts: TrainingParts, saved: dict[str, torch.Tensor]) -> None:
+    for module in (parts.raw_model, parts.raw_discriminator):
+        if module is not None:
+            for name, b in _named_buffers(module):
+                b.copy_(saved[name])
 
 
 @torch.no_grad()

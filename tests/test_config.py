@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -67,3 +68,22 @@ def test_shipped_configs_load():
     configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
     for path in configs:
         load_config(path)
+
+
+def test_mixed_precision_no_as_yaml_writes_it(tmp_path):
+    """README lists `mixed_precision: no`; YAML 1.1 reads the bare word as false."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
+@pytest.mark.parametrize("wrong, suggested", [("loss.klweight", "regularizer.kl_weight"),
+                                              ("loss.kl_weight", "regularizer.kl_weight"),
+                                              ("data.resolutoin", "data.resolution"),
+                                              ("val_data.resolutoin", "val_data.resolution")])
+def test_unknown_key_suggests_the_closest_key_of_any_section(wrong, suggested):
+    with pytest.raises(ConfigError, match=re.escape(f"did you mean '{suggested}'")):
+        load_config(None, [f"{wrong}=1"])

@@ -1,6 +1,7 @@
 """The library's training step, in process, on a tiny model: the generator/discriminator
 alternation, the skip on a non-finite loss, the learning-rate schedule, and resuming safely."""
 
+import copy
 import json
 import os
 import pickle
@@ -34,6 +35,17 @@ def parts_and_accelerator():
     yield config, build_parts(config, accelerator), accelerator
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def identical(a, b) -> bool:
+    """Nested state dicts equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def grads(params) -> list[torch.Tensor]:
@@ -81,8 +93,12 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
     trained = [p.detach().clone() for p in parts.raw_model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(before, trained))
     shadow = [s.clone() for s in parts.ema.shadow_params]
+    everything = {name: copy.deepcopy(getattr(parts, name).state_dict())  # weights, BatchNorm statistics, optimisers
+                  for name in ("raw_model", "raw_discriminator", "optimizer", "disc_optimizer", "disc_scaler")}
 
     train_step(accelerator, parts, config, state, batches, inject_nonfinite=True)
+    for name, before_skip in everything.items():
+        assert identical(getattr(parts, name).state_dict(), before_skip), name  # a skipped step changes nothing
     assert state.step == 2 and state.skipped_steps == 1 and state.consecutive_nonfinite == 1
     assert state.last_finite_step == 0
     assert all(torch.equal(a, p) for a, p in zip(trained, parts.raw_model.parameters()))
