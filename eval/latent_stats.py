@@ -34,7 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="which images are picked, and the random positions")
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16 (statistics stay float64)")
-    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for training checkpoints")
+    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
+                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
     parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
     parser.add_argument("--norm-num-groups", type=int, default=None)
     parser.add_argument("--nonlocality-images", type=int, default=16, help="images for the perturbation test")

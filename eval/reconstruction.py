@@ -35,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16 (metrics stay fp32)")
-    parser.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
+                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
     parser.add_argument("--single-file-config", default=None)
     parser.add_argument("--norm-num-groups", type=int, default=None)
     parser.add_argument("--lpips-weights", default=None, help="torchvision's vgg16-397923af.pth")

@@ -189,16 +189,23 @@ def is_run_or_checkpoint(path: Path) -> bool:
     return (path / "checkpoints").is_dir() or (path / TRAINING_STATE).is_file()
 
 
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is an export folder this package wrote (by the files it writes)."""
+    path = Path(path)
+    return all((path / name).is_file() for name in ("config.json", EXPORT_WEIGHTS, EXPORT_REPORT))
+
+
 @dataclass
 class LoadedVAE:
     """What :func:`load_vae` found: the autoencoder (eval mode, CPU, fp32) and what came with it.
 
-    ``config`` and ``step`` are set for training checkpoints; ``discriminator`` (a state dict) and
+    ``weights``, ``config`` and ``step`` are set for training checkpoints; ``discriminator`` (a state dict) and
     ``logvar`` for checkpoints and latent-diffusion files that hold them.
     """
 
     path: Path
     vae: AutoencoderKL
+    weights: str = "as stored"  # of a checkpoint: "ema" or "raw"
     config: Config | None = None
     step: int | None = None
     discriminator: dict[str, torch.Tensor] | None = None
@@ -228,10 +235,11 @@ def _read_ema(path: Path, vae: AutoencoderKL, discriminator: bool) -> None:
     shadow.copy_to(params)
 
 
-def read_checkpoint(path: Path, weights: str = "ema") -> LoadedVAE:
+def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
     """A training checkpoint (or a run folder: its newest checkpoint). The autoencoder holds the EMA
-    weights (``weights="ema"``, when the run kept them) or the raw ones. Tensors come from
-    safetensors or ``torch.load(weights_only=True)``."""
+    weights (``weights="ema"``, when the run kept them) or the raw ones; ``None`` takes what the
+    run's ``export.weights`` says (raw when it kept no EMA). Tensors come from safetensors or
+    ``torch.load(weights_only=True)``."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = resolve_resume("latest", path / "checkpoints")
@@ -239,6 +247,8 @@ def read_checkpoint(path: Path, weights: str = "ema") -> LoadedVAE:
         raise FileNotFoundError(f"{path.resolve()} is neither a run folder (with checkpoints/) nor a complete "
                                 f"checkpoint (with {TRAINING_STATE})")
     config = load_config(path / CONFIG_FILE)
+    if weights is None:
+        weights = config.export.weights if config.train.ema else "raw"
     arch = path / AUTOENCODER_CONFIG
     if arch.is_file():
         vae = AutoencoderKL.from_config(json.loads(arch.read_text()))
@@ -257,18 +267,19 @@ def read_checkpoint(path: Path, weights: str = "ema") -> LoadedVAE:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     disc_file = path / DISCRIMINATOR_WEIGHTS
     return LoadedVAE(
-        path=path, vae=vae.eval(), config=config,
+        path=path, vae=vae.eval(), weights=weights, config=config,
         step=int(json.loads((path / TRAINING_STATE).read_text())["step"]),
         discriminator=load_file(str(disc_file)) if config.discriminator.enabled and disc_file.is_file() else None,
         logvar=float(state["logvar"]) if "logvar" in state else None,
     )
 
 
-def load_vae(source: str | Path, weights: str = "ema", single_file_config: str | Path | None = None,
+def load_vae(source: str | Path, weights: str | None = "ema", single_file_config: str | Path | None = None,
              overrides: dict | None = None, norm_num_groups: int | None = None) -> LoadedVAE:
     """Any source of VAE weights (see the module docstring), in eval mode on the CPU.
 
-    ``weights`` picks EMA or raw weights of a training checkpoint. A single file written by this
+    ``weights`` picks EMA or raw weights of a training checkpoint (None: as the run's export
+    section says). A single file written by this
     package carries its architecture in its metadata; for any other it is read off the weight
     shapes, except what weights do not show (GroupNorm groups: 32 as in latent-diffusion, unless
     ``norm_num_groups`` or ``overrides`` say otherwise), or taken from ``single_file_config`` (a

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME
+from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
 from .config import Config, ExportConfig, config_hash, to_yaml
 from .convert import to_ldm_state_dict
 from .latent_stats import measure_latent_stats
@@ -45,6 +46,9 @@ class ExportOptions:
     latent_norm: str = ExportConfig.latent_norm
     single_file: str | Path | None = SINGLE_FILE_NAME
     overwrite: bool = False
+    # config.json's sample_size, from which diffusers sizes its tiles (enable_tiling): the training
+    # resolution. None keeps the model's (diffusers' default is 32: 4-latent tiles for an f8 VAE).
+    sample_size: int | None = None
 
     @classmethod
     def from_config(cls, cfg: ExportConfig, **changes) -> ExportOptions:
@@ -149,6 +153,15 @@ def _keep_first(batches: Iterable[torch.Tensor], store: list, count: int = 4):
         yield x
 
 
+def _is_our_single_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata says this package wrote it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("producer", "").startswith("first-stage ")
+    except Exception:
+        return False
+
+
 def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
 
@@ -190,6 +203,14 @@ def export_autoencoder(
     for target in [out_dir] + ([single_path] if outside else []):
         if target.exists() and not options.overwrite:
             raise FileExistsError(f"export: {target.resolve()} exists; pass --overwrite to replace it")
+    if out_dir.exists() and not is_export(out_dir):
+        # --overwrite replaces an earlier export only: never a run, a checkpoint, their parent, or any other folder.
+        raise FileExistsError(f"export: {out_dir.resolve()} exists and is not an export of first-stage (it lacks "
+                              f"config.json, {EXPORT_WEIGHTS} or {EXPORT_REPORT}); refusing to replace it. "
+                              "Choose another --out.")
+    if outside and single_path.exists() and not _is_our_single_file(single_path):
+        raise FileExistsError(f"export: {single_path.resolve()} exists and is not a single file written by "
+                              "first-stage; refusing to replace it")
     discriminator, config = source.discriminator, source.config
     bad = nonfinite_tensors(vae.state_dict())
     if discriminator is not None:
@@ -221,6 +242,8 @@ def export_autoencoder(
         verdict = f"no overflow (peak |activation| {fp16['peak']:.4g}, fp16 max {FP16_MAX:.0f}) at {x.shape[-1]}²."
     force_upcast = bool(fp16["overflow"]) if dtype == "fp16" else bool(vae.config.force_upcast)
     exported.register_to_config(**scale, force_upcast=force_upcast)
+    if options.sample_size is not None:
+        exported.register_to_config(sample_size=options.sample_size)
     hashed = config_hash(config) if config is not None and source.hash_config else None
     report = {
         "name": out_dir.resolve().name, "date": datetime.date.today().isoformat(), "source": source.source,

@@ -32,16 +32,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run folder, checkpoint folder, diffusers folder or latent-diffusion weight file")
     parser.add_argument("--out", required=True, help="the diffusers folder to write")
-    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="checkpoints: EMA or raw weights")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=ExportConfig.dtype)
+    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
+                        help="checkpoints: EMA or raw weights (default: the run's export.weights; raw without EMA)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help=f"default: the run's export.dtype, else {ExportConfig.dtype}")
     parser.add_argument("--calibrate", default=None, metavar="DATA_SPEC", help="calibration data (default: the run's data)")
     parser.add_argument("--num-images", type=int, default=None, help="calibration images (default: export.calibration_images)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which images are picked for calibration")
     parser.add_argument("--latent-norm", choices=["global", "per_channel"], default=None,
                         help="config fields for the scale (default: export.latent_norm, else global)")
-    parser.add_argument("--single-file", default=SINGLE_FILE_NAME, metavar="PATH",
-                        help=f"latent-diffusion single file (default: {SINGLE_FILE_NAME} inside --out)")
+    parser.add_argument("--single-file", default=None, metavar="PATH",
+                        help=f"latent-diffusion single file (default: {SINGLE_FILE_NAME} inside --out, unless the "
+                             "run's export.single_file is false)")
     parser.add_argument("--no-single-file", action="store_true")
     parser.add_argument("--norm-num-groups", type=int, default=None,
                         help="GroupNorm groups of a foreign weight file (not visible in its weights; default 32)")
@@ -76,8 +79,11 @@ def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    found = load_vae(args.source, args.weights, norm_num_groups=args.norm_num_groups)
-    data = calibration_config(args.calibrate, found.config)
+    try:
+        found = load_vae(args.source, args.weights, norm_num_groups=args.norm_num_groups)
+        data = calibration_config(args.calibrate, found.config)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
+        sys.exit(f"export failed: {err}")
     config = found.config or import_config(found, data)
     ecfg = found.config.export if found.config else ExportConfig()
     discriminator = None
@@ -87,12 +93,16 @@ def main():
     calibration = calibration_batches(data, args.num_images or ecfg.calibration_images, args.batch_size, seed=args.seed,
                                       rank=accelerator.process_index, world_size=accelerator.num_processes)
     source = ExportSource(source=str(found.path), calibration=describe(data),
-                          weights=args.weights if found.config is not None else "as stored", step=found.step,
+                          weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
-    options = ExportOptions(dtype=args.dtype, latent_norm=args.latent_norm or ecfg.latent_norm,
-                            single_file=None if args.no_single_file else args.single_file, overwrite=args.overwrite)
+    single_file = args.single_file or (SINGLE_FILE_NAME if ecfg.single_file else None)
+    options = ExportOptions(dtype=args.dtype or ecfg.dtype, latent_norm=args.latent_norm or ecfg.latent_norm,
+                            single_file=None if args.no_single_file else single_file, overwrite=args.overwrite,
+                            # a run's training resolution; a weight file's calibration resolution (it has none)
+                            sample_size=found.config.data.resolution if found.config else
+                            data.resolution if found.path.is_file() else None)
     try:
         report = export_autoencoder(found.vae.to(accelerator.device), args.out, (b["pixel_values"] for b in calibration),
                                     source, options, gather=lambda t: accelerator.reduce(t, "sum"),

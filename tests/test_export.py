@@ -13,13 +13,15 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from first_stage.checkpoint import EXPORT_WEIGHTS, SINGLE_FILE_NAME, load_vae
-from first_stage.config import Config, DiscriminatorConfig, config_hash, load_config
+from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CONFIG_FILE, EXPORT_REPORT, EXPORT_WEIGHTS,
+                                    SINGLE_FILE_NAME, TRAINING_STATE, load_vae)
+from first_stage.config import Config, DiscriminatorConfig, ModelConfig, config_hash, load_config, to_yaml
 from first_stage.convert import infer_autoencoder_config, to_ldm_state_dict
 from first_stage.discriminator import build_discriminator, discriminator_state, load_discriminator
 from first_stage.export import (ExportError, ExportOptions, ExportSource, export_autoencoder, fp16_overflow_check,
                                 output_difference)
 from first_stage.latent_stats import measure_latent_stats
+from first_stage.model import autoencoder_kwargs
 
 
 def levels(*channels, attention=()):
@@ -183,9 +185,23 @@ def test_existing_export_is_not_overwritten(tiny_vae, images, tmp_path):
     (tmp_path / "vae" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(tiny_vae, tmp_path / "vae", images)
+    # --overwrite replaces an earlier export, and nothing else: not any folder, not a training run
+    with pytest.raises(FileExistsError, match="not an export of first-stage"):
+        export(tiny_vae, tmp_path / "vae", images, ExportOptions(overwrite=True))
     assert (tmp_path / "vae" / "keep.txt").read_text() == "mine"
-    export(tiny_vae, tmp_path / "vae", images, ExportOptions(overwrite=True))
-    assert not (tmp_path / "vae" / "keep.txt").exists()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not an export of first-stage"):
+        export(tiny_vae, run, images, ExportOptions(overwrite=True))
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
+    first = export(tiny_vae, tmp_path / "exported", images)
+    again = export(tiny_vae, tmp_path / "exported", images, ExportOptions(overwrite=True, latent_norm="per_channel"))
+    assert first["latent_norm"] == "global" and again["latent_norm"] == "per_channel"
+    # a single file outside the folder replaces only a single file this package wrote
+    (tmp_path / "mine.safetensors").write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="not a single file written by first-stage"):
+        export(tiny_vae, tmp_path / "other", images, ExportOptions(single_file=tmp_path / "mine.safetensors", overwrite=True))
+    assert (tmp_path / "mine.safetensors").read_bytes() == b"not ours"
 
 
 def test_fp16_overflow_is_detected_and_sets_force_upcast(tiny_vae, images, tmp_path):
@@ -236,3 +252,60 @@ def test_cli_calibration_split_over_two_processes_matches_one(tiny_vae, images, 
     assert stats["one"]["num_images"] == stats["two"]["num_images"] == 9
     for key in ("scaling_factor", "shift_factor"):
         assert stats["two"][key] == pytest.approx(stats["one"][key], rel=1e-6)
+
+
+def test_sample_size_is_the_training_resolution_so_tiles_are_too(images, tmp_path):
+    """diffusers sizes enable_tiling()'s tiles from config.json's sample_size (its default, 32, cuts
+    an f8 latent into 4-latent tiles). An export carries the training resolution: at that size a
+    tiled decode is the untiled one, and at twice that size it is closer to it than with 32-pixel
+    tiles. (A random model has no smooth decoder, so the seams are large either way; with trained
+    weights they are small.)"""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**autoencoder_kwargs(ModelConfig(preset="tiny"))).eval()
+    x = torch.nn.functional.interpolate(images, size=128, mode="bilinear")
+    errors = {}
+    for size in (32, 64):
+        export(vae, tmp_path / f"s{size}", images, ExportOptions(sample_size=size))
+        loaded = AutoencoderKL.from_pretrained(tmp_path / f"s{size}")
+        assert loaded.config.sample_size == size and loaded.tile_sample_min_size == size
+        with torch.no_grad():
+            for side in (64, 128):
+                z = loaded.encode(x[..., :side, :side]).latent_dist.mode()
+                untiled = loaded.decode(z).sample
+                loaded.enable_tiling()
+                errors[size, side] = (loaded.decode(z).sample - untiled).abs().mean().item()
+                loaded.disable_tiling()
+    assert errors[64, 64] == 0 and errors[32, 64] > 0  # the training resolution is one tile
+    assert errors[64, 128] < errors[32, 128]
+
+
+def fake_checkpoint(vae, path: Path, config: Config, step: int = 3) -> Path:
+    """A checkpoint folder as training writes it, without training: what scripts/export.py reads."""
+    path.mkdir(parents=True)
+    (path / CONFIG_FILE).write_text(to_yaml(config))
+    (path / AUTOENCODER_CONFIG).write_text(vae.to_json_string())
+    save_file({**{f"vae.{k}": v.contiguous() for k, v in vae.state_dict().items()}, "logvar": torch.tensor(0.0)},
+              path / AUTOENCODER_WEIGHTS)
+    (path / TRAINING_STATE).write_text(json.dumps({"step": step}))
+    return path
+
+
+@pytest.mark.slow
+def test_cli_defaults_come_from_the_run(tiny_vae, tmp_path):
+    """Without --weights, --dtype or --single-file, scripts/export.py follows the run's config: a run
+    without EMA exports its raw weights, in the run's export dtype, without a single file when the run
+    said so; a missing source fails with the script's own message."""
+    config = load_config(None, ["train.ema=false", "export.dtype=bf16", "export.single_file=false",
+                                "data.resolution=32", "data.split=all"])
+    source = fake_checkpoint(tiny_vae, tmp_path / "checkpoint-3", config)
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "export.py")
+    proc = subprocess.run([sys.executable, script, str(source), "--out", str(tmp_path / "out"), "--num-images", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / EXPORT_REPORT).read_text())
+    assert report["weights"] == "raw" and report["dtype"] == "bf16" and report["step"] == 3
+    assert not (tmp_path / "out" / SINGLE_FILE_NAME).exists()
+    assert AutoencoderKL.from_pretrained(tmp_path / "out").config.sample_size == 32
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "export failed: no VAE at" in proc.stderr and "Traceback" not in proc.stderr

@@ -85,6 +85,7 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     report = json.loads((run / "export" / "export_report.json").read_text())
     assert vae.config.scaling_factor == pytest.approx(report["latent_stats"]["scaling_factor"])
     assert vae.config.scaling_factor != 0.18215  # measured, not the SD default
+    assert vae.config.sample_size == 32  # the training resolution: diffusers' tile size
     assert report["latent_stats"]["num_images"] == 4 and report["verification"]["diffusers"] == 0
     # scripts/export.py reads the same EMA weights back from the run's last checkpoint
     exported = load_file(run / "export" / EXPORT_WEIGHTS)

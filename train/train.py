@@ -184,7 +184,7 @@ def main():
                               step=state.step, config=config, discriminator=parts.raw_discriminator,
                               logvar=parts.raw_model.logvar.item())
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
-                                    ExportOptions.from_config(ecfg, overwrite=True),
+                                    ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
         if report is not None:
             accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {report['latent_stats']['scaling_factor']:.5f} "
