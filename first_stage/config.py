@@ -129,7 +129,7 @@ class TrainConfig:
     image_every: int = 100  # reconstruction grids and latent statistics
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
+    max_nonfinite: int = 20  # consecutive non-finite (or empty-batch) skipped steps before the run stops
     tracker: Literal["auto", "tensorboard", "wandb", "jsonl"] = "auto"
 
 
@@ -272,7 +272,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {Path(path).resolve()}") from None
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"{Path(path).resolve()}:{where}: not valid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     for assignment in overrides:

@@ -20,6 +20,7 @@ import io
 import os
 
 import datasets
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 import datasets.distributed
 import numpy as np
 import PIL.Image
@@ -46,6 +47,8 @@ SAMPLE_SPLITS = {"train": slice(None, -2), "validation": slice(-2, None), "all":
 # datasets' own decoder: bytes, local or remote path, ``.load()`` (so truncated files fail there)
 # and EXIF rotation. Used with our own try/except rather than inside the dataset.
 _DECODER = datasets.Image()
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)  # what datasets' imagefolder reads
+DECODE_PROBE = 100  # images tried before training: a dataset where none decodes is refused
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -103,6 +106,11 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableD
         # datasets would say "doesn't contain any data files" for a folder that does not exist.
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"data.path: image folder not found: {folder}")
+        # datasets would say 'Instruction "train" corresponds to no data!' for a folder without images.
+        if not any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(folder)
+                   for name in names):
+            raise FileNotFoundError(f"data.path: no image files in {folder} or its sub-folders (looked for "
+                                    f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         ds = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split, streaming=cfg.streaming)
     elif cfg.source == "hub":
         ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=cfg.streaming)
@@ -190,6 +198,24 @@ def load_sample(value: dict | None, cfg: DataConfig, rng: np.random.Generator) -
         return {"pixel_values": None, "skipped": 1, "upsized": 0}
     pixels, upsized = image_to_tensor(image, cfg, rng)
     return {"pixel_values": pixels, "skipped": 0, "upsized": int(upsized)}
+
+
+class DataError(ValueError):
+    """Data that cannot train: the message names the data and what was tried."""
+
+
+def check_decodable(cfg: DataConfig, limit: int = DECODE_PROBE) -> None:
+    """Raise :class:`DataError` when none of the first ``limit`` images of ``cfg``'s data decodes (a folder of
+    corrupt files would otherwise train on empty batches to the end). Map-style data only; a stream
+    is checked by the training loop's count of consecutive empty steps."""
+    if cfg.streaming:
+        return
+    dataset = ImageDataset(load_image_dataset(cfg), cfg)
+    tried = min(limit, len(dataset))
+    if not any(dataset[i]["pixel_values"] is not None for i in range(tried)):
+        raise DataError(f"no image decodes in data.source={cfg.source!r}, data.path={cfg.path!r}, "
+                         f"data.split={cfg.split!r}: tried {tried} of its {len(dataset)} files; check the "
+                         "files (corrupt, truncated, not images) or data.image_column")
 
 
 class ImageDataset(torch.utils.data.Dataset):

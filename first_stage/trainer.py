@@ -67,6 +67,7 @@ class TrainingState:
     step: int = 0  # optimiser updates done (skipped ones included)
     skipped_steps: int = 0  # non-finite losses, empty batches or overflowing fp16 gradients
     consecutive_nonfinite: int = 0
+    consecutive_empty: int = 0  # steps skipped in a row because some process got no decodable image
     last_finite_step: int = -1
     skipped_images: int = 0  # corrupt or undecodable
     upsized_images: int = 0  # smaller than the crop
@@ -292,11 +293,12 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
     if finite and not empty and not accelerator.optimizer_step_was_skipped:
         if tcfg.ema:
             parts.ema.step(parts.raw_model.vae.parameters())
-        state.consecutive_nonfinite, state.last_finite_step = 0, state.step
+        state.consecutive_nonfinite, state.consecutive_empty, state.last_finite_step = 0, 0, state.step
     else:
         reason = "non-finite loss" if not finite else "empty batch" if empty else "fp16 overflow"
         state.skipped_steps += 1
         state.consecutive_nonfinite += 0 if finite else 1
+        state.consecutive_empty = state.consecutive_empty + 1 if empty else 0
         accelerator.print(f"step {state.step}: skipped ({reason})")
     state.step += 1
     return logs

@@ -87,3 +87,10 @@ def test_mixed_precision_no_as_yaml_writes_it(tmp_path):
 def test_unknown_key_suggests_the_closest_key_of_any_section(wrong, suggested):
     with pytest.raises(ConfigError, match=re.escape(f"did you mean '{suggested}'")):
         load_config(None, [f"{wrong}=1"])
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  max_steps: 10\n  batch_size: [4\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+: not valid YAML"):
+        load_config(path)

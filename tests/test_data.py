@@ -11,7 +11,9 @@ from PIL import Image
 
 from first_stage.config import DataConfig
 from first_stage.data import (
+    DataError,
     ImageDataset,
+    check_decodable,
     collate,
     load_image_dataset,
     load_sample,
@@ -191,3 +193,23 @@ def test_webdataset_from_local_tar(tmp_path):
         batches = list(make_dataloader(cfg, batch_size=2, seed=0, drop_last=False))
         assert sum(len(b["pixel_values"]) for b in batches) == 3
         assert sum(b["skipped"] for b in batches) == 0
+
+
+def test_folder_without_images_names_the_folder_and_extensions(tmp_path):
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    with pytest.raises(FileNotFoundError, match=r"no image files in .*looked for .*\.jpg.*\.png"):
+        load_image_dataset(DataConfig(source="imagefolder", path=str(tmp_path)))
+
+
+def test_data_where_nothing_decodes_is_refused_before_training(tmp_path):
+    tmp_path = tmp_path / "images"  # a plain folder name (datasets infers splits from folder names)
+    tmp_path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(rng.integers(0, 255, 300, dtype=np.uint8).tobytes())
+    cfg = DataConfig(source="imagefolder", path=str(tmp_path), resolution=16)
+    with pytest.raises(DataError, match=r"no image decodes .*tried 3 of its 3 files"):
+        check_decodable(cfg)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "good.png")
+    check_decodable(cfg)  # one decodable image is enough
+

@@ -260,3 +260,16 @@ def test_performance_switches_train_the_same(tmp_path):
     assert_same_training(fast, plain)
     assert set(load_file(fast / "export" / EXPORT_WEIGHTS)) == \
         set(load_file(plain / "export" / EXPORT_WEIGHTS))
+
+
+def test_data_where_nothing_decodes_stops_before_the_first_step(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"bad{i}.jpg").write_bytes(np.random.default_rng(i).integers(0, 255, 300, dtype=np.uint8).tobytes())
+    proc, run = run_train(tmp_path, "undecodable", "data.source=imagefolder", f"data.path={folder}",
+                          "train.max_steps=4", "discriminator.enabled=false", "val_data.source=sample",
+                          "val_data.split=validation", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no image decodes" in proc.stderr and "tried 3 of its 3 files" in proc.stderr
+    assert not (run / "checkpoints").exists()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from first_stage.checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, CheckpointError, resolve_resume,
                                    save_checkpoint)
 from first_stage.config import ConfigError, load_config, save_config, to_yaml
-from first_stage.data import calibration_batches, describe, make_dataloader
+from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, restore, sum_over_processes,
@@ -110,6 +110,7 @@ def main():
     val_images = val_batch["pixel_values"].to(accelerator.device)
     if val_images.shape[0] == 0:
         raise ValueError(f"no decodable validation image in {val_cfg}")
+    check_decodable(config.data)
 
     # Setup model, losses, discriminator and optimisers:
     parts = build_parts(config, accelerator)
@@ -154,13 +155,15 @@ def main():
             grid = run_dir / "samples" / f"step-{state.step:07d}.png"
             log(accelerator, validate(parts, val_images, tcfg.ema, grid), state.step, run_dir)
 
-        too_many = state.consecutive_nonfinite >= tcfg.max_nonfinite
+        too_many = max(state.consecutive_nonfinite, state.consecutive_empty) >= tcfg.max_nonfinite
         stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
         if state.step % tcfg.checkpoint_every == 0 or too_many or stop or last:
             files = {**checkpoint_files, TRAINING_STATE: json.dumps(state.state_dict(), indent=1)}
             save_checkpoint(accelerator, ckpt_root, state.step, files, tcfg.keep_checkpoints, trainer_states(parts))
         if too_many:
-            accelerator.print(f"stopping: {state.consecutive_nonfinite} consecutive non-finite losses; "
+            what = ("non-finite losses" if state.consecutive_nonfinite >= tcfg.max_nonfinite else
+                    f"steps without a decodable image on some process (data: {describe(config.data)})")
+            accelerator.print(f"stopping: {tcfg.max_nonfinite} consecutive {what}; "
                               f"the last finite step was {state.last_finite_step}. Checkpoint saved.")
             exit_code = EXIT_NONFINITE
             break
@@ -199,5 +202,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:  # they name the file and what to do
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:  # they name the file and what to do
         sys.exit(f"error: {err}")
