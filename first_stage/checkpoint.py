@@ -17,6 +17,7 @@ in a way that can run code (:func:`check_checkpoint` refuses a folder before any
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
 CONFIG_FILE = "config.yaml"  # the resolved training config
 AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config
 TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
+STATUS_FILE = "status.json"  # <run>/status.json: how the run's last process ended (write_status)
 
 # An export folder (first_stage.export): diffusers' config.json and weights, then this package's files.
 EXPORT_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -181,6 +183,21 @@ def check_checkpoint(path: Path) -> None:
                 read_state(file)
         except CheckpointError as err:
             raise CheckpointError(f"{err}{_recovery_hint(path)}") from None
+
+
+def write_status(run_dir: Path, state: str, step: int | None, exit_code: int, reason: str) -> Path:
+    """Write ``<run>/status.json`` atomically (a reader never sees half a file): ``state``
+    (finished, stopped, nonfinite or failed), the step reached, the exit code, why, and the newest
+    complete checkpoint, for schedulers that cannot see the exit code through ``accelerate launch``."""
+    last = checkpoint_dirs(Path(run_dir) / "checkpoints")
+    record = {"state": state, "step": step, "exit_code": exit_code, "reason": reason,
+              "last_checkpoint": str(last[-1]) if last else None,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(run_dir) / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(Path(run_dir) / STATUS_FILE)
+    return Path(run_dir) / STATUS_FILE
 
 
 def is_run_or_checkpoint(path: Path) -> bool:

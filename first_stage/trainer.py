@@ -71,6 +71,10 @@ class TrainingState:
     last_finite_step: int = -1
     skipped_images: int = 0  # corrupt or undecodable
     upsized_images: int = 0  # smaller than the crop
+    # The layout of the run that wrote the checkpoint: the results of CPU kernels depend on the
+    # thread count, and the reduction order on the number of processes (see note_layout).
+    threads: int = 0
+    world_size: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +192,20 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
         parts.raw_discriminator = accelerator.unwrap_model(parts.discriminator)
         parts.disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
     return parts
+
+
+def note_layout(accelerator, state: TrainingState) -> None:
+    """Record this run's CPU thread count and process count in ``state``, warning when a resumed
+    checkpoint was written under others: the run then continues equal to float rounding, not bit
+    for bit (``accelerate launch`` sets one OMP thread per process; plain ``python`` uses every core)."""
+    now = {"threads": torch.get_num_threads(), "world_size": accelerator.num_processes}
+    before = {"threads": state.threads, "world_size": state.world_size}
+    changed = {k: (before[k], now[k]) for k in now if before[k] and before[k] != now[k]}
+    if changed:
+        accelerator.print("warning: the checkpoint was written with " + ", ".join(
+            f"{k} {a} (now {b})" for k, (a, b) in changed.items()) + "; the resumed run equals an uninterrupted one "
+            "to float rounding, not bit for bit. Launch as before (e.g. the same OMP_NUM_THREADS) for an exact resume.")
+    state.threads, state.world_size = now["threads"], now["world_size"]
 
 
 def trainer_states(parts: TrainingParts) -> dict[str, object]:

@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, STATUS_FILE,
+                                   TRAINER_STATES, TRAINING_STATE, build_autoencoder, checkpoint_dirs, load_vae)
 from first_stage.config import ModelConfig, load_config
-from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, TRAINING_STATE,
-                                   TRAINER_STATES, build_autoencoder, checkpoint_dirs, load_vae)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -56,6 +56,10 @@ def run_train(tmp_path, name, *overrides, vgg_file=None, launch=None, env=None, 
     return proc, tmp_path / name
 
 
+def status(run_dir):
+    return json.loads((run_dir / STATUS_FILE).read_text())
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -76,6 +80,9 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     for ckpt in (run / "checkpoints").iterdir():
         assert {AUTOENCODER_WEIGHTS, "optimizer.bin", CONFIG_FILE, TRAINING_STATE} <= {p.name for p in ckpt.iterdir()}
     assert (run / "config.yaml").is_file()
+    assert status(run) | {"time": None} == {"state": "finished", "step": 4, "exit_code": 0, "time": None,
+                                            "reason": "reached train.max_steps=4",
+                                            "last_checkpoint": str(run / "checkpoints" / "checkpoint-4")}
     logged = metrics(run)
     assert {"train/loss/lpips", "train/loss/g", "train/loss/disc", "val/psnr"} <= set().union(*logged)
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
@@ -197,6 +204,8 @@ def test_too_many_nonfinite_stops_with_checkpoint(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "last finite step was 0" in proc.stdout + proc.stderr
     assert (run / "checkpoints" / "checkpoint-3").is_dir()
+    assert status(run)["state"] == "nonfinite" and status(run)["exit_code"] == 2 and status(run)["step"] == 3
+    assert "last finite step was 0" in status(run)["reason"]
 
 
 def test_sigterm_saves_resumable_checkpoint(tmp_path):
@@ -215,6 +224,8 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
     (ckpt,) = (run / "checkpoints").iterdir()
     step = int(ckpt.name.split("-")[1])
     assert step >= 2 and json.loads((ckpt / TRAINING_STATE).read_text())["step"] == step
+    assert status(run)["state"] == "stopped" and status(run)["exit_code"] == 143
+    assert status(run)["last_checkpoint"] == str(ckpt) and status(run)["reason"].startswith("SIGTERM")
     resumed, _ = run_train(tmp_path, "preempt", f"train.max_steps={step + 1}", "discriminator.enabled=false",
                            resume="latest")
     assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr
@@ -273,3 +284,4 @@ def test_data_where_nothing_decodes_stops_before_the_first_step(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no image decodes" in proc.stderr and "tried 3 of its 3 files" in proc.stderr
     assert not (run / "checkpoints").exists()
+    assert status(run)["state"] == "failed" and "no image decodes" in status(run)["reason"]

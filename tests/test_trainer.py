@@ -20,7 +20,7 @@ from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CON
 from first_stage.config import load_config, to_yaml
 from first_stage.losses import discriminator_step_loss
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
-                                 posterior_noise, restore, train_step, trainer_states)
+                                 note_layout, posterior_noise, restore, train_step, trainer_states)
 
 TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "discriminator.enabled=true",
         "discriminator.start=0", "discriminator.channels=16", "optimizer.warmup_steps=4"]
@@ -180,3 +180,17 @@ def test_truncated_weights_name_the_file_and_the_way_back(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file.*"
                                               r"--resume latest then takes checkpoint-2"):
         check_checkpoint(root / "checkpoint-4")
+
+
+def test_resume_under_another_thread_count_warns(parts_and_accelerator, capsys):
+    _, _, accelerator = parts_and_accelerator
+    state = TrainingState()
+    note_layout(accelerator, state)  # a new run records its layout, silently
+    assert state.threads == torch.get_num_threads() and state.world_size == 1
+    assert "warning" not in capsys.readouterr().out
+    saved = TrainingState()
+    saved.load_state_dict({**state.state_dict(), "threads": state.threads + 3})
+    note_layout(accelerator, saved)
+    out = capsys.readouterr().out
+    assert f"threads {state.threads + 3} (now {state.threads})" in out and "not bit for bit" in out
+    assert saved.threads == state.threads

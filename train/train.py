@@ -5,6 +5,7 @@
 With no arguments it runs configs/quickstart.yaml. Everything lands in <output_dir>/<run_name>/.
 Exit codes: 0 done; 1 error; 2 stopped after too many consecutive non-finite losses (a checkpoint is
 saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (resume with --resume latest).
+`accelerate launch` turns them all into 1: <run>/status.json says how the run ended (docs/training.md).
 """
 
 import argparse
@@ -20,17 +21,18 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from first_stage.checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, CheckpointError, resolve_resume,
-                                   save_checkpoint)
+                                   save_checkpoint, write_status)
 from first_stage.config import ConfigError, load_config, save_config, to_yaml
 from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters
-from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, restore, sum_over_processes,
-                                 train_step, trainer_states, validate)
+from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
+                                 sum_over_processes, train_step, trainer_states, validate)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 EXIT_NONFINITE = 2
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", 143: "stopped", 130: "stopped"}  # status.json, by exit code
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
 INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
 
@@ -85,13 +87,10 @@ def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
             f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
-def main():
-    args = parse_args()
-
-    # Setup config, run directory and accelerator:
-    config = load_config(args.config, args.set)
+def train(args: argparse.Namespace, config, run_dir: Path) -> tuple[int, int, str]:
+    """The run: returns (exit code, step reached, why it ended)."""
+    # Setup the accelerator:
     tcfg = config.train
-    run_dir = Path(tcfg.output_dir) / tcfg.run_name
     accelerator = Accelerator(**accelerator_options(tcfg), log_with=trackers(tcfg.tracker),
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")))
@@ -123,6 +122,7 @@ def main():
         resume_dir = resolve_resume(args.resume, ckpt_root)
         state = restore(accelerator, parts, resume_dir)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
+    note_layout(accelerator, state)
     parts.ema.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers(tcfg.run_name)
@@ -137,7 +137,7 @@ def main():
     progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     meter = StepMeter()
     checkpoint_files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string()}
-    exit_code = 0
+    exit_code, reason = 0, f"reached train.max_steps={tcfg.max_steps}"
     while state.step < tcfg.max_steps:
         logs = train_step(accelerator, parts, config, state, batches, meter, state.step in INJECT_NONFINITE)
         progress.update(1)
@@ -163,12 +163,13 @@ def main():
         if too_many:
             what = ("non-finite losses" if state.consecutive_nonfinite >= tcfg.max_nonfinite else
                     f"steps without a decodable image on some process (data: {describe(config.data)})")
-            accelerator.print(f"stopping: {tcfg.max_nonfinite} consecutive {what}; "
-                              f"the last finite step was {state.last_finite_step}. Checkpoint saved.")
+            reason = f"{tcfg.max_nonfinite} consecutive {what}; the last finite step was {state.last_finite_step}"
+            accelerator.print(f"stopping: {reason}. Checkpoint saved.")
             exit_code = EXIT_NONFINITE
             break
         if stop:
-            exit_code = STOP_SIGNALS.get(stop_signal[0] if stop_signal else signal.SIGTERM, 143)
+            received = stop_signal[0] if stop_signal else signal.SIGTERM  # another process's signal
+            exit_code, reason = STOP_SIGNALS[received], f"{signal.Signals(received).name} (resume with --resume latest)"
             accelerator.print(f"stopping on signal at step {state.step}; resume with --resume latest")
             break
     progress.close()
@@ -196,6 +197,22 @@ def main():
     # the process group under it (gloo aborts with "terminate called without an active exception").
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return exit_code, state.step, reason
+
+
+def main():
+    args = parse_args()
+    config = load_config(args.config, args.set)
+    run_dir = Path(config.train.output_dir) / config.train.run_name
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch
+    try:
+        exit_code, step, reason = train(args, config, run_dir)
+    except BaseException as err:  # the status names the failure; the traceback still follows
+        if main_process:
+            write_status(run_dir, "failed", None, 1, f"{type(err).__name__}: {err}")
+        raise
+    if main_process:
+        write_status(run_dir, RUN_STATES[exit_code], step, exit_code, reason)
     sys.exit(exit_code)
 
 
