@@ -234,6 +234,12 @@ def kept_interpretation(report: Path) -> str:
     return found.group(1) if found else "_Interpretation: to be written after the full run._\n"
 
 
+def repo_relative(value):
+    """``value`` (JSON-like) with every absolute path inside the repository written relative to it:
+    the report's provenance must not name the machine it ran on."""
+    return json.loads(json.dumps(value).replace(str(REPO) + os.sep, ""))
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
 
@@ -350,6 +356,7 @@ def main():
             "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
             "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
             "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights}
+    meta, study = repo_relative(meta), repo_relative(study)
     write_json({"meta": meta, "variants": study}, out / "kl_study.json")
     report = out.with_suffix(".md")
     report.write_text(markdown(meta, study, done, figures, out.name, kept_interpretation(report)))

@@ -91,3 +91,11 @@ def test_study_end_to_end(tmp_path):
     # Same initial weights, same first batch, same posterior noise: the same first reconstruction.
     first = [next(m["train/loss/pixel"] for m in metrics[name] if m["step"] == 1) for name in metrics]
     assert first[0] == first[1]
+
+
+def test_provenance_is_repository_relative():
+    meta = {"evaluation_data": f"source=imagefolder,path={REPO}/outputs/kl_study/held_out_64",
+            "common_overrides": [f"train.output_dir={REPO}/outputs/kl_study/runs"], "elsewhere": "/data/imgs"}
+    assert kl_study.repo_relative(meta) == {"evaluation_data": "source=imagefolder,path=outputs/kl_study/held_out_64",
+                                            "common_overrides": ["train.output_dir=outputs/kl_study/runs"],
+                                            "elsewhere": "/data/imgs"}
