@@ -12,6 +12,7 @@ sample photos). Writes OUT/report.json, OUT/report.md and PNG plots. Definitions
 import argparse
 import functools
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from first_stage.data import calibration_batches, describe
+from first_stage.checkpoint import CheckpointError
+from first_stage.data import DataError, calibration_batches, describe
 from first_stage.evaluation import data_from_spec, evaluate_each, nonlocality
 from first_stage.latent_stats import LatentStatistics
+from first_stage.model import downsampling_factor
 from first_stage.reports import latent_plots, latent_rows, markdown_table, report, write_json, write_markdown
 
 
@@ -55,33 +58,36 @@ def measure(vae, index: int, data, args, accelerator) -> dict:
     batches = lambda: calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,  # noqa: E731
                                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
-    stats = LatentStatistics(vae.config.latent_channels)
+    side = data.resolution // downsampling_factor(vae.config)
+    stats = LatentStatistics(vae.config.latent_channels, (side, side))
     bar = dict(total=2 * math.ceil(args.num_images / accelerator.num_processes), unit="img",
                disable=not accelerator.is_local_main_process)
     with tqdm(**bar) as progress:
         for batch in batches():
-            z, logvar = encode(vae, batch["pixel_values"])
-            if z.shape[0]:
-                stats.first_pass(z, logvar)
+            if batch["pixel_values"].shape[0]:  # every image of a batch may be undecodable
+                stats.first_pass(*encode(vae, batch["pixel_values"]))
             progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
         stats.finish_first_pass(reduce_sum)
         local_k = math.ceil(args.nonlocality_images / accelerator.num_processes)
         shares = {"peak": [], "random": []}
         generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
         for batch in batches():
+            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
+            if not batch["pixel_values"].shape[0]:
+                continue
             z, _ = encode(vae, batch["pixel_values"])
-            if z.shape[0]:
-                stats.second_pass(z)
+            stats.second_pass(z)
             todo = local_k - len(shares["peak"])
-            if todo > 0 and z.shape[0]:
+            if todo > 0:
                 found = nonlocality(vae, z[:todo], stats.std.float(), args.margin, generator)
                 for key in shares:
                     shares[key] += found[key]
-            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
     stats.combine(reduce_sum, gather_object)
     shares = {key: gather_object(values) for key, values in shares.items()}
     if not accelerator.is_main_process:
         return {}
+    if not stats.peak_zhat:
+        raise DataError(f"no decodable image among the {args.num_images} asked for of {describe(data)}")
     result = stats.result()
     result["scale"]["carried_over_implied"] = vae.config.scaling_factor / result["scale"]["implied_scaling_factor"]
     result["nonlocality"] = {"images": len(shares["peak"]), "margin_cells": args.margin,
@@ -114,4 +120,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, DataError, FileNotFoundError) as err:  # they name the file or data and what to do
+        sys.exit(f"error: {err}")

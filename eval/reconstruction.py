@@ -12,6 +12,7 @@ rFID needs torch-fidelity's Inception file (--inception-weights PATH, `pip insta
 import argparse
 import functools
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from first_stage.data import calibration_batches, describe
+from first_stage.checkpoint import CheckpointError
+from first_stage.data import DataError, calibration_batches, describe
 from first_stage.evaluation import (WorstImages, build_fid, data_from_spec, evaluate_each, reconstruction_metrics,
                                     summarize)
 from first_stage.perceptual import load_lpips
@@ -72,6 +74,8 @@ def measure(vae, index: int, data, args, accelerator, lpips, out: Path) -> dict:
     rfid = fid.compute().item() if fid is not None else None  # torchmetrics syncs its states across processes
     if not accelerator.is_main_process:
         return {}
+    if not per_image["psnr"]:
+        raise DataError(f"no decodable image among the {args.num_images} asked for of {describe(data)}")
     result = {"images": len(per_image["psnr"]), **{k: summarize(v) for k, v in per_image.items()},
               "rfid": rfid, "per_image": per_image}
     worst_items = sorted(worst_items, key=lambda item: item[0])[:args.worst]
@@ -107,4 +111,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, DataError, FileNotFoundError) as err:  # they name the file or data and what to do
+        sys.exit(f"error: {err}")

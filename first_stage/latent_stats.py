@@ -133,13 +133,16 @@ class LatentStatistics:
     """Streaming accumulator. Call :meth:`first_pass` on every batch, :meth:`finish_first_pass`,
     :meth:`second_pass` on the same batches, then :meth:`result`."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, spatial: tuple[int, int]):
+        """``channels`` and the latent's (h, w): known before any image, so that a process that gets
+        no image (fewer images than processes) still takes part in :meth:`combine`."""
         self.channels = channels
+        self.shape = (channels, *spatial)
         f64 = dict(dtype=torch.float64)
         # first pass, per channel: elements, Σz, Σz², Σσ², ΣKL, count of log-variances at the clamp
         self.sums1 = torch.zeros(6, channels, **f64)
         self.logvar_hist = torch.zeros(LOGVAR_BINS, **f64)
-        self.peak_positions: torch.Tensor | None = None  # (h, w) counts of each image's energy peak
+        self.peak_positions = torch.zeros(spatial[0] * spatial[1], dtype=torch.float64)  # (h*w,) counts of energy peaks
         self.concentration: list[float] = []  # per image: largest position's share of latent energy
         # second pass, per channel: Σẑ⁴, counts |ẑ| > k for k in TAIL_KS, DCT energy total and high band
         self.sums2 = torch.zeros(3 + len(TAIL_KS), channels, **f64)
@@ -160,10 +163,9 @@ class LatentStatistics:
         self.logvar_hist += torch.histc(logvar.clamp(*LOGVAR_CLAMP), LOGVAR_BINS, *LOGVAR_CLAMP)
         energy = z.pow(2).sum(1).flatten(1)  # (B, h*w): ‖z[:, h, w]‖²
         self.concentration += (energy.max(1).values / energy.sum(1).clamp_min(1e-300)).tolist()
-        if self.peak_positions is None:
-            self.peak_positions = torch.zeros(h * w, dtype=torch.float64)
+        if (c, h, w) != self.shape:
+            raise ValueError(f"latents of shape {(c, h, w)}, expected {self.shape}")
         self.peak_positions += torch.bincount(energy.argmax(1), minlength=h * w).double()
-        self.shape = (c, h, w)
 
     def finish_first_pass(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Combine the first-pass sums over processes and fix the channel mean and std."""

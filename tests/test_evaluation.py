@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_stats(batches) -> dict:
     """One process over (z, logvar) batches: both passes, then the result."""
-    stats = LatentStatistics(batches[0][0].shape[1])
+    stats = LatentStatistics(batches[0][0].shape[1], tuple(batches[0][0].shape[2:]))
     for z, logvar in batches:
         stats.first_pass(z, logvar)
     stats.finish_first_pass()
@@ -105,7 +105,7 @@ def test_streaming_and_two_processes_equal_one_shot():
     one = run_stats([(z, logvar)])
     streamed = run_stats([(z[i:i + 5], logvar[i:i + 5]) for i in range(0, 12, 5)])
     # two "processes": images 0-6 and 7-11; their sums are added as accelerator.reduce(t, "sum") would
-    a, b = LatentStatistics(4), LatentStatistics(4)
+    a, b = LatentStatistics(4, tuple(z.shape[2:])), LatentStatistics(4, tuple(z.shape[2:]))
     a.first_pass(z[:7], logvar[:7])
     b.first_pass(z[7:], logvar[7:])
     total = a.sums1 + b.sums1
@@ -231,3 +231,29 @@ def test_latent_stats_two_processes_equal_one(tiny_vae, images, tmp_path):
     for a, b in ((two["zhat_histogram"]["counts"], one["zhat_histogram"]["counts"]),
                  (two["posterior"]["logvar_histogram"], one["posterior"]["logvar_histogram"])):
         assert np.abs(np.array(a) - np.array(b)).sum() <= 6
+
+
+@pytest.mark.slow
+def test_eval_scripts_survive_undecodable_images_and_idle_processes(tiny_vae, images, tmp_path):
+    """A batch whose only image is corrupt, more processes than images, and data where nothing
+    decodes: the first two measure what there is, the last fails with the data named."""
+    export_autoencoder(tiny_vae, tmp_path / "vae", [images], ExportSource("test", "test"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "good.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    spec = f"source=imagefolder,path={folder},resolution=32"
+    common = ["--vae", str(tmp_path / "vae"), "--batch-size", "1", "--num-images", "2"]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    for name, cmd in (("one", [sys.executable]), ("two", launch)):  # "two": one process gets only the corrupt file
+        proc = subprocess.run([*cmd, str(REPO / "eval" / "latent_stats.py"), *common, "--nonlocality-images", "1", "--data", spec,
+                               "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]["images"] == 1
+    (folder / "good.png").unlink()
+    for script, extra in (("latent_stats.py", ["--nonlocality-images", "1"]), ("reconstruction.py", ["--no-lpips"])):
+        proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *common, *extra, "--data", spec,
+                               "--out", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 1 and "error: no decodable image" in proc.stderr and "Traceback" not in proc.stderr
