@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -87,8 +87,8 @@ def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
             f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
-def train(args: argparse.Namespace, config, run_dir: Path) -> tuple[int, int, str]:
-    """The run: returns (exit code, step reached, why it ended)."""
+def train(args: argparse.Namespace, config, run_dir: Path) -> int:
+    """The run, ending with its status.json; returns the exit code."""
     # Setup the accelerator:
     tcfg = config.train
     accelerator = Accelerator(**accelerator_options(tcfg), log_with=trackers(tcfg.tracker),
@@ -193,26 +193,26 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> tuple[int, int, st
         if report is not None:
             accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {report['latent_stats']['scaling_factor']:.5f} "
                               f"from {report['latent_stats']['num_images']} images; {report['fp16']['verdict']}")
-    # The other processes wait for the main one's export: a process that leaves early tears down
-    # the process group under it (gloo aborts with "terminate called without an active exception").
+    if accelerator.is_main_process:
+        write_status(run_dir, RUN_STATES[exit_code], state.step, exit_code, reason)
+    # The other processes wait for the main one's export and status: a process that leaves early
+    # tears down the process group under it (gloo aborts with "terminate called without an active
+    # exception"), so nothing but leaving comes after this barrier.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return exit_code, state.step, reason
+    return exit_code
 
 
 def main():
     args = parse_args()
     config = load_config(args.config, args.set)
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    main_process = int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch
     try:
-        exit_code, step, reason = train(args, config, run_dir)
+        exit_code = train(args, config, run_dir)
     except BaseException as err:  # the status names the failure; the traceback still follows
-        if main_process:
+        if PartialState().is_main_process:  # the state train()'s Accelerator set up
             write_status(run_dir, "failed", None, 1, f"{type(err).__name__}: {err}")
         raise
-    if main_process:
-        write_status(run_dir, RUN_STATES[exit_code], step, exit_code, reason)
     sys.exit(exit_code)
 
 
