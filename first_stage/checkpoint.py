@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from .config import Config, ModelConfig, load_config
+from .config import Config, ModelConfig, exported_weights, load_config
 from .convert import autoencoder_from_ldm, read_weights, split_ldm_checkpoint
 from .model import new_autoencoder
 
@@ -75,6 +75,11 @@ BUNDLE_DIR = "finetune"  # discriminator, log-variance and a training config tha
 EXPORT_REPORT = "export_report.json"
 
 
+def is_checkpoint_name(path: Path) -> bool:
+    """Whether ``path`` is named like a complete checkpoint folder, ``checkpoint-<step>``."""
+    return path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+
+
 def checkpoint_step(path: Path) -> int:
     """The step of a ``checkpoint-<step>`` folder."""
     return int(path.name[len(CHECKPOINT_PREFIX):])
@@ -84,8 +89,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoint folders under ``root``, oldest first (unfinished ones are hidden)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and is_checkpoint_name(p)]
     return sorted(found, key=checkpoint_step)
 
 
@@ -148,7 +152,7 @@ def read_state(file: Path):
 
 def _recovery_hint(path: Path) -> str:
     """How to resume without a broken checkpoint ``path``."""
-    if not (path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()):
+    if not is_checkpoint_name(path):
         return ""
     older = [p for p in checkpoint_dirs(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
     if not older:
@@ -265,7 +269,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
                                 f"checkpoint (with {TRAINING_STATE})")
     config = load_config(path / CONFIG_FILE)
     if weights is None:
-        weights = config.export.weights if config.train.ema else "raw"
+        weights = exported_weights(config)
     arch = path / AUTOENCODER_CONFIG
     if arch.is_file():
         vae = AutoencoderKL.from_config(json.loads(arch.read_text()))

@@ -296,6 +296,11 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...], sourc
     return _build(Config, raw, "", f"{source} {' '.join(overrides)}")
 
 
+def exported_weights(config: Config) -> str:
+    """The weights a run's export takes: ``export.weights``, or the raw ones when it kept no EMA."""
+    return config.export.weights if config.train.ema else "raw"
+
+
 def to_dict(config: Config) -> dict:
     """The config as plain YAML-safe data (tuples become lists)."""
 

@@ -204,18 +204,18 @@ class DataError(ValueError):
     """Data that cannot train: the message names the data and what was tried."""
 
 
-def check_decodable(cfg: DataConfig, limit: int = DECODE_PROBE) -> None:
-    """Raise :class:`DataError` when none of the first ``limit`` images of ``cfg``'s data decodes (a folder of
-    corrupt files would otherwise train on empty batches to the end). Map-style data only; a stream
-    is checked by the training loop's count of consecutive empty steps."""
-    if cfg.streaming:
+def check_decodable(dataset: torch.utils.data.Dataset, limit: int = DECODE_PROBE) -> None:
+    """Raise :class:`DataError` when none of the first ``limit`` images of ``dataset`` (an
+    :class:`ImageDataset`) decodes: a folder of corrupt files would otherwise train on empty batches
+    to the end. A stream is not checked here; the training loop counts its consecutive empty steps."""
+    if not isinstance(dataset, ImageDataset):
         return
-    dataset = ImageDataset(load_image_dataset(cfg), cfg)
     tried = min(limit, len(dataset))
     if not any(dataset[i]["pixel_values"] is not None for i in range(tried)):
+        cfg = dataset.cfg
         raise DataError(f"no image decodes in data.source={cfg.source!r}, data.path={cfg.path!r}, "
-                         f"data.split={cfg.split!r}: tried {tried} of its {len(dataset)} files; check the "
-                         "files (corrupt, truncated, not images) or data.image_column")
+                        f"data.split={cfg.split!r}: tried {tried} of its {len(dataset)} files; check the "
+                        "files (corrupt, truncated, not images) or data.image_column")
 
 
 class ImageDataset(torch.utils.data.Dataset):

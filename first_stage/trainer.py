@@ -4,8 +4,7 @@ The library is handed an ``Accelerator`` and never constructs one (:func:`accele
 how the entry points build theirs). The pieces, in the order a run uses them:
 
 - :func:`build_parts` builds the typed :class:`TrainingParts` from the config: the autoencoder in
-  its wrapper, EMA, loss, discriminator, optimisers and scalers, prepared and registered for
-  checkpointing;
+  its wrapper, EMA, loss, discriminator, optimisers and scalers, prepared by the Accelerator;
 - :func:`train_step` runs one optimiser step: ``grad_accum`` micro-batches, each through
   :func:`micro_step` (the generator's backward with the discriminator frozen, then the
   discriminator's on detached images), then :func:`optimizer_step` at the end of the window
@@ -336,8 +335,8 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
     finite, empty, logs = True, False, {}
     # Forward passes in train mode update buffers (the discriminator's BatchNorm statistics): a
     # skipped step puts them back, so that it changes nothing at all.
-    buffers = {name: b.clone() for module in (parts.raw_model, parts.raw_discriminator) if module is not None
-               for name, b in _named_buffers(module)}
+    buffers = [(b, b.clone()) for module in (parts.raw_model, parts.raw_discriminator) if module is not None
+               for b in module.buffers()]
     for micro in range(tcfg.grad_accum):
         wait = time.time()
         batch = next(batches)
@@ -359,24 +358,13 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
             if accelerator.sync_gradients:
                 logs.update(optimizer_step(accelerator, parts, config, state, finite, empty))
                 if not finite or empty:
-                    _restore_buffers(parts, buffers)
+                    with torch.no_grad():
+                        for buffer, saved in buffers:
+                            buffer.copy_(saved)
     if not accelerator.sync_gradients:
         raise RuntimeError(f"train_step: {tcfg.grad_accum} micro-batches did not end an accumulation window; "
                            "build the Accelerator with trainer.accelerator_options(config.train)")
     return logs
-
-
-def _named_buffers(module: nn.Module):
-    """(id-qualified name, buffer) of every buffer of ``module``."""
-    return [(f"{id(module)}.{name}", b) for name, b in module.named_buffers()]
-
-
-@torch.no_grad()
-def _restore_buffers(parts: TrainingParts, saved: dict[str, torch.Tensor]) -> None:
-    for module in (parts.raw_model, parts.raw_discriminator):
-        if module is not None:
-            for name, b in _named_buffers(module):
-                b.copy_(saved[name])
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ Launch with `accelerate launch scripts/export.py ...` to split the calibration o
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -97,12 +98,13 @@ def main():
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
-    single_file = args.single_file or (SINGLE_FILE_NAME if ecfg.single_file else None)
-    options = ExportOptions(dtype=args.dtype or ecfg.dtype, latent_norm=args.latent_norm or ecfg.latent_norm,
-                            single_file=None if args.no_single_file else single_file, overwrite=args.overwrite,
-                            # a run's training resolution; a weight file's calibration resolution (it has none)
-                            sample_size=found.config.data.resolution if found.config else
-                            data.resolution if found.path.is_file() else None)
+    given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
+    options = ExportOptions.from_config(
+        ecfg, **{k: v for k, v in given.items() if v is not None}, overwrite=args.overwrite,
+        # a run's training resolution; a weight file's calibration resolution (it has none)
+        sample_size=found.config.data.resolution if found.config else data.resolution if found.path.is_file() else None)
+    if args.no_single_file:
+        options = dataclasses.replace(options, single_file=None)
     try:
         report = export_autoencoder(found.vae.to(accelerator.device), args.out, (b["pixel_values"] for b in calibration),
                                     source, options, gather=lambda t: accelerator.reduce(t, "sum"),

@@ -209,7 +209,7 @@ def test_data_where_nothing_decodes_is_refused_before_training(tmp_path):
         (tmp_path / f"bad{i}.jpg").write_bytes(rng.integers(0, 255, 300, dtype=np.uint8).tobytes())
     cfg = DataConfig(source="imagefolder", path=str(tmp_path), resolution=16)
     with pytest.raises(DataError, match=r"no image decodes .*tried 3 of its 3 files"):
-        check_decodable(cfg)
+        check_decodable(ImageDataset(load_image_dataset(cfg), cfg))
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "good.png")
-    check_decodable(cfg)  # one decodable image is enough
+    check_decodable(ImageDataset(load_image_dataset(cfg), cfg))  # one decodable image is enough
 

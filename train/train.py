@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from first_stage.checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, CheckpointError, resolve_resume,
                                    save_checkpoint, write_status)
-from first_stage.config import ConfigError, load_config, save_config, to_yaml
+from first_stage.config import ConfigError, exported_weights, load_config, save_config, to_yaml
 from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
     val_images = val_batch["pixel_values"].to(accelerator.device)
     if val_images.shape[0] == 0:
         raise ValueError(f"no decodable validation image in {val_cfg}")
-    check_decodable(config.data)
+    check_decodable(dataloader.dataset)
 
     # Setup model, losses, discriminator and optimisers:
     parts = build_parts(config, accelerator)
@@ -179,7 +179,7 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
     accelerator.wait_for_everyone()
     if exit_code == 0:
         ecfg, vae = config.export, parts.raw_model.vae
-        weights = ecfg.weights if tcfg.ema else "raw"
+        weights = exported_weights(config)
         if weights == "ema":
             parts.ema.copy_to(vae.parameters())
         calibration = calibration_batches(config.data, ecfg.calibration_images, tcfg.batch_size, seed=tcfg.seed,
