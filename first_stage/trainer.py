@@ -325,14 +325,15 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                meter: StepMeter | None = None, inject_nonfinite: bool = False) -> dict:
     """One optimiser step: ``train.grad_accum`` micro-batches from ``batches`` (dicts with
     ``pixel_values``, ``skipped``, ``upsized``), then :func:`optimizer_step`. Updates ``state``
-    (step, image counts) and ``meter``; returns the step's logs (the last micro-batch's losses).
+    (step, image counts) and ``meter``; returns the step's logs: each loss is the mean over the
+    window's micro-batches and over processes, so 1×4, 2×2 and accumulated 2×2 layouts log alike.
 
     A window in which every image of some process's batch was undecodable is skipped on every
     process: a partial window would step with gradients that were never synchronised.
     """
     tcfg = config.train
     accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
-    finite, empty, logs = True, False, {}
+    finite, empty, sums, micro_batches, step_logs = True, False, {}, 0, {}
     # Forward passes in train mode update buffers (the discriminator's BatchNorm statistics): a
     # skipped step puts them back, so that it changes nothing at all.
     buffers = [(b, b.clone()) for module in (parts.raw_model, parts.raw_discriminator) if module is not None
@@ -354,9 +355,11 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                                         parts.latent_shape(x.shape[-1]))
                 micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config, inject_nonfinite)
                 finite &= micro_finite
-                logs.update(micro_logs)
+                micro_batches += 1
+                for key, value in micro_logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
             if accelerator.sync_gradients:
-                logs.update(optimizer_step(accelerator, parts, config, state, finite, empty))
+                step_logs = optimizer_step(accelerator, parts, config, state, finite, empty)
                 if not finite or empty:
                     with torch.no_grad():
                         for buffer, saved in buffers:
@@ -364,7 +367,11 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
     if not accelerator.sync_gradients:
         raise RuntimeError(f"train_step: {tcfg.grad_accum} micro-batches did not end an accumulation window; "
                            "build the Accelerator with trainer.accelerator_options(config.train)")
-    return logs
+    # Every process ran the same micro-batches (an empty one stops the window everywhere), so the
+    # keys agree and one collective averages them.
+    keys = sorted(sums)
+    totals = sum_over_processes(accelerator, *(sums[k] / micro_batches for k in keys)) if keys else []
+    return {**{k: t / accelerator.num_processes for k, t in zip(keys, totals)}, **step_logs}
 
 
 @torch.no_grad()

@@ -143,6 +143,12 @@ def assert_same_training(run_a, run_b):
     elements differ by up to lr. The norm of the difference must be < 1% of the norm of the step-2
     update; unsynchronised gradients would give a difference of the order of the update itself.
     """
+    # The logged losses are means over the window's micro-batches and over processes: equal in both
+    # layouts (step 1 is computed before any update; step 2 after one, equal to float noise).
+    logged_a, logged_b = metrics(run_a), metrics(run_b)
+    for key in ("train/loss/total", "train/loss/pixel", "train/loss/kl"):
+        assert [m[key] for m in logged_a if key in m] == pytest.approx([m[key] for m in logged_b if key in m],
+                                                                       rel=1e-5), key
     a, b, b1 = weights(run_a, 2), weights(run_b, 2), weights(run_b, 1)
     flat = lambda w: torch.cat([w[k].flatten() for k in sorted(w) if k.startswith("vae.")])
     update = (flat(b) - flat(b1)).norm()
