@@ -245,6 +245,32 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
     assert f"error: {ckpt / TRAINER_STATES['ema']}: refused" in refused.stderr
 
 
+def test_sigterm_to_a_single_process_launcher_stops_the_trainer_with_a_checkpoint(tmp_path):
+    """`accelerate launch` with one process does not forward SIGTERM: the trainer must not train on."""
+    sets = [*BASE, f"train.output_dir={tmp_path}", "train.run_name=orphan", "train.max_steps=100000",
+            "train.checkpoint_every=100000", "discriminator.enabled=false", "loss.perceptual_weight=0"]
+    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    launcher = subprocess.Popen(launch + [TRAIN] + [a for s in sets for a in ("--set", s)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")},
+                                start_new_session=True)
+    run = tmp_path / "orphan"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler or `kill PID` does
+        launcher.wait(timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / STATUS_FILE).exists():
+            time.sleep(0.2)
+        assert status(run)["state"] == "stopped" and status(run)["exit_code"] == 143
+        (ckpt,) = (run / "checkpoints").iterdir()
+        assert status(run)["last_checkpoint"] == str(ckpt)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the trainer is still in the launcher's process group
+
+
 def test_empty_batches_skip_the_step(tmp_path):
     folder = tmp_path / "images"
     write_fault_folder(folder)

@@ -9,6 +9,7 @@ saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (resume 
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 EXIT_NONFINITE = 2
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", 143: "stopped", 130: "stopped"}  # status.json, by exit code
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
 INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
@@ -77,6 +79,28 @@ def infinite_batches(dataloader, accelerator, micro_batches_done: int, streaming
         for batch in loader:
             yield batch
         epoch, skip = epoch + 1, 0
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel send this process SIGTERM when its ``accelerate launch`` goes (Linux).
+
+    A single-process ``accelerate launch`` neither forwards SIGTERM to the trainer nor takes it along
+    when it dies: a pre-empted run would train on, orphaned, with no stop checkpoint. With the
+    parent-death signal it stops at the next step with a checkpoint, as on a direct SIGTERM. Only
+    under the launcher: a trainer started by a shell (``nohup python train/train.py &``) outlives it.
+    """
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
+    except OSError:  # not Linux
+        return
+    if not any(Path(arg.decode(errors="replace")).name.startswith("accelerate") for arg in argv):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        print(f"warning: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): the run will not stop "
+              "by itself if its launcher is killed", file=sys.stderr)
+    if os.getppid() != parent:  # the launcher went before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
@@ -131,6 +155,7 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
     stop_signal = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    stop_with_launcher()
 
     # Training loop: one optimiser step per iteration, then logging, validation, checkpoints, stopping.
     batches = infinite_batches(dataloader, accelerator, state.step * tcfg.grad_accum, config.data.streaming)
