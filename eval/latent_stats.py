@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from first_stage.checkpoint import CheckpointError
 from first_stage.data import DataError, calibration_batches, describe
-from first_stage.evaluation import data_from_spec, evaluate_each, nonlocality
+from first_stage.evaluation import evaluate_each, evaluation_data, images_to_measure, nonlocality
 from first_stage.latent_stats import LatentStatistics
 from first_stage.model import downsampling_factor
+from first_stage.perceptual import LPIPSWeightsError
 from first_stage.reports import latent_plots, latent_rows, markdown_table, report, write_json, write_markdown
 
 
@@ -53,61 +54,66 @@ def encode(vae, x):
 
 
 @torch.no_grad()
-def measure(vae, index: int, data, args, accelerator) -> dict:
-    """Both passes over the same images, then the combined statistics (main process)."""
+def measure(vae, index: int, data, args, accelerator, images: int) -> dict:
+    """Both passes over the same ``images`` images, then the combined statistics (main process)."""
     batches = lambda: calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,  # noqa: E731
                                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
     side = data.resolution // downsampling_factor(vae.config)
     stats = LatentStatistics(vae.config.latent_channels, (side, side))
-    bar = dict(total=2 * math.ceil(args.num_images / accelerator.num_processes), unit="img",
+    bar = dict(total=2 * math.ceil(images / accelerator.num_processes), unit="img",
                disable=not accelerator.is_local_main_process)
+    skipped, perturbed = [], []  # perturbed: (image id, file, peak share, random share)
     with tqdm(**bar) as progress:
         for batch in batches():
             if batch["pixel_values"].shape[0]:  # every image of a batch may be undecodable
                 stats.first_pass(*encode(vae, batch["pixel_values"]))
+            skipped += batch["skipped_names"]
             progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
         stats.finish_first_pass(reduce_sum)
-        local_k = math.ceil(args.nonlocality_images / accelerator.num_processes)
-        shares = {"peak": [], "random": []}
-        generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
         for batch in batches():
             progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
             if not batch["pixel_values"].shape[0]:
                 continue
             z, _ = encode(vae, batch["pixel_values"])
             stats.second_pass(z)
-            todo = local_k - len(shares["peak"])
-            if todo > 0:
-                found = nonlocality(vae, z[:todo], stats.std.float(), args.margin, generator)
-                for key in shares:
-                    shares[key] += found[key]
+            # The first --nonlocality-images images of the pick, each with its random position
+            # seeded by the image: the same test whatever the number of processes.
+            chosen = [i for i, image_id in enumerate(batch["ids"]) if image_id < args.nonlocality_images]
+            if chosen:
+                found = nonlocality(vae, z[chosen], stats.std.float(),
+                                    [hash((args.seed, batch["ids"][i])) for i in chosen], args.margin)
+                perturbed += [(batch["ids"][i], batch["names"][i], p, r)
+                              for i, p, r in zip(chosen, found["peak"], found["random"])]
     stats.combine(reduce_sum, gather_object)
-    shares = {key: gather_object(values) for key, values in shares.items()}
+    skipped, perturbed = gather_object(skipped), sorted(gather_object(perturbed))
     if not accelerator.is_main_process:
         return {}
     if not stats.peak_zhat:
-        raise DataError(f"no decodable image among the {args.num_images} asked for of {describe(data)}")
+        raise DataError(f"no decodable image among the {images} picked of {describe(data)}")
     result = stats.result()
     result["scale"]["carried_over_implied"] = vae.config.scaling_factor / result["scale"]["implied_scaling_factor"]
-    result["nonlocality"] = {"images": len(shares["peak"]), "margin_cells": args.margin,
-                             "peak": shares["peak"], "random": shares["random"],
-                             "peak_median": float(torch.tensor(shares["peak"]).median()) if shares["peak"] else None,
-                             "random_median": float(torch.tensor(shares["random"]).median()) if shares["random"] else None}
+    peak, random = [p for _, _, p, _ in perturbed], [r for _, _, _, r in perturbed]
+    result["nonlocality"] = {"images": len(perturbed), "margin_cells": args.margin, "files": [f for _, f, _, _ in perturbed],
+                             "peak": peak, "random": random,
+                             "peak_median": float(torch.tensor(peak).median()) if peak else None,
+                             "random_median": float(torch.tensor(random).median()) if random else None}
+    result["skipped_files"] = skipped
     return result
 
 
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    data = data_from_spec(args.data)
+    data = evaluation_data(args.data)
     out = Path(args.out)
+    images, available = images_to_measure(data, args.num_images, accelerator.print)
     load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
     entries = evaluate_each(args.vae, accelerator.device, functools.partial(measure, data=data, args=args,
-                            accelerator=accelerator), args.bf16, **load)
+                            accelerator=accelerator, images=images), args.bf16, **load)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        rep = report("latent_stats", describe(data), entries[0]["results"]["images"], entries)
+        rep = report("latent_stats", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")
         table = markdown_table(latent_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
         notes = ["Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); 1/(h·w) for the modal",
@@ -122,5 +128,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError, FileNotFoundError) as err:  # they name the file or data and what to do
+    except (CheckpointError, DataError, LPIPSWeightsError, FileNotFoundError) as err:  # they name the file or data
         sys.exit(f"error: {err}")

@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from first_stage.checkpoint import CheckpointError
 from first_stage.data import DataError, calibration_batches, describe
-from first_stage.evaluation import (WorstImages, build_fid, data_from_spec, evaluate_each, reconstruction_metrics,
-                                    summarize)
-from first_stage.perceptual import load_lpips
+from first_stage.evaluation import (WorstImages, build_fid, evaluate_each, evaluation_data, images_to_measure,
+                                    reconstruction_metrics, summarize)
+from first_stage.perceptual import VGG16_FILENAME, LPIPSWeightsError, load_lpips
+
+LPIPS_OPTION = f"to this script: --lpips-weights /path/to/{VGG16_FILENAME} (or measure without LPIPS: --no-lpips)"
 from first_stage.reports import markdown_table, reconstruction_rows, report, save_grid, write_json, write_markdown
 
 
@@ -49,61 +51,69 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.no_grad()
-def measure(vae, index: int, data, args, accelerator, lpips, out: Path) -> dict:
-    per_image = {"psnr": [], "ssim": [], "lpips": []}
-    worst = WorstImages(args.worst)
+def measure(vae, index: int, data, args, accelerator, lpips, out: Path, images: int) -> dict:
+    per_image = {"file": [], "psnr": [], "ssim": [], "lpips": []}
+    worst, skipped = WorstImages(args.worst), []
     fid = build_fid(args.inception_weights, accelerator.device)
     batches = calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
-    total = math.ceil(args.num_images / accelerator.num_processes)
-    for batch in tqdm(batches, total=math.ceil(total / args.batch_size), disable=not accelerator.is_local_main_process):
+    for batch in tqdm(batches, total=math.ceil(math.ceil(images / accelerator.num_processes) / args.batch_size),
+                      disable=not accelerator.is_local_main_process):
+        skipped += batch["skipped_names"]
         x = batch["pixel_values"].to(accelerator.device)
         if x.shape[0] == 0:
             continue
         z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
         rec = vae.decode(z).sample.float()
         metrics = reconstruction_metrics(x, rec, lpips)
+        per_image["file"] += batch["names"]
         for key, values in metrics.items():
             per_image[key] += values.tolist()
-        worst.add(metrics["psnr"], x, rec)
+        worst.add(metrics["psnr"], x, rec, batch["names"])
         if fid is not None:
             fid.update((x.float() + 1) / 2, real=True)
             fid.update((rec.clamp(-1, 1) + 1) / 2, real=False)
     per_image = {k: gather_object(v) for k, v in per_image.items() if k != "lpips" or lpips is not None}
-    worst_items = gather_object(worst.items())
+    worst_items, skipped = gather_object(worst.items()), gather_object(skipped)
     rfid = fid.compute().item() if fid is not None else None  # torchmetrics syncs its states across processes
     if not accelerator.is_main_process:
         return {}
     if not per_image["psnr"]:
-        raise DataError(f"no decodable image among the {args.num_images} asked for of {describe(data)}")
-    result = {"images": len(per_image["psnr"]), **{k: summarize(v) for k, v in per_image.items()},
-              "rfid": rfid, "per_image": per_image}
+        raise DataError(f"no decodable image among the {images} picked of {describe(data)}")
+    result = {"images": len(per_image["psnr"]), **{k: summarize(v) for k, v in per_image.items() if k != "file"},
+              "rfid": rfid, "per_image": per_image, "skipped_files": skipped}
     worst_items = sorted(worst_items, key=lambda item: item[0])[:args.worst]
     if worst_items:
         grid = out / f"worst_vae{index}.png"
-        save_grid(torch.stack([x for _, x, _ in worst_items]), torch.stack([r for _, _, r in worst_items]), grid)
-        result["worst"] = {"file": grid.name, "psnr": [s for s, _, _ in worst_items]}
+        save_grid(torch.stack([x for _, _, x, _ in worst_items]), torch.stack([r for _, _, _, r in worst_items]), grid)
+        result["worst"] = {"file": grid.name, "psnr": [s for s, _, _, _ in worst_items],
+                           "images": [name for _, name, _, _ in worst_items]}
     return result
 
 
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    data = data_from_spec(args.data)
+    data = evaluation_data(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lpips = None if args.no_lpips else load_lpips(args.lpips_weights).to(accelerator.device)
+    lpips = None if args.no_lpips else load_lpips(args.lpips_weights, option=LPIPS_OPTION).to(accelerator.device)
+    images, available = images_to_measure(data, args.num_images, accelerator.print)
     load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
     entries = evaluate_each(args.vae, accelerator.device, functools.partial(
-        measure, data=data, args=args, accelerator=accelerator, lpips=lpips, out=out), args.bf16, **load)
+        measure, data=data, args=args, accelerator=accelerator, lpips=lpips, out=out, images=images), args.bf16, **load)
     if accelerator.is_main_process:
-        rep = report("reconstruction", describe(data), entries[0]["results"]["images"], entries)
+        rep = report("reconstruction", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")
         table = markdown_table(reconstruction_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
         notes = ["Mean ± std over images; PSNR over the images not reconstructed exactly. Images in [0, 1].",
                  "Published figures for comparison (other data and protocol): docs/evaluation.md.", ""]
-        notes += [f"Worst by PSNR, VAE {i + 1} (inputs above, reconstructions below): ![worst]({e['results']['worst']['file']})"
-                  for i, e in enumerate(entries) if "worst" in e["results"]]
+        for i, entry in enumerate(entries):
+            if "worst" in entry["results"]:
+                worst = entry["results"]["worst"]
+                names = ", ".join(f"`{name}` ({psnr:.2f} dB)" for name, psnr in zip(worst["images"], worst["psnr"]))
+                notes += [f"Worst by PSNR, VAE {i + 1}, left to right: {names}. Inputs above, reconstructions below:",
+                          "", f"![worst]({worst['file']})", ""]
         write_markdown(out / "report.md", "Reconstruction", rep, table, notes)
         accelerator.print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     accelerator.wait_for_everyone()
@@ -113,5 +123,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError, FileNotFoundError) as err:  # they name the file or data and what to do
+    except (CheckpointError, DataError, LPIPSWeightsError, FileNotFoundError) as err:  # they name the file or data
         sys.exit(f"error: {err}")

@@ -18,6 +18,7 @@ in a way that can run code (:func:`check_checkpoint` refuses a folder before any
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import shutil
 from dataclasses import dataclass
@@ -125,19 +126,45 @@ def save_checkpoint(accelerator, root: Path, step: int, files: dict[str, str], k
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process has written its files (RNG states) into tmp
+        if accelerator.is_main_process:
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            for name, obj in (states or {}).items():
+                torch.save(obj.state_dict(), tmp / name)
+    except Exception as err:  # OSError, torch.save's RuntimeError, safetensors' SafetensorError
+        full = _disk_full(root, err)  # measured before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(final, err, full)) from err
     if accelerator.is_main_process:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        for name, obj in (states or {}).items():
-            torch.save(obj.state_dict(), tmp / name)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full(root: Path, err: Exception) -> bool:
+    """Whether a failed write to ``root`` ran out of space. torch.save says only "unexpected pos"
+    on a full disk, so the free space decides where the error does not say."""
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(root).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _save_failure(final: Path, err: Exception, full: bool) -> str:
+    """Why checkpoint ``final`` could not be written, and which checkpoint is intact."""
+    cause = "no space left on the device" if full else f"{type(err).__name__}: {str(err)[:300]}"
+    intact = checkpoint_dirs(final.parent)
+    last = (f"the newest intact checkpoint is {intact[-1]} (resume with --resume latest)" if intact
+            else "the run has no complete checkpoint yet")
+    return f"could not write checkpoint {final}: {cause}; its partial files were removed; {last}"
 
 
 def read_state(file: Path):

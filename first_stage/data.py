@@ -78,7 +78,7 @@ def _sample_dataset(split: str) -> datasets.Dataset:
         buffer = io.BytesIO()
         # compress_level=1: 4x faster to build than the default, and the bytes only live in memory.
         PIL.Image.fromarray(getattr(skimage.data, name)()).save(buffer, format="PNG", compress_level=1)
-        rows.append({"bytes": buffer.getvalue(), "path": None})
+        rows.append({"bytes": buffer.getvalue(), "path": f"skimage.data.{name}"})  # decoded from the bytes
     features = datasets.Features({"image": datasets.Image(decode=False)})
     return datasets.Dataset.from_dict({"image": rows}, features=features)
 
@@ -186,18 +186,24 @@ def image_to_tensor(image: PIL.Image.Image, cfg: DataConfig, rng: np.random.Gene
     return x.float() / 127.5 - 1.0, upsized
 
 
+def image_name(value: dict | None) -> str:
+    """How reports name an image: its path, else ``<bytes>`` (a dataset that stores only bytes)."""
+    return str((value or {}).get("path") or "<bytes>")
+
+
 def load_sample(value: dict | None, cfg: DataConfig, rng: np.random.Generator) -> dict:
-    """Decode one image value ``{"bytes", "path"}`` into ``{"pixel_values", "skipped", "upsized"}``.
+    """Decode one image value ``{"bytes", "path"}`` into ``{"pixel_values", "skipped", "upsized",
+    "name"}``.
 
     ``pixel_values`` is a (3, R, R) tensor in [-1, 1], or None (and ``skipped`` 1) when the image
-    cannot be decoded.
+    cannot be decoded; ``name`` is :func:`image_name`.
     """
     try:
         image = to_rgb(_DECODER.decode_example(value))
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ... for bad files
-        return {"pixel_values": None, "skipped": 1, "upsized": 0}
+        return {"pixel_values": None, "skipped": 1, "upsized": 0, "name": image_name(value)}
     pixels, upsized = image_to_tensor(image, cfg, rng)
-    return {"pixel_values": pixels, "skipped": 0, "upsized": int(upsized)}
+    return {"pixel_values": pixels, "skipped": 0, "upsized": int(upsized), "name": image_name(value)}
 
 
 class DataError(ValueError):
@@ -222,13 +228,14 @@ class ImageDataset(torch.utils.data.Dataset):
     """Map-style images from a non-streaming HF dataset.
 
     Sample ``i`` of epoch ``e`` is a function of ``(seed, e, i)`` only: the same in any worker, with
-    any number of workers, and after a resume. Call :meth:`set_epoch` before each epoch.
+    any number of workers, and after a resume. Call :meth:`set_epoch` before each epoch. A sample's
+    ``id`` is ``ids[i]`` (default ``i``): which image it is, whichever process reads it.
     """
 
-    def __init__(self, dataset: datasets.Dataset, cfg: DataConfig, seed: int = 0):
+    def __init__(self, dataset: datasets.Dataset, cfg: DataConfig, seed: int = 0, ids: list[int] | None = None):
         if isinstance(dataset, datasets.IterableDataset):
             raise TypeError("ImageDataset needs a map-style dataset; use StreamingImageDataset for streams")
-        self.dataset, self.cfg, self.seed = dataset, cfg, seed
+        self.dataset, self.cfg, self.seed, self.ids = dataset, cfg, seed, ids
         # In shared memory so that set_epoch reaches persistent DataLoader workers (datasets does the same).
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -245,7 +252,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         index = range(len(self))[index]  # negative indices and bounds, as for a list
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        return load_sample(self.dataset[index][self.cfg.image_column], self.cfg, rng)
+        sample = load_sample(self.dataset[index][self.cfg.image_column], self.cfg, rng)
+        return {**sample, "id": index if self.ids is None else self.ids[index]}
 
 
 class StreamingImageDataset(torch.utils.data.IterableDataset):
@@ -298,7 +306,8 @@ def _content_seed(value: dict | None) -> int:
 
 
 def collate(samples: list[dict], resolution: int | None = None) -> dict:
-    """Stack the decoded samples: ``{"pixel_values": (B, 3, R, R), "skipped": int, "upsized": int}``.
+    """Stack the decoded samples: ``{"pixel_values": (B, 3, R, R), "skipped": int, "upsized": int,
+    "names": [B], "ids": [B], "skipped_names": [...]}`` (names and ids as the samples carry them).
 
     B counts only the valid samples. A batch where every sample was skipped gives a (0, 3, R, R)
     tensor, which needs ``resolution`` (``make_dataloader`` passes it).
@@ -314,6 +323,9 @@ def collate(samples: list[dict], resolution: int | None = None) -> dict:
         "pixel_values": stacked,
         "skipped": sum(s["skipped"] for s in samples),
         "upsized": sum(s["upsized"] for s in samples),
+        "names": [s.get("name") for s in samples if s["pixel_values"] is not None],
+        "ids": [s.get("id") for s in samples if s["pixel_values"] is not None],
+        "skipped_names": [s.get("name") for s in samples if s["pixel_values"] is None],
     }
 
 
@@ -328,8 +340,8 @@ def make_dataloader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of :func:`collate` batches over the images of ``cfg``.
 
-    Map-style (``cfg.streaming`` False): the loader is NOT sharded here, and ``rank`` and
-    ``world_size`` are ignored: pass it to ``accelerate.Accelerator.prepare``, which shards it per
+    Map-style (``cfg.streaming`` False): the loader is NOT sharded here (``world_size`` only checks
+    that every process gets a batch): pass it to ``accelerate.Accelerator.prepare``, which shards it per
     process. Shuffling uses a ``torch.Generator`` seeded with ``seed``.
 
     Streaming: the loader IS sharded here by ``rank`` / ``world_size``, so do not pass it to
@@ -350,11 +362,10 @@ def make_dataloader(
         dataset = StreamingImageDataset(ds, cfg, seed, shuffle=shuffle, rank=rank, world_size=world_size)
     else:
         dataset = ImageDataset(ds, cfg, seed)
-        if drop_last and len(dataset) < batch_size:
-            raise ValueError(
-                f"{len(dataset)} images in data.source={cfg.source!r}, data.path={cfg.path!r}, "
-                f"data.split={cfg.split!r}: fewer than one batch of {batch_size} with drop_last"
-            )
+        if drop_last and len(dataset) < batch_size * world_size:  # Accelerate shards whole batches
+            raise DataError(f"{describe(cfg)}: its {len(dataset)} images make no full batch of {batch_size} on each "
+                            f"of {world_size} process(es) (incomplete batches are dropped); lower the batch size "
+                            "or add images")
         # The sampler gets its own generator: the DataLoader draws a worker base seed from its
         # `generator` once per iterator, i.e. each epoch without persistent workers but only once
         # with them, so sharing one generator would make the order depend on num_workers.
@@ -382,14 +393,15 @@ def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed:
 
     The pick is the same on every process; process ``rank`` gets every ``world_size``-th image of it,
     so together the processes see each picked image once. A stream is shuffled with a buffer of
-    ``cfg.shuffle_buffer`` and its first ``num_images`` images are taken.
+    ``cfg.shuffle_buffer`` and its first ``num_images`` images are taken. A sample's ``id`` is its
+    place in the pick (0 .. num_images - 1), the same whatever the number of processes.
     """
     cfg = dataclasses.replace(cfg, random_crop=False, hflip=False)
     ds = load_image_dataset(cfg)
     if cfg.streaming:
         stream = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer).take(num_images)
         rng = np.random.default_rng(seed)  # unused by centre crops without flips
-        samples = (load_sample(row[cfg.image_column], cfg, rng)
+        samples = ({**load_sample(row[cfg.image_column], cfg, rng), "id": i}
                    for i, row in enumerate(stream) if i % world_size == rank)
         batch = []
         for sample in samples:
@@ -401,9 +413,21 @@ def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed:
             yield collate(batch, cfg.resolution)
         return
     picked = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
-    dataset = ImageDataset(ds.select(picked[rank::world_size].tolist()), cfg, seed)
+    dataset = ImageDataset(ds.select(picked[rank::world_size].tolist()), cfg, seed,
+                           ids=list(range(len(picked)))[rank::world_size])
     yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
                                            collate_fn=functools.partial(collate, resolution=cfg.resolution))
+
+
+def available_images(cfg: DataConfig) -> int | None:
+    """How many images ``cfg``'s data holds (None for a stream: unknown before it is read)."""
+    return None if cfg.streaming else len(load_image_dataset(cfg))
+
+
+def preprocessing(cfg: DataConfig) -> dict:
+    """How :func:`calibration_batches` turns ``cfg``'s files into crops, for reports."""
+    return {"resize_short_side": cfg.resize, "resize_filter": "bicubic, antialiased" if cfg.resize else None,
+            "crop": "centre", "resolution": cfg.resolution, "flip": False}
 
 
 def describe(cfg: DataConfig) -> str:

@@ -3,6 +3,7 @@ latent measurement (non-locality) and reconstruction metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from .config import Config, DataConfig, with_overrides
 from .checkpoint import load_vae
+from .data import available_images, describe
 from .model import cast
 
 
@@ -54,17 +56,38 @@ def data_from_spec(spec: str | None, base: Config | None = None, option: str = "
     return with_overrides(base or Config(), overrides, option).data
 
 
+def evaluation_data(spec: str | None) -> DataConfig:
+    """The data of an evaluation (:func:`data_from_spec`) under the standard protocol unless the
+    spec says otherwise: the short side resized to the resolution, then the centre crop, so the
+    crop shows the picture, not a patch of native pixels. ``resize=`` (empty) crops native pixels;
+    ``resize=N`` resizes to N first."""
+    data = data_from_spec(spec)
+    given = {item.split("=", 1)[0].strip() for item in (spec or "").split(",")}
+    return data if "resize" in given else dataclasses.replace(data, resize=data.resolution)
+
+
+def images_to_measure(data: DataConfig, asked: int, say: Callable[[str], None] = print) -> tuple[int, int | None]:
+    """(how many images an evaluation of ``asked`` images of ``data`` measures, how many the data
+    holds: None for a stream); says so when the data holds fewer than asked."""
+    available = available_images(data)
+    if available is not None and available < asked:
+        say(f"note: asked for {asked} images; {describe(data)} holds {available}: measuring {available}")
+        return available, available
+    return asked, available
+
+
 @torch.no_grad()
-def nonlocality(vae: AutoencoderKL, z: torch.Tensor, delta: torch.Tensor, margin: int = 1,
-                generator: torch.Generator | None = None) -> dict[str, list[float]]:
+def nonlocality(vae: AutoencoderKL, z: torch.Tensor, delta: torch.Tensor, seeds: list[int],
+                margin: int = 1) -> dict[str, list[float]]:
     """Perturb each latent (B, C, h, w) by ``delta`` (C,) at one position, decode, and return the share
     of the absolute pixel change that falls outside that position's patch widened by ``margin``
-    latent cells: at the energy peak (``"peak"``) and at a random position (``"random"``)."""
+    latent cells: at the energy peak (``"peak"``) and at a random position (``"random"``), drawn
+    for image ``i`` from ``seeds[i]`` (seed it by the image, and it does not depend on the batching)."""
     b, c, h, w = z.shape
     base = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
     factor = base.shape[-1] // w  # pixels per latent cell
     peak = z.pow(2).sum(1).flatten(1).argmax(1)
-    random = torch.randint(0, h * w, (b,), generator=generator)
+    random = torch.cat([torch.randint(0, h * w, (1,), generator=torch.Generator().manual_seed(seed)) for seed in seeds])
     shares = {}
     for name, flat in (("peak", peak), ("random", random)):
         rows, cols = flat // w, flat % w
@@ -108,20 +131,20 @@ def summarize(values: list[float]) -> dict:
 
 
 class WorstImages:
-    """The ``k`` images with the lowest score (e.g. PSNR), with their reconstructions."""
+    """The ``k`` images with the lowest score (e.g. PSNR), with their names and reconstructions."""
 
     def __init__(self, k: int):
-        self.k, self.heap, self.count = k, [], 0  # heap of (-score, count, image, reconstruction)
+        self.k, self.heap, self.count = k, [], 0  # heap of (-score, count, name, image, reconstruction)
 
-    def add(self, scores: torch.Tensor, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
-        for score, image, rec in zip(scores.tolist(), x.cpu(), reconstruction.float().cpu()):
-            item = (-score, self.count, image, rec)
+    def add(self, scores: torch.Tensor, x: torch.Tensor, reconstruction: torch.Tensor, names: list[str]) -> None:
+        for score, name, image, rec in zip(scores.tolist(), names, x.cpu(), reconstruction.float().cpu()):
+            item = (-score, self.count, name, image, rec)
             self.count += 1
             if len(self.heap) < self.k:
                 heapq.heappush(self.heap, item)
             elif item > self.heap[0]:
                 heapq.heapreplace(self.heap, item)
 
-    def items(self) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        """(score, image, reconstruction), worst first."""
-        return [(-s, x, r) for s, _, x, r in sorted(self.heap, reverse=True)]
+    def items(self) -> list[tuple[float, str, torch.Tensor, torch.Tensor]]:
+        """(score, name, image, reconstruction), worst first."""
+        return [(-s, name, x, r) for s, _, name, x, r in sorted(self.heap, reverse=True)]

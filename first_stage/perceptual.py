@@ -32,19 +32,26 @@ class LPIPSWeightsNotFound(FileNotFoundError):
     """The VGG16 trunk weights could not be found or downloaded."""
 
 
-def _how_to_supply(hub_checkpoints: Path) -> str:
+class LPIPSWeightsError(ValueError):
+    """An LPIPS weight file exists but cannot be used: unreadable, corrupt, or other weights."""
+
+
+TRAINING_OPTION = f"in the config (or --set): loss.lpips_weights=/path/to/{VGG16_FILENAME}"
+
+
+def _how_to_supply(hub_checkpoints: Path, option: str) -> str:
     return (
         f"To supply {VGG16_FILENAME}, do one of:\n"
-        f"  - pass its path in the config: loss.lpips_weights=/path/to/{VGG16_FILENAME}\n"
+        f"  - pass its path {option}\n"
         f"  - copy it into {hub_checkpoints}/\n"
         f"  - set TORCH_HOME to a directory whose hub/checkpoints/ holds it"
     )
 
 
-def resolve_vgg16_weights(path: str | Path | None = None, download: bool = True) -> Path:
+def resolve_vgg16_weights(path: str | Path | None = None, download: bool = True, option: str = TRAINING_OPTION) -> Path:
     """Return the path of torchvision's VGG16 checkpoint: ``path``, else the torch hub cache,
     else a fresh download into that cache. Raises :class:`LPIPSWeightsNotFound` naming every
-    place looked in."""
+    place looked in, and ``option``: how the caller's user passes the path."""
     # get_dir() is read at call time so that $TORCH_HOME (and torch.hub.set_dir) are honoured.
     hub_checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     if path is not None:
@@ -54,7 +61,7 @@ def resolve_vgg16_weights(path: str | Path | None = None, download: bool = True)
         # An explicit path that is wrong is a mistake to report, not a reason to look elsewhere.
         raise LPIPSWeightsNotFound(
             f"LPIPS VGG16 weights not found at the given path {explicit} "
-            f"(expected torchvision's {VGG16_FILENAME}).\n" + _how_to_supply(hub_checkpoints)
+            f"(expected torchvision's {VGG16_FILENAME}).\n" + _how_to_supply(hub_checkpoints, option)
         )
 
     cached = hub_checkpoints / VGG16_FILENAME
@@ -76,7 +83,7 @@ def resolve_vgg16_weights(path: str | Path | None = None, download: bool = True)
     raise LPIPSWeightsNotFound(
         f"LPIPS needs torchvision's ImageNet VGG16 weights, {VGG16_FILENAME}, and found none.\n"
         f"Looked in:\n  - {cached} (torch hub cache, $TORCH_HOME/hub/checkpoints)\n"
-        f"{tried}\n" + _how_to_supply(hub_checkpoints)
+        f"{tried}\n" + _how_to_supply(hub_checkpoints, option)
     )
 
 
@@ -181,9 +188,9 @@ def _load_trunk(model: LPIPS, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean a bad file
-        raise ValueError(f"could not read VGG16 weights from {path}: {err}") from err
+        raise LPIPSWeightsError(f"could not read VGG16 weights from {path}: {err}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise LPIPSWeightsError(f"{path} does not hold a state dict (got {type(state).__name__})")
     # The checkpoint also has features.30 (no params) and classifier.*, which LPIPS does not use.
     trunk = {}
     for key, value in state.items():
@@ -194,23 +201,29 @@ def _load_trunk(model: LPIPS, path: Path) -> None:
         # Loaded under the name "features" so that error messages show the checkpoint's own keys.
         nn.ModuleDict({"features": model.features}).load_state_dict(trunk, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path} is not torchvision's VGG16 checkpoint ({VGG16_FILENAME}): {err}") from err
+        raise LPIPSWeightsError(f"{path} is not torchvision's VGG16 checkpoint ({VGG16_FILENAME}): {err}") from err
 
 
 def _load_heads(model: LPIPS, path: Path) -> None:
     """Load the v0.1 linear heads ``lin0.model.1.weight`` .. ``lin4.model.1.weight``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    reinstall = "the file ships with torchmetrics: reinstall it (pip install --force-reinstall --no-deps torchmetrics)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, truncated or not a plain state file
+        raise LPIPSWeightsError(f"could not read the LPIPS linear heads {path} ({type(err).__name__}: "
+                                f"{str(err)[:200]}); {reinstall}") from None
     heads = nn.ModuleDict({f"lin{k}": getattr(model, f"lin{k}") for k in range(5)})
     try:
         heads.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not hold the LPIPS v0.1 VGG linear heads: {err}") from err
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise LPIPSWeightsError(f"{path} does not hold the LPIPS v0.1 VGG linear heads: {err}; {reinstall}") from err
 
 
-def load_lpips(vgg_weights: str | Path | None = None, download: bool = True) -> LPIPS:
-    """Build :class:`LPIPS` with torchvision's VGG16 trunk (found by :func:`resolve_vgg16_weights`)
-    and torchmetrics' v0.1 heads; returned frozen, in eval mode, on the CPU."""
+def load_lpips(vgg_weights: str | Path | None = None, download: bool = True, option: str = TRAINING_OPTION) -> LPIPS:
+    """Build :class:`LPIPS` with torchvision's VGG16 trunk (found by :func:`resolve_vgg16_weights`,
+    whose ``option`` tells how to pass the file) and torchmetrics' v0.1 heads; returned frozen, in
+    eval mode, on the CPU."""
     model = LPIPS()
-    _load_trunk(model, resolve_vgg16_weights(vgg_weights, download=download))
+    _load_trunk(model, resolve_vgg16_weights(vgg_weights, download=download, option=option))
     _load_heads(model, lpips_heads_path())
     return model

@@ -20,11 +20,12 @@ from PIL import Image  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .checkpoint import BUNDLE_DIR  # noqa: E402
-from .config import Config  # noqa: E402
+from .config import Config, DataConfig  # noqa: E402
+from .data import describe, preprocessing  # noqa: E402
 from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP  # noqa: E402
 from .model import downsampling_factor  # noqa: E402
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: preprocessing, images_asked, images_available, skipped_files
 
 _NUMBER = {"type": ["number", "null"]}
 _VAE_ENTRY = {
@@ -60,14 +61,20 @@ _RECONSTRUCTION_RESULTS = {
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["schema_version", "kind", "package_version", "date", "data", "num_images", "vaes"],
+    "required": ["schema_version", "kind", "package_version", "date", "data", "preprocessing", "num_images",
+                 "images_asked", "images_available", "skipped_files", "vaes"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "kind": {"enum": ["latent_stats", "reconstruction"]},
         "package_version": {"type": "string"},
         "date": {"type": "string"},
         "data": {"type": "string"},
+        "preprocessing": {"type": "object", "required": ["resize_short_side", "crop", "resolution"]},
         "num_images": {"type": "integer", "minimum": 1},
+        "images_asked": {"type": "integer", "minimum": 1},
+        "images_available": {"type": ["integer", "null"]},
+        "skipped_files": {"type": "object", "required": ["count", "files"],
+                          "properties": {"count": {"type": "integer"}, "files": {"type": "array"}}},
         "vaes": {"type": "array", "minItems": 1, "items": _VAE_ENTRY},
     },
     "allOf": [
@@ -79,9 +86,16 @@ REPORT_SCHEMA = {
 }
 
 
-def report(kind: str, data: str, num_images: int, vaes: list[dict]) -> dict:
+def report(kind: str, data: DataConfig, vaes: list[dict], images_asked: int, images_available: int | None) -> dict:
+    """The report of ``vaes`` (:func:`first_stage.evaluation.evaluate_each` entries) measured on the
+    same images of ``data``; the files they skipped (each entry's ``results["skipped_files"]``, the
+    same for all) move to the top level."""
+    skipped = [entry["results"].pop("skipped_files") for entry in vaes][0]
     return {"schema_version": SCHEMA_VERSION, "kind": kind, "package_version": __version__,
-            "date": datetime.date.today().isoformat(), "data": data, "num_images": num_images, "vaes": vaes}
+            "date": datetime.date.today().isoformat(), "data": describe(data), "preprocessing": preprocessing(data),
+            "num_images": vaes[0]["results"]["images"], "images_asked": images_asked,
+            "images_available": images_available, "skipped_files": {"count": len(skipped), "files": sorted(skipped)},
+            "vaes": vaes}
 
 
 def finite_or_none(value):
@@ -242,6 +256,13 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
 def write_markdown(path: Path, title: str, rep: dict, table: str, notes: list[str]) -> None:
     lines = [f"# {title}", "", f"{rep['num_images']} images of {rep['data']}; first-stage {rep['package_version']}, "
              f"{rep['date']}.", ""]
+    available, skipped = rep["images_available"], rep["skipped_files"]
+    if available is not None and available < rep["images_asked"]:
+        lines += [f"Asked for {rep['images_asked']} images; the data holds {available}.", ""]
+    if skipped["count"]:
+        shown = ", ".join(f"`{name}`" for name in skipped["files"][:20])
+        more = f" and {skipped['count'] - 20} more (report.json lists them all)" if skipped["count"] > 20 else ""
+        lines += [f"Skipped {skipped['count']} undecodable file(s): {shown}{more}.", ""]
     lines += [f"{i + 1}. `{v['path']}`" for i, v in enumerate(rep["vaes"])] + ["", table, ""] + notes
     path.write_text("\n".join(lines) + "\n")
 

@@ -31,7 +31,7 @@ import torch
 
 from first_stage.config import load_config, to_dict
 from first_stage.data import SAMPLE_IMAGES, describe, to_rgb
-from first_stage.evaluation import data_from_spec
+from first_stage.evaluation import evaluation_data
 from first_stage.reports import latent_plots, latent_rows, markdown_table, reconstruction_rows, write_json
 
 matplotlib.use("Agg")  # files only, no display
@@ -314,7 +314,7 @@ def main():
     # Setup held-out data:
     if args.eval_data:
         eval_spec, images = args.eval_data, args.eval_images or 1000
-        held_out = [describe(data_from_spec(eval_spec))]
+        held_out = [describe(evaluation_data(eval_spec))]
     else:
         folder = work / f"held_out_{base.data.resolution}"
         held_out = write_held_out_tiles(folder, base.data.resolution, args.tiles_per_image)

@@ -16,7 +16,8 @@ import scipy.fft
 import torch
 from PIL import Image
 
-from first_stage.evaluation import build_fid, nonlocality, reconstruction_metrics, summarize
+from first_stage.data import describe
+from first_stage.evaluation import build_fid, evaluation_data, nonlocality, reconstruction_metrics, summarize
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix
 from first_stage.perceptual import load_lpips
@@ -139,13 +140,24 @@ def test_dct_matrix_is_orthonormal():
     np.testing.assert_allclose((d @ x).numpy(), scipy.fft.dct(x.numpy(), norm="ortho"), rtol=1e-10, atol=1e-12)
 
 
+def test_evaluation_crops_follow_the_standard_protocol_unless_told():
+    """Short side resized to the resolution, then the centre crop: the crop shows the picture."""
+    assert evaluation_data("resolution=64").resize == 64
+    assert evaluation_data("resolution=64,resize=").resize is None  # native pixels, on request
+    assert evaluation_data("resolution=64,resize=128").resize == 128
+    assert "after resizing the short side to 64" in describe(evaluation_data("resolution=64"))
+
+
 def test_nonlocality_shares(tiny_vae):
     z = torch.randn(2, 4, 16, 16)
-    shares = nonlocality(tiny_vae, z, torch.ones(4), margin=1, generator=torch.Generator().manual_seed(0))
+    shares = nonlocality(tiny_vae, z, torch.ones(4), [5, 6], margin=1)
     assert len(shares["peak"]) == len(shares["random"]) == 2
     assert all(0 <= s <= 1 for s in shares["peak"] + shares["random"])
+    # an image's random position is its seed's, whatever else is in the batch
+    alone = nonlocality(tiny_vae, z[1:], torch.ones(4), [6], margin=1)
+    assert alone["random"] == pytest.approx(shares["random"][1:], rel=1e-5)
     # with a margin that covers the whole image nothing is outside
-    assert nonlocality(tiny_vae, z, torch.ones(4), margin=16)["peak"] == [0.0, 0.0]
+    assert nonlocality(tiny_vae, z, torch.ones(4), [5, 6], margin=16)["peak"] == [0.0, 0.0]
 
 
 def test_psnr_closed_form_identical_images_and_lpips_of_self(images, vgg_file):
@@ -222,6 +234,10 @@ def test_latent_stats_two_processes_equal_one(tiny_vae, images, tmp_path):
         results[name] = json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]
     one, two = results["one"], results["two"]
     assert one["images"] == two["images"] == 9 and two["nonlocality"]["images"] == 2
+    # the same two images, each perturbed at the same random position
+    assert one["nonlocality"]["files"] == two["nonlocality"]["files"]
+    for key in ("peak", "random"):
+        assert one["nonlocality"][key] == pytest.approx(two["nonlocality"][key], rel=1e-4, abs=1e-6), key
     # Other batch compositions run other float32 kernels (~1e-7 relative): an element may cross a
     # histogram bin edge, so histogram counts may differ by a few.
     histograms = {"posterior": "logvar_histogram"}
@@ -251,7 +267,21 @@ def test_eval_scripts_survive_undecodable_images_and_idle_processes(tiny_vae, im
         proc = subprocess.run([*cmd, str(REPO / "eval" / "latent_stats.py"), *common, "--nonlocality-images", "1", "--data", spec,
                                "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]["images"] == 1
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        jsonschema.validate(report, REPORT_SCHEMA)
+        assert report["vaes"][0]["results"]["images"] == 1
+        assert report["skipped_files"] == {"count": 1, "files": [str(folder / "corrupt.jpg")]}
+        assert f"Skipped 1 undecodable file(s): `{folder / 'corrupt.jpg'}`" in (tmp_path / name / "report.md").read_text()
+    # More images asked for than there are: said, and measured on what there is.
+    proc = run_eval("reconstruction.py", *common[:-2], "--num-images", "5", "--no-lpips", "--data", spec,
+                    "--out", tmp_path / "rec")
+    assert "asked for 5 images" in proc.stdout + proc.stderr and "holds 2: measuring 2" in proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "rec" / "report.json").read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert (report["images_asked"], report["images_available"], report["num_images"]) == (5, 2, 1)
+    assert report["vaes"][0]["results"]["per_image"]["file"] == [str(folder / "good.png")]
+    assert report["vaes"][0]["results"]["worst"]["images"] == [str(folder / "good.png")]
+    assert "Asked for 5 images; the data holds 2." in (tmp_path / "rec" / "report.md").read_text()
     (folder / "good.png").unlink()
     for script, extra in (("latent_stats.py", ["--nonlocality-images", "1"]), ("reconstruction.py", ["--no-lpips"])):
         proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *common, *extra, "--data", spec,

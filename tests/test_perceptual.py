@@ -198,6 +198,10 @@ def test_nothing_found_without_download(hub_checkpoints):
     assert str(hub_checkpoints / VGG16_FILENAME) in msg
     assert "loss.lpips_weights=" in msg and "TORCH_HOME" in msg
     assert "not attempted" in msg
+    # An evaluation script names its own flag, not the training key.
+    with pytest.raises(LPIPSWeightsNotFound) as info:
+        load_lpips(None, download=False, option="to this script: --lpips-weights PATH (or --no-lpips)")
+    assert "--lpips-weights PATH (or --no-lpips)" in str(info.value) and "loss.lpips_weights" not in str(info.value)
 
 
 def test_download_into_hub_cache_when_allowed(hub_checkpoints, monkeypatch):
@@ -263,6 +267,16 @@ def test_wrong_shapes_are_a_clear_error(vgg_state, tmp_path):
     torch.save(bad, path)
     with pytest.raises(ValueError, match=r"(?s)bad\.pth.*features\.0\.weight"):
         load_lpips(path, download=False)
+
+
+def test_unreadable_heads_file_names_the_file_and_the_fix(vgg_file, tmp_path, monkeypatch):
+    import first_stage.perceptual as perceptual
+
+    broken = tmp_path / "vgg.pth"
+    broken.write_bytes(lpips_heads_path().read_bytes()[:50])  # a truncated copy of torchmetrics' file
+    monkeypatch.setattr(perceptual, "lpips_heads_path", lambda: broken)
+    with pytest.raises(perceptual.LPIPSWeightsError, match=r"(?s)linear heads .*vgg\.pth.*reinstall"):
+        load_lpips(vgg_file, download=False)
 
 
 # --- parity -----------------------------------------------------------------------------------

@@ -317,3 +317,32 @@ def test_data_where_nothing_decodes_stops_before_the_first_step(tmp_path):
     assert "no image decodes" in proc.stderr and "tried 3 of its 3 files" in proc.stderr
     assert not (run / "checkpoints").exists()
     assert status(run)["state"] == "failed" and "no image decodes" in status(run)["reason"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no one can write: a read-only tmpfs for root (root ignores permission bits), else mode 555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root without the right to mount a read-only tmpfs: no read-only folder to try")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_unusable_output_folder_and_too_few_images_are_named_before_training(tmp_path, read_only_folder):
+    proc, _ = run_train(read_only_folder, "run", "train.max_steps=2", "discriminator.enabled=false", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: train.output_dir: cannot write the run folder {read_only_folder / 'run'}" in proc.stderr
+    # The sample pictures' train split has 7 images: no full batch of 16 (incomplete batches are dropped).
+    proc, run = run_train(tmp_path, "big_batch", "train.batch_size=16", "train.max_steps=2",
+                          "discriminator.enabled=false", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "its 7 images make no full batch of 16 on each of 1 process(es)" in proc.stderr
+    assert status(run)["state"] == "failed"
+

@@ -194,3 +194,22 @@ def test_resume_under_another_thread_count_warns(parts_and_accelerator, capsys):
     out = capsys.readouterr().out
     assert f"threads {state.threads + 3} (now {state.threads})" in out and "not bit for bit" in out
     assert saved.threads == state.threads
+
+
+def test_full_disk_during_a_save_names_the_cause_and_the_intact_checkpoint(parts_and_accelerator, images, tmp_path,
+                                                                            monkeypatch):
+    config, parts, accelerator = parts_and_accelerator
+    intact = trained_checkpoint(parts, config, accelerator, images, tmp_path)
+    import first_stage.checkpoint as checkpoint
+
+    def disk_fills(obj, file, *args, **kwargs):  # what torch.save does when the disk fills mid-file
+        Path(file).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    with pytest.raises(CheckpointError, match=rf"(?s)checkpoint-2: no space left on the device.*"
+                                              rf"newest intact checkpoint is {re.escape(str(intact))}"):
+        save_checkpoint(accelerator, tmp_path, 2, {TRAINING_STATE: "{}"}, 0, trainer_states(parts))
+    assert [p.name for p in tmp_path.iterdir()] == [intact.name]  # the partial files are gone
+    check_checkpoint(intact)

@@ -27,6 +27,7 @@ from first_stage.config import ConfigError, exported_weights, load_config, save_
 from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters
+from first_stage.perceptual import LPIPSWeightsError
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
                                  sum_over_processes, train_step, trainer_states, validate)
 
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: quickstart)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loss.kl_weight=1e-6")
     parser.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
+    parser.add_argument("--print-run-dir", action="store_true", help="print the run folder and exit (job scripts)")
     return parser.parse_args()
 
 
@@ -120,7 +122,12 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
                                                                   logging_dir=str(run_dir / "logs")))
     set_seed(tcfg.seed)
     if accelerator.is_main_process:
-        save_config(config, run_dir / CONFIG_FILE)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / CONFIG_FILE)
+        except OSError as err:
+            raise ConfigError(f"train.output_dir: cannot write the run folder {run_dir} ({err.strerror or err}); "
+                              "set train.output_dir to a writable folder") from None
     ckpt_root = run_dir / "checkpoints"
 
     # Setup data (a data error is reported here, before any step):
@@ -232,11 +239,17 @@ def main():
     args = parse_args()
     config = load_config(args.config, args.set)
     run_dir = Path(config.train.output_dir) / config.train.run_name
+    if args.print_run_dir:
+        print(run_dir)
+        return
     try:
         exit_code = train(args, config, run_dir)
     except BaseException as err:  # the status names the failure; the traceback still follows
         if PartialState().is_main_process:  # the state train()'s Accelerator set up
-            write_status(run_dir, "failed", None, 1, f"{type(err).__name__}: {err}")
+            try:
+                write_status(run_dir, "failed", None, 1, f"{type(err).__name__}: {err}")
+            except OSError as status_err:  # a read-only or full run folder
+                print(f"could not write {run_dir / 'status.json'}: {status_err}", file=sys.stderr)
         raise
     sys.exit(exit_code)
 
@@ -244,5 +257,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:  # they name the file and what to do
+    except (ConfigError, CheckpointError, DataError, LPIPSWeightsError, OSError) as err:  # they name the file
         sys.exit(f"error: {err}")
