@@ -116,8 +116,9 @@ def main():
         rep = report("latent_stats", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")
         table = markdown_table(latent_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
-        notes = ["Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); 1/(h·w) for the modal",
-                 "peak share; white noise for the spectrum. Definitions: docs/evaluation.md.", ""]
+        notes = ["Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); uniformly random peaks",
+                 "over as many images for the modal peak share; white noise for the spectrum. Definitions:",
+                 "docs/evaluation.md.", ""]
         notes += [f"![{p.stem}]({p.name})" for p in latent_plots(entries, out)]
         write_markdown(out / "report.md", "Latent statistics", rep, table, notes)
         accelerator.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")

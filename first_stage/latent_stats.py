@@ -129,6 +129,19 @@ def gaussian_peak_reference(shape: tuple[int, int, int], draws: int = 1000, seed
     return {"median": float(np.median(peaks)), "p99": float(np.quantile(peaks, 0.99))}
 
 
+def modal_share_by_chance(images: int, positions: int, seed: int = 0) -> float:
+    """The modal-peak share expected if each of ``images`` images peaked at a uniformly random one
+    of ``positions`` positions (Monte Carlo, seeded). The honest reference for few images: the
+    share can never fall below 1/images, so 1/positions alone would make any small set look spotty."""
+    if images == 0:
+        return math.nan
+    draws = int(max(100, min(2000, 2e7 // images)))
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(positions, (draws, images), generator=g) + torch.arange(draws)[:, None] * positions
+    counts = torch.bincount(picks.flatten(), minlength=draws * positions).view(draws, positions)
+    return (counts.max(1).values.double().mean() / images).item()
+
+
 class LatentStatistics:
     """Streaming accumulator. Call :meth:`first_pass` on every batch, :meth:`finish_first_pass`,
     :meth:`second_pass` on the same batches, then :meth:`result`."""
@@ -245,6 +258,7 @@ class LatentStatistics:
                 "uniform_concentration": 1.0 / (h * w),
                 "modal_peak_position": [int(i) for i in np.unravel_index(int(positions.argmax()), (h, w))],
                 "modal_peak_share": (positions.max() / positions.sum()).item(),
+                "modal_peak_share_chance": modal_share_by_chance(int(positions.sum()), h * w),
                 "peak_position_counts": positions.tolist(),
             },
             "posterior": {

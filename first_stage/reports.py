@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -22,7 +23,7 @@ from . import __version__  # noqa: E402
 from .checkpoint import BUNDLE_DIR  # noqa: E402
 from .config import Config, DataConfig  # noqa: E402
 from .data import describe, preprocessing  # noqa: E402
-from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP  # noqa: E402
+from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance  # noqa: E402
 from .model import downsampling_factor  # noqa: E402
 
 SCHEMA_VERSION = 2  # 2: preprocessing, images_asked, images_available, skipped_files
@@ -152,7 +153,9 @@ def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
         ("peak max \\|ẑ\\| per image, p99", [x["peaks"]["p99"] for x in r], r[0]["peaks"]["gaussian"]["p99"]),
         ("spot concentration, median", [x["spots"]["concentration_median"] for x in r], None),
         ("spot concentration, p99", [x["spots"]["concentration_p99"] for x in r], None),
-        ("share of images peaking at the modal position", [x["spots"]["modal_peak_share"] for x in r], 1 / (h * w)),
+        # Chance: uniformly random peaks over as many images (never below 1/images for few of them).
+        ("share of images peaking at the modal position", [x["spots"]["modal_peak_share"] for x in r],
+         modal_share_by_chance(int(np.sum(r[0]["spots"]["peak_position_counts"])), h * w)),
         (f"log-variance at the {LOGVAR_CLAMP[0]:g} clamp", [x["posterior"]["fraction_at_clamp"] for x in r], None),
         ("KL per latent element (nats)", [x["posterior"]["kl_per_element"] for x in r], None),
         (f"active channels (of {c})", [x["posterior"]["active_units"] for x in r], None),
@@ -180,41 +183,72 @@ def _label(vaes: list[dict]) -> list[str]:
     return [f"{i + 1}: {Path(v['path']).name}" for i, v in enumerate(vaes)]
 
 
+def zhat_survival(counts: np.ndarray, value_range: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, P(|ẑ| > k)) at the non-negative bin edges of a histogram of ẑ over ±``value_range``
+    (symmetric bins; values beyond the range sit in the end bins)."""
+    bins = len(counts)
+    edges = np.linspace(-value_range, value_range, bins + 1)
+    half = bins // 2
+    k = edges[half:-1]
+    tail = np.array([counts[j:].sum() + counts[:bins - j].sum() for j in range(half, bins)])
+    return k, tail / max(counts.sum(), 1)
+
+
 def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
-    """ẑ histograms per channel (log scale, Gaussian curve), peak-position heat maps, log-variance
-    histograms and per-channel std and KL bars; several VAEs overlaid."""
+    """Tail (survival) curves P(|ẑ| > k) against the Gaussian's, all channels and per channel;
+    energy-peak maps; log-variance histograms; per-channel std and KL bars. Several VAEs overlaid."""
     names, results = _label(vaes), [v["results"] for v in vaes]
     paths = []
     channels = min(max(x["latent_shape"][0] for x in results), 16)
-    cols = min(channels, 4)
-    fig, axes = plt.subplots(math.ceil(channels / cols), cols, figsize=(3.2 * cols, 2.6 * math.ceil(channels / cols)),
-                             squeeze=False)
-    for ax, c in zip(axes.flat, range(channels)):
+    cols = min(channels + 1, 4)
+    rows = math.ceil((channels + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    grid = np.linspace(0, 12, 400)
+    gaussian = np.array([math.erfc(k / math.sqrt(2)) for k in grid])
+    for panel, ax in enumerate(list(axes.flat)[:channels + 1]):
         for name, x in zip(names, results):
-            hist = x["zhat_histogram"]
-            if c >= len(hist["counts"]):
+            hist = np.array(x["zhat_histogram"]["counts"])
+            if panel > len(hist):
                 continue
-            counts = np.array(hist["counts"][c])
-            edges = np.linspace(-hist["range"], hist["range"], hist["bins"] + 1)
-            density = counts / max(counts.sum(), 1) / np.diff(edges)
-            ax.stairs(np.where(density > 0, density, np.nan), edges, label=name)
-        grid = np.linspace(-8, 8, 400)
-        ax.plot(grid, np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi), "k--", lw=0.8, label="N(0,1)")
+            counts = hist.sum(0) if panel == 0 else hist[panel - 1]
+            k, survival = zhat_survival(counts, x["zhat_histogram"]["range"])
+            ax.step(k, np.where(survival > 0, survival, np.nan), where="post", label=name)
+        ax.plot(grid, gaussian, "k--", lw=0.8, label="N(0,1)")
         ax.set_yscale("log")
-        ax.set_ylim(1e-7, 1)
-        ax.set_title(f"channel {c}: ẑ", fontsize=9)
-    for ax in list(axes.flat)[channels:]:
+        ax.set_ylim(1e-8, 1)
+        ax.set_xlim(0, 12)
+        ax.set_title("all channels: P(|ẑ| > k)" if panel == 0 else f"channel {panel - 1}", fontsize=9)
+        ax.set_xlabel("k", fontsize=8)
+    for ax in list(axes.flat)[channels + 1:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out / "zhat_histograms.png")
+    paths.append(out / "zhat_tails.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.5 * len(results), 3.2), squeeze=False)
+    # Energy peaks: the share of images whose peak falls on each latent cell, the modal cell
+    # circled, against the modal share chance alone would give.
+    cols = min(len(results), 4)
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
     for ax, name, x in zip(axes.flat, names, results):
-        image = ax.imshow(np.array(x["spots"]["peak_position_counts"]), cmap="magma")
-        ax.set_title(f"{name}\nenergy-peak positions", fontsize=9)
+        counts = np.array(x["spots"]["peak_position_counts"], dtype=float)
+        share = counts / max(counts.sum(), 1)
+        image = ax.imshow(np.where(share > 0, share, np.nan), cmap="viridis", interpolation="nearest",
+                          vmin=0, vmax=max(share.max(), 1e-12))
+        row, col = x["spots"]["modal_peak_position"]
+        ax.plot(col, row, "o", ms=14, mfc="none", mec="red", mew=1.5)
+        chance = modal_share_by_chance(int(counts.sum()), counts.size)
+        ax.set_title(f"{name}\nshare of {int(counts.sum())} images peaking per cell\n"
+                     f"modal {share.max():.3g} at (row {row}, col {col}); chance {chance:.3g}", fontsize=8)
+        ax.set_xlabel("latent column")
+        ax.set_ylabel("latent row")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_facecolor("0.9")  # cells no image peaked at
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     paths.append(out / "peak_positions.png")
@@ -240,11 +274,12 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     width = 0.8 / len(results)
     for i, (name, x) in enumerate(zip(names, results)):
         for ax, values in zip(axes, (x["scale"]["channel_std"], x["posterior"]["channel_kl"])):
-            ax.bar(np.arange(len(values)) + i * width, values, width, label=name)
+            ax.bar(np.arange(len(values)) + (i - (len(results) - 1) / 2) * width, values, width, label=name)
     axes[0].set_title("std of z per channel")
     axes[1].set_title("KL per latent element, per channel (nats)")
     for ax in axes:
         ax.set_xlabel("channel")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "channel_std_kl.png")

@@ -285,8 +285,9 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
                                                                   ["posterior"]["channel_kl"]) for n in done], None)]
         rows += [row for row in latent_rows(latent_entries(study, done)) if row[0] != "images"]
         lines += [markdown_table(rows, done, "reference"), "",
-                  "Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); 1/(h·w) for the modal peak",
-                  "share; white noise for the spectrum. Reconstructions decode the posterior mean; images in [0, 1].",
+                  "Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); uniformly random peaks",
+                  "over as many images for the modal peak share; white noise for the spectrum. Reconstructions",
+                  "decode the posterior mean; images in [0, 1].",
                   "Definitions: `docs/evaluation.md`. Every number: "
                   f"[{folder}/kl_study.json]({folder}/kl_study.json).", "", "## Figures", ""]
         lines += [f"![{p.stem}]({folder}/{p.name})" for p in figures]

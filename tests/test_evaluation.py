@@ -19,9 +19,9 @@ from PIL import Image
 from first_stage.data import describe
 from first_stage.evaluation import build_fid, evaluation_data, nonlocality, reconstruction_metrics, summarize
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
-from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix
+from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix, modal_share_by_chance
 from first_stage.perceptual import load_lpips
-from first_stage.reports import REPORT_SCHEMA, evaluation_summary
+from first_stage.reports import REPORT_SCHEMA, evaluation_summary, zhat_survival
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +140,18 @@ def test_dct_matrix_is_orthonormal():
     np.testing.assert_allclose((d @ x).numpy(), scipy.fft.dct(x.numpy(), norm="ortho"), rtol=1e-10, atol=1e-12)
 
 
+def test_modal_share_chance_and_tail_survival():
+    assert modal_share_by_chance(1, 1024) == 1.0
+    assert modal_share_by_chance(5, 1024) == pytest.approx(0.2, abs=0.01)  # five images: five cells, mostly
+    assert 1 / 16 < modal_share_by_chance(20000, 16) < 1.1 / 16  # many images: uniform
+    z = torch.randn(1_000_000, dtype=torch.float64)
+    counts = torch.histc(z.clamp(-12, 12), bins=240, min=-12, max=12).numpy()
+    k, survival = zhat_survival(counts, 12.0)
+    assert k[0] == 0 and survival[0] == pytest.approx(1.0)
+    for threshold in (1, 2, 3):
+        assert survival[list(k).index(threshold)] == pytest.approx(math.erfc(threshold / math.sqrt(2)), rel=0.03)
+
+
 def test_evaluation_crops_follow_the_standard_protocol_unless_told():
     """Short side resized to the resolution, then the centre crop: the crop shows the picture."""
     assert evaluation_data("resolution=64").resize == 64
@@ -191,7 +203,7 @@ def test_eval_commands_end_to_end(tiny_vae, images, tmp_path, vgg_file):
              *common, "--nonlocality-images", "2", "--out", tmp_path / "stats")
     run_eval("reconstruction.py", "--vae", tmp_path / "a", tmp_path / "b", *common, "--lpips-weights", vgg_file,
              "--worst", "2", "--out", tmp_path / "rec")
-    for out, pngs in ((tmp_path / "stats", ["zhat_histograms", "peak_positions", "logvar_histogram", "channel_std_kl"]),
+    for out, pngs in ((tmp_path / "stats", ["zhat_tails", "peak_positions", "logvar_histogram", "channel_std_kl"]),
                       (tmp_path / "rec", ["worst_vae1", "worst_vae2"])):
         report = json.loads((out / "report.json").read_text())
         jsonschema.validate(report, REPORT_SCHEMA)

@@ -82,7 +82,7 @@ def test_study_end_to_end(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| statistic | mmd | kl1e-6-gan | reference |" in text
     assert "## What the figures show" in text and kl_study.INTERPRETATION[0] in text
-    for figure in ("rate_distortion", "zhat_histograms", "peak_positions", "logvar_histogram", "channel_std_kl"):
+    for figure in ("rate_distortion", "zhat_tails", "peak_positions", "logvar_histogram", "channel_std_kl"):
         assert (out / f"{figure}.png").is_file() and f"kl_study/{figure}.png" in text
     metrics = {name: [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
                for name in study["variants"]}
