@@ -59,6 +59,19 @@ _RECONSTRUCTION_RESULTS = {
     "properties": {"images": {"type": "integer", "minimum": 1},
                    **{k: {"type": "object", "required": ["mean", "std", "images", "exact"]} for k in ("psnr", "ssim")}},
 }
+_DIFFUSABILITY_RESULTS = {
+    "type": "object",
+    "required": ["images", "train_images", "held_out_images", "latent_shape", "normalisation", "held_out_loss",
+                 "curve", "samples", "gfid", "cost"],
+    "properties": {
+        "images": {"type": "integer", "minimum": 2},
+        "held_out_loss": {"type": "object", "required": ["timesteps", "per_timestep", "mean", "gaussian_reference",
+                                                         "gaussian_reference_mean"]},
+        "curve": {"type": "array", "items": {"type": "object", "required": ["step", "mean", "per_timestep"]}},
+        "samples": {"type": "object", "required": ["file", "count", "std", "p_abs_gt_4", "real_std", "real_p_abs_gt_4"]},
+        "cost": {"type": "object", "required": ["steps_per_s", "train_seconds", "encode_seconds", "wall_seconds"]},
+    },
+}
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -66,7 +79,7 @@ REPORT_SCHEMA = {
                  "images_asked", "images_available", "skipped_files", "vaes"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
-        "kind": {"enum": ["latent_stats", "reconstruction"]},
+        "kind": {"enum": ["latent_stats", "reconstruction", "diffusability"]},
         "package_version": {"type": "string"},
         "date": {"type": "string"},
         "data": {"type": "string"},
@@ -83,6 +96,8 @@ REPORT_SCHEMA = {
          "then": {"properties": {"vaes": {"items": {"properties": {"results": _LATENT_RESULTS}}}}}},
         {"if": {"properties": {"kind": {"const": "reconstruction"}}},
          "then": {"properties": {"vaes": {"items": {"properties": {"results": _RECONSTRUCTION_RESULTS}}}}}},
+        {"if": {"properties": {"kind": {"const": "diffusability"}}},
+         "then": {"properties": {"vaes": {"items": {"properties": {"results": _DIFFUSABILITY_RESULTS}}}}}},
     ],
 }
 
@@ -177,6 +192,56 @@ def reconstruction_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     rows.append(("exact reconstructions (PSNR = ∞)", [x["psnr"]["exact"] for x in r], None))
     rows.append(("rFID ↓", [x["rfid"] for x in r], None))
     return rows
+
+
+def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
+    """The rows of :func:`markdown_table` for diffusability results (reference: independent
+    Gaussian latents of the same per-channel variance, for the loss; the real latents, for samples)."""
+    r = [v["results"] for v in vaes]
+    loss = [x["held_out_loss"] for x in r]
+    rows = [("latents trained on / held out", [f"{x['train_images']} / {x['held_out_images']}" for x in r], None),
+            ("normalisation", [x["normalisation"]["kind"] for x in r], None),
+            ("std of the normalised latents", [x["normalisation"]["std"] for x in r], None),
+            ("held-out flow loss, mean over t ↓", [h["mean"] for h in loss], None),
+            ("Gaussian reference (same channel variances)", [h["gaussian_reference_mean"] for h in loss], None),
+            ("loss / Gaussian reference ↓", [h["mean"] / h["gaussian_reference_mean"] for h in loss], 1.0)]
+    rows += [(f"held-out flow loss at t = {t:.3g}", [h["per_timestep"][k] for h in loss], None)
+             for k, t in enumerate(loss[0]["timesteps"])]
+    rows += [("std of sampled latents (real: held-out)", [x["samples"]["std"] for x in r], None),
+             ("std of real held-out latents", [x["samples"]["real_std"] for x in r], None),
+             ("P(\\|ẑ\\| > 4), samples", [x["samples"]["p_abs_gt_4"] for x in r], GAUSSIAN_TAIL[4]),
+             ("P(\\|ẑ\\| > 4), real held-out", [x["samples"]["real_p_abs_gt_4"] for x in r], GAUSSIAN_TAIL[4]),
+             ("gFID ↓", [x["gfid"] if x["gfid"] is not None else "not measured" for x in r], None),
+             ("probe steps/s", [x["cost"]["steps_per_s"] for x in r], None),
+             ("wall time (s)", [x["cost"]["wall_seconds"] for x in r], None)]
+    return rows
+
+
+def diffusability_plots(vaes: list[dict], out: Path) -> list[Path]:
+    """The held-out loss during training (mean over t) and at the end per timestep, against each
+    VAE's Gaussian reference (dashed); several VAEs overlaid."""
+    names, results = _label(vaes), [v["results"] for v in vaes]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, x) in enumerate(zip(names, results)):
+        colour = f"C{i}"
+        steps = [c["step"] for c in x["curve"]]
+        axes[0].plot(steps, [c["mean"] for c in x["curve"]], color=colour, marker=".", label=name)
+        axes[0].axhline(x["held_out_loss"]["gaussian_reference_mean"], color=colour, ls="--", lw=0.8)
+        loss = x["held_out_loss"]
+        axes[1].plot(loss["timesteps"], loss["per_timestep"], color=colour, marker=".", label=name)
+        axes[1].plot(loss["timesteps"], loss["gaussian_reference"], color=colour, ls="--", lw=0.8)
+    axes[0].set_xlabel("probe step")
+    axes[0].set_ylabel("held-out flow loss, mean over t")
+    axes[1].set_xlabel("t (0: data, 1: noise)")
+    axes[1].set_ylabel("held-out flow loss at the end")
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.set_title("dashed: Gaussian latents of the same channel variances", fontsize=8)
+    fig.tight_layout()
+    path = out / "diffusability_loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 def _label(vaes: list[dict]) -> list[str]:
@@ -323,7 +388,12 @@ def evaluation_summary(reports: list[dict]) -> dict | None:
 
 def save_grid(images: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> np.ndarray:
     """Write a PNG with inputs on the top row and reconstructions below; returns it as (H,W,3) uint8."""
-    rows = [torch.cat(list(t.float().clamp(-1, 1)), dim=2) for t in (images, reconstructions)]  # (3,H,B*W)
+    return save_rows([images, reconstructions], path)
+
+
+def save_rows(rows: list[torch.Tensor], path: Path) -> np.ndarray:
+    """Write a PNG of image rows, each (B, 3, H, W) in [-1, 1] with the same B; returns it as (H, W, 3) uint8."""
+    rows = [torch.cat(list(t.float().clamp(-1, 1)), dim=2) for t in rows]  # (3, H, B*W) each
     grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
