@@ -32,7 +32,8 @@ import torch
 from first_stage.config import load_config, to_dict
 from first_stage.data import SAMPLE_IMAGES, describe, to_rgb
 from first_stage.evaluation import evaluation_data
-from first_stage.reports import latent_plots, latent_rows, markdown_table, reconstruction_rows, write_json
+from first_stage.reports import (diffusability_plots, latent_plots, latent_rows, markdown_table, reconstruction_rows,
+                                 write_json)
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -84,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth: LPIPS in training and evaluation")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     parser.add_argument("--reuse", action="store_true", help="keep a variant's run when its config is unchanged")
+    parser.add_argument("--no-probe", action="store_true", help="skip the diffusability probe")
+    parser.add_argument("--probe-steps", type=int, default=300, help="diffusability probe steps per variant")
+    parser.add_argument("--probe-batch-size", type=int, default=16)
+    parser.add_argument("--probe-held-out", type=int, default=64, help="tiles the probe never trains on")
+    parser.add_argument("--probe-tiles-per-image", type=int, default=10**9,
+                        help="probe tiles per held-out picture (default: every non-overlapping tile)")
     return parser.parse_args()
 
 
@@ -193,6 +200,32 @@ def rate_distortion_plot(points: dict[str, tuple[float, float]], path: Path) -> 
     return path
 
 
+def diffusability_plot(points: dict[str, tuple[float, float, float]], path: Path) -> Path:
+    """The probe's held-out loss over its Gaussian reference (lower: easier to learn) against the KL
+    per image and against the reconstruction MSE, one labelled point per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, (rate, mse, ratio) in points.items():
+        for ax, x in zip(axes, (rate, mse)):
+            ax.scatter(x, ratio, color="C1")
+            ax.annotate(name, (x, ratio), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("KL per held-out image (nats)")
+    axes[1].set_xlabel("reconstruction MSE per image (pixels in [0, 1])")
+    for ax in axes:
+        ax.set_ylabel("probe held-out flow loss / Gaussian reference")
+    fig.suptitle("diffusability (lower: the probe learns the latents better), one point per variant", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def probe_ratio(variant: dict) -> float:
+    """The probe's held-out flow loss over its Gaussian reference."""
+    loss = variant["diffusability"]["held_out_loss"]
+    return loss["mean"] / loss["gaussian_reference_mean"]
+
+
 def extremes(label: str, values: dict[str, float], fmt: str = ".3g") -> str:
     """A line naming the variants with the largest and the smallest value."""
     hi, lo = max(values, key=values.get), min(values, key=values.get)
@@ -217,6 +250,9 @@ def summary(study: dict) -> list[str]:
              extremes("KL per held-out image (nats)", {n: study[n]["kl_nats_per_image"] for n in lat}),
              extremes("PSNR (dB)", {n: r["psnr"]["mean"] for n, r in rec.items() if r["psnr"]["mean"] is not None},
                       ".2f")]
+    probed = {n: probe_ratio(study[n]) for n in lat if "diffusability" in study[n]}
+    if probed:
+        lines.append(extremes("probe held-out flow loss / Gaussian reference (lower: easier)", probed))
     sweep = [f"kl{w}" for w in KL_WEIGHTS if f"kl{w}" in std]
     if len(sweep) > 2:
         steps = np.sign(np.diff([std[n] for n in sweep]))
@@ -266,6 +302,13 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
              f"- evaluation: {meta['evaluation_images']} held-out images (`{meta['evaluation_data']}`), centre crops; "
              "none from a training picture:"]
     lines += [f"  - {line}" for line in meta["held_out"]]
+    if meta.get("probe"):
+        q = meta["probe"]
+        lines += [f"- diffusability probe (`eval/diffusability.py`, `docs/diffusability.md`): the `{q['preset']}` "
+                  f"UNet2DModel, flow matching, {q['steps']} steps of {q['batch_size']} latents, the same seed for "
+                  f"every variant, on the latents of {q['images']} non-overlapping tiles of the same held-out pictures "
+                  f"(`{q['data']}`), normalised by each export's scaling factor; its held-out loss on "
+                  f"{q['held_out']} tiles it never trained on"]
     lines += ["- LPIPS: " + (f"VGG16 weights `{meta['lpips']}`, in training (weight 1) and evaluation" if meta["lpips"] else
               "not measured and not trained: its VGG16 weights (`vgg16-397923af.pth`) are not available offline; "
               "pass `--lpips-weights FILE`"), "", "## Variants", "",
@@ -283,6 +326,15 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
                  ("KL per held-out image (nats)", [study[n]["kl_nats_per_image"] for n in done], None),
                  ("KL per channel (nats per element)", [" / ".join(f"{k:.3g}" for k in study[n]["latent_stats"]
                                                                   ["posterior"]["channel_kl"]) for n in done], None)]
+        if all("diffusability" in study[n] for n in done):
+            probe = [study[n]["diffusability"] for n in done]
+            rows += [("probe: held-out flow loss ↓", [x["held_out_loss"]["mean"] for x in probe], None),
+                     ("probe: Gaussian reference", [x["held_out_loss"]["gaussian_reference_mean"] for x in probe], None),
+                     ("probe: loss / Gaussian reference ↓", [probe_ratio(study[n]) for n in done], 1.0),
+                     ("probe: std of sampled latents", [x["samples"]["std"] for x in probe], None),
+                     ("probe: std of real held-out latents", [x["samples"]["real_std"] for x in probe], None),
+                     ("probe: P(\\|ẑ\\| > 4) of samples", [x["samples"]["p_abs_gt_4"] for x in probe], None),
+                     ("probe: gFID", [x["gfid"] if x["gfid"] is not None else "not measured" for x in probe], None)]
         rows += [row for row in latent_rows(latent_entries(study, done)) if row[0] != "images"]
         lines += [markdown_table(rows, done, "reference"), "",
                   "Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); uniformly random peaks",
@@ -344,6 +396,22 @@ def main():
             study[name].update(latent_stats=lat["results"], reconstruction=rec["results"],
                                kl_nats_per_image=rate, mse=mse, scaling_factor=lat["scaling_factor"])
 
+    # The diffusability probe on every non-overlapping tile of the held-out pictures:
+    probe = None
+    if done and not args.no_probe:
+        tiles = work / f"probe_tiles_{base.data.resolution}"
+        write_held_out_tiles(tiles, base.data.resolution, args.probe_tiles_per_image)
+        spec = f"source=imagefolder,path={tiles},split=train,resolution={base.data.resolution}"
+        count = len(list(tiles.glob("*.png")))
+        extra = ["--held-out", str(args.probe_held_out), "--steps", str(args.probe_steps), "--batch-size",
+                 str(args.probe_batch_size), "--eval-every", str(max(1, args.probe_steps // 6))]
+        probed = evaluate("diffusability.py", exports, spec, count, work / "eval" / "diffusability", extra)
+        for name, entry in zip(done, probed["vaes"]):
+            study[name]["diffusability"] = entry["results"]
+        probe = {"preset": entry["results"]["probe"]["preset"], "steps": args.probe_steps,
+                 "batch_size": args.probe_batch_size, "images": probed["num_images"], "data": spec,
+                 "held_out": args.probe_held_out}
+
     # Figures, JSON and the report (keeping its hand-written interpretation):
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -351,12 +419,16 @@ def main():
         points = {n: (study[n]["kl_nats_per_image"], study[n]["mse"]) for n in done}
         figures = [rate_distortion_plot(points, out / "rate_distortion.png"),
                    *latent_plots(latent_entries(study, done), out)]
+        if probe is not None:
+            figures.append(diffusability_plot({n: (*points[n], probe_ratio(study[n])) for n in done},
+                                              out / "diffusability.png"))
+            figures += diffusability_plots([{"path": n, "results": study[n]["diffusability"]} for n in done], out)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     meta = {"device": device(), "date": datetime.date.today().isoformat(), "commit": commit, "command": command,
             "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
             "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
-            "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights}
+            "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights, "probe": probe}
     meta, study = repo_relative(meta), repo_relative(study)
     write_json({"meta": meta, "variants": study}, out / "kl_study.json")
     report = out.with_suffix(".md")

@@ -65,7 +65,8 @@ def test_study_end_to_end(tmp_path):
     out, work = tmp_path / "docs" / "kl_study", tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--steps", "2", "--resolution", "32", "--tiles-per-image", "2",
            "--variants", "mmd", "kl1e-6-gan", "--out", str(out), "--work", str(work),
-           "--set", "export.single_file=false", "--set", "export.calibration_images=4", "--set", "train.log_every=1"]
+           "--set", "export.single_file=false", "--set", "export.calibration_images=4", "--set", "train.log_every=1",
+           "--probe-steps", "2", "--probe-batch-size", "2", "--probe-held-out", "2", "--probe-tiles-per-image", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     study = json.loads((out / "kl_study.json").read_text())
@@ -82,7 +83,11 @@ def test_study_end_to_end(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| statistic | mmd | kl1e-6-gan | reference |" in text
     assert "## What the figures show" in text and kl_study.INTERPRETATION[0] in text
-    for figure in ("rate_distortion", "zhat_tails", "peak_positions", "logvar_histogram", "channel_std_kl"):
+    probed = [v["diffusability"] for v in study["variants"].values()]
+    assert all(p["held_out_images"] == 2 and p["train_images"] == 6 and len(p["curve"]) == 3 for p in probed)
+    assert study["meta"]["probe"]["steps"] == 2 and "probe: loss / Gaussian reference" in text
+    for figure in ("rate_distortion", "zhat_tails", "peak_positions", "logvar_histogram", "channel_std_kl",
+                   "diffusability", "diffusability_loss"):
         assert (out / f"{figure}.png").is_file() and f"kl_study/{figure}.png" in text
     metrics = {name: [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
                for name in study["variants"]}
