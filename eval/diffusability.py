@@ -140,11 +140,12 @@ def measure(vae, index: int, data, args, accelerator, out: Path) -> dict:
                                                               args.batch_size, accelerator)))
     cost = train_probe(accelerator, model, optimizer, train, args.steps, args.batch_size, args.seed, evaluate,
                        args.eval_every or max(1, args.steps // 10), args.warmup)
+    probe = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # the Accelerator lets go of this VAE's probe and optimiser
     if not accelerator.is_main_process:
         return {}
 
     # Samples from fixed noise, decoded with the VAE; their statistics against the real held-out latents'.
-    probe = accelerator.unwrap_model(model)
     shape = tuple(train.shape[1:])
     count = max(args.samples, (args.fid_samples or args.held_out) if args.inception_weights else 0)
     noise = torch.stack([seeded_normal(shape, args.seed, 3, k) for k in range(count)])
