@@ -14,7 +14,6 @@ cost. --vae and DATA_SPEC as in eval/latent_stats.py. Definitions and recipes: d
 
 import argparse
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=100, help="probe warm-up steps")
     parser.add_argument("--eval-every", type=int, default=None, help="held-out loss every N steps (default: steps/10)")
     parser.add_argument("--timesteps", type=int, default=8, help="points of the held-out timestep grid")
-    parser.add_argument("--samples", type=int, default=16, help="samples drawn from fixed noise and decoded")
+    parser.add_argument("--samples", type=int, default=16, help="samples drawn from fixed noise, decoded and shown")
     parser.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
     parser.add_argument("--inception-weights", default=None, help="torch-fidelity's Inception file: gFID")
     parser.add_argument("--fid-samples", type=int, default=None, help="samples for gFID (default: --held-out)")
@@ -65,25 +64,33 @@ def parse_args() -> argparse.Namespace:
                         help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
     parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
     parser.add_argument("--norm-num-groups", type=int, default=None)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.samples < 1 or args.steps < 1 or args.held_out < 1:
+        parser.error("--samples, --steps and --held-out must be at least 1")
+    return args
 
 
 @torch.no_grad()
-def encode_all(vae, data, args, accelerator) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Every process encodes its share of the pick; all get the latents (N, C, h, w) in pick
-    order, their ids, and the skipped files."""
+def encode_all(vae, data, args, accelerator, held_from: int, fid) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Every process encodes its share of the pick; all get the latents (N, C, h, w) ordered by
+    image id, the ids, and the skipped files. Images with id ≥ ``held_from`` (the held-out ones)
+    also enter ``fid`` as real images, on the process that read them."""
     mine, skipped = [], []
     for batch in calibration_batches(data, args.num_images, args.encode_batch_size, seed=args.seed,
                                      rank=accelerator.process_index, world_size=accelerator.num_processes):
         skipped += batch["skipped_names"]
         if not batch["pixel_values"].shape[0]:
             continue
-        posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        x = batch["pixel_values"].to(vae.device)
+        posterior = vae.encode(x.to(vae.dtype)).latent_dist
         z = posterior.mean.float().cpu()
         if args.latents == "sample":  # one sample per image, seeded by the image
             noise = torch.stack([seeded_normal(tuple(z.shape[1:]), args.seed, 4, i) for i in batch["ids"]])
             z = z + posterior.std.float().cpu() * noise
         mine += list(zip(batch["ids"], z))
+        held = [k for k, i in enumerate(batch["ids"]) if i >= held_from]
+        if fid is not None and held:
+            fid.update((x[held].float() + 1) / 2, real=True)
     everything = sorted(gather_object(mine), key=lambda item: item[0])
     if not everything:
         raise DataError(f"no decodable image among the images picked of {describe(data)}")
@@ -105,21 +112,39 @@ def tail(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
     return ((x - mean.view(1, -1, 1, 1)).abs() > 4 * std.view(1, -1, 1, 1)).double().mean().item()
 
 
-def held_out_images(data, ids: set[int], args) -> torch.Tensor:
-    """The held-out images (pixels in [-1, 1]), for gFID."""
-    return torch.cat([b["pixel_values"][[i for i, k in enumerate(b["ids"]) if k in ids]]
-                      for b in calibration_batches(data, args.num_images, args.encode_batch_size, seed=args.seed)])
+@torch.no_grad()
+def draw_samples(probe, vae, shape, shift, scale, count: int, args, accelerator, fid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``count`` latents from fixed noise (sample k from (seed, k)), split over processes;
+    decode them; feed the decoded ones to ``fid`` as generated images. Returns, on every process,
+    all sampled latents (count, C, h, w) and the first ``--samples`` decoded images."""
+    mine = list(range(accelerator.process_index, count, accelerator.num_processes))
+    drawn, shown = [], []
+    for start in range(0, len(mine), args.batch_size):
+        ks = mine[start:start + args.batch_size]
+        noise = torch.stack([seeded_normal(shape, args.seed, 3, k) for k in ks]).to(accelerator.device)
+        x = sample(probe, noise, args.sample_steps)
+        images = vae.decode((x.cpu() / scale + shift).to(vae.device, vae.dtype)).sample.float()
+        if fid is not None:
+            fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
+        drawn += list(zip(ks, x.cpu()))
+        shown += [(k, image.cpu()) for k, image in zip(ks, images) if k < args.samples]
+    drawn, shown = (sorted(gather_object(items), key=lambda item: item[0]) for items in (drawn, shown))
+    return torch.stack([x for _, x in drawn]), torch.stack([image for _, image in shown])
 
 
-def measure(vae, index: int, data, args, accelerator, out: Path) -> dict:
-    """Encode, split, normalise and cache; train the probe; evaluate and sample (main process)."""
+def measure(vae, index: int, data, args, accelerator, out: Path, images: int) -> dict:
+    """Encode, split, normalise and cache; train the probe; evaluate and sample; the results on the main process."""
     wall = time.time()
-    latents, ids, skipped = encode_all(vae, data, args, accelerator)
+    held_from = images - args.held_out  # ids are places in the random draw: the held-out ones are random
+    if held_from < 1:
+        raise DataError(f"{images} images of {describe(data)}: too few to hold out {args.held_out} and train on "
+                        "the rest; lower --held-out or raise --num-images")
+    fid = build_fid(args.inception_weights, accelerator.device)
+    latents, ids, skipped = encode_all(vae, data, args, accelerator, held_from, fid)
     encode_seconds = time.time() - wall
-    if len(ids) <= args.held_out:
-        raise DataError(f"{len(ids)} decodable images of {describe(data)}: too few to hold out {args.held_out} "
-                        "and train on the rest; lower --held-out or raise --num-images")
-    split = len(ids) - args.held_out  # the last --held-out images of the pick (the pick is random)
+    split = sum(i < held_from for i in ids)
+    if split == 0 or split == len(ids):
+        raise DataError(f"{describe(data)}: no decodable image left to {'train on' if split == 0 else 'hold out'}")
     shift, scale = normaliser(vae, latents[:split], args.normalise)
     normalised = (latents - shift) * scale
     train, held = normalised[:split], normalised[split:]
@@ -142,30 +167,20 @@ def measure(vae, index: int, data, args, accelerator, out: Path) -> dict:
                        args.eval_every or max(1, args.steps // 10), args.warmup)
     probe = accelerator.unwrap_model(model)
     accelerator.free_memory()  # the Accelerator lets go of this VAE's probe and optimiser
+
+    # Samples from fixed noise, decoded with the VAE (and gFID: a collective, on every process).
+    shape = tuple(train.shape[1:])
+    count = max(args.samples, (args.fid_samples or len(held_ids)) if fid is not None else 0)
+    drawn, shown = draw_samples(probe, vae, shape, shift, scale, count, args, accelerator, fid)
+    gfid = fid.compute().item() if fid is not None else None
     if not accelerator.is_main_process:
         return {}
-
-    # Samples from fixed noise, decoded with the VAE; their statistics against the real held-out latents'.
-    shape = tuple(train.shape[1:])
-    count = max(args.samples, (args.fid_samples or args.held_out) if args.inception_weights else 0)
-    noise = torch.stack([seeded_normal(shape, args.seed, 3, k) for k in range(count)])
-    drawn = torch.cat([sample(probe, noise[k:k + args.batch_size].to(accelerator.device), args.sample_steps).cpu()
-                       for k in range(0, count, args.batch_size)])
-    with torch.no_grad():
-        decoded = torch.cat([vae.decode((drawn[k:k + args.encode_batch_size] / scale + shift).to(vae.device, vae.dtype)
-                                        ).sample.float().cpu() for k in range(0, count, args.encode_batch_size)])
     grid_file = out / f"samples_vae{index}.png"
-    half = math.ceil(args.samples / 2)
-    rows = [decoded[:half], decoded[half:args.samples]] if args.samples > 1 else [decoded[:1]]
-    save_rows([r for r in rows if len(r) == len(rows[0])], grid_file)
+    half = len(shown) // 2
+    save_rows([shown[:half], shown[half:2 * half]] if half and len(shown) % 2 == 0 else [shown], grid_file)
+    gfid_note = (f"{count} samples against the {len(held_ids)} held-out images" if fid is not None
+                 else "not measured: no --inception-weights")
     mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
-    gfid, gfid_note = None, "not measured: no --inception-weights"
-    if args.inception_weights:
-        fid = build_fid(args.inception_weights, accelerator.device)
-        fid.update((held_out_images(data, set(held_ids), args).to(accelerator.device) + 1) / 2, real=True)
-        fid.update((decoded.clamp(-1, 1).to(accelerator.device) + 1) / 2, real=False)
-        gfid, gfid_note = fid.compute().item(), f"{count} samples against the {len(held_ids)} held-out images"
-
     reference = gaussian_reference(train.var(dim=(0, 2, 3)), grid)
     final = curve[-1][1]
     return {
@@ -192,10 +207,10 @@ def main():
     accelerator = Accelerator()
     data = evaluation_data(args.data)
     out = Path(args.out)
-    _, available = images_to_measure(data, args.num_images, accelerator.print)
+    images, available = images_to_measure(data, args.num_images, accelerator.print)
     load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
     entries = evaluate_each(args.vae, accelerator.device, functools.partial(
-        measure, data=data, args=args, accelerator=accelerator, out=out), args.bf16, **load)
+        measure, data=data, args=args, accelerator=accelerator, out=out, images=images), args.bf16, **load)
     if accelerator.is_main_process:
         rep = report("diffusability", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")

@@ -152,6 +152,8 @@ def _disk_full(root: Path, err: Exception) -> bool:
     on a full disk, so the free space decides where the error does not say."""
     if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
         return True
+    if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):  # says what it is
+        return False
     try:
         return shutil.disk_usage(root).free < 1 << 20
     except OSError:

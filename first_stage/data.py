@@ -394,7 +394,8 @@ def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed:
     The pick is the same on every process; process ``rank`` gets every ``world_size``-th image of it,
     so together the processes see each picked image once. A stream is shuffled with a buffer of
     ``cfg.shuffle_buffer`` and its first ``num_images`` images are taken. A sample's ``id`` is its
-    place in the pick (0 .. num_images - 1), the same whatever the number of processes.
+    place in the random draw (0 .. num_images - 1; for a stream, in the shuffled stream), the same
+    whatever the number of processes: the images with the lowest ids are a random subset.
     """
     cfg = dataclasses.replace(cfg, random_crop=False, hflip=False)
     ds = load_image_dataset(cfg)
@@ -412,9 +413,11 @@ def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed:
         if batch:
             yield collate(batch, cfg.resolution)
         return
-    picked = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+    # Read in file order (sorted), but each image's id is its place in the random draw: the first k
+    # ids are a random k of the pick, not the k lowest files (which may be one class or picture).
+    picked, draw_order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_images].sort()
     dataset = ImageDataset(ds.select(picked[rank::world_size].tolist()), cfg, seed,
-                           ids=list(range(len(picked)))[rank::world_size])
+                           ids=draw_order[rank::world_size].tolist())
     yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
                                            collate_fn=functools.partial(collate, resolution=cfg.resolution))
 

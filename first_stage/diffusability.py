@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from diffusers import UNet2DModel
 
-# Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them, so the
-# lowest resolution is at least 4×4 (f8 latents get a level more than f16 latents at the same
+# Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
+# s does not halve that often exactly), so the lowest resolution is at least 4×4 (f8 latents get a level more than f16 latents at the same
 # image size). Attention at every level but the first.
 PROBES = {
     "tiny": {"widths": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8},  # CPU, minutes
@@ -41,6 +41,8 @@ def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny") -> UNe
     channels, side, _ = latent_shape
     spec = PROBES[preset]
     levels = max(1, min(len(spec["widths"]), int(math.log2(max(side, 4) / 4)) + 1))
+    while side % 2 ** (levels - 1):  # every downsampling must halve exactly, or the skips do not line up
+        levels -= 1
     widths = spec["widths"][:levels]
     return UNet2DModel(
         sample_size=side, in_channels=channels, out_channels=channels, block_out_channels=widths,
@@ -135,6 +137,8 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # bill the step's kernels to the step
         trained += time.time() - start
     if evaluate is not None:
         evaluate(steps)

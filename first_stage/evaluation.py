@@ -37,7 +37,8 @@ def evaluate_each(paths: list[str], device, measure: Callable[[AutoencoderKL, in
 
 
 def build_fid(path: str | None, device):
-    """torchmetrics' FID on the given Inception weights (torch-fidelity's file), or None when none are given."""
+    """torchmetrics' FID on the given Inception weights (torch-fidelity's file), or None when none are
+    given. Its ``compute()`` is a collective: every process must call it."""
     if path is None:
         return None
     if not Path(path).is_file():

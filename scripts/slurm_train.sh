@@ -31,14 +31,19 @@ compgen -G "$RUN_DIR/checkpoints/checkpoint-*" > /dev/null && RESUME=(--resume l
 
 # On USR1 (time limit) or TERM (pre-emption, scancel) every process of the job step gets SIGTERM
 # (scancel --signal: a plain signal; a SIGTERM to srun would start its own kill sequence); each
-# trainer finishes its step, saves a checkpoint and writes status.json.
+# trainer finishes its step, saves a checkpoint and writes status.json. With several processes the
+# launcher (torchrun) forwards it too and SIGKILLs its workers 30 s later: step + checkpoint must fit.
 TIME_LIMIT=0
 stop() { echo "$(date -Is) $1: stopping $RUN_DIR with a checkpoint"; scancel --signal=TERM "$SLURM_JOB_ID"; }
 trap 'TIME_LIMIT=1; stop USR1' USR1
 trap 'stop TERM' TERM
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NODES node(s) x $PER_NODE, run $RUN_DIR ${RESUME[*]}"
-srun --kill-on-bad-exit=1 bash -c 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
-    "${LAUNCH[@]}" train/train.py "${RESUME[@]}" "$@" &
+if [ $((NODES * PER_NODE)) -gt 1 ]; then
+    srun --kill-on-bad-exit=1 bash -c 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
+        "${LAUNCH[@]}" train/train.py "${RESUME[@]}" "$@" &
+else  # one process: the trainer is the task itself (SLURM would kill it with a single-process launcher)
+    srun python train/train.py "${RESUME[@]}" "$@" &
+fi
 SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2> /dev/null; do wait "$SRUN_PID"; done  # a trapped signal interrupts wait
 

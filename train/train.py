@@ -10,6 +10,7 @@ saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (resume 
 
 import argparse
 import ctypes
+import errno
 import json
 import math
 import os
@@ -35,6 +36,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.y
 EXIT_NONFINITE = 2
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+FILE_SYSTEM_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                      errno.EDQUOT}
 RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", 143: "stopped", 130: "stopped"}  # status.json, by exit code
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
 INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
@@ -257,5 +260,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, DataError, LPIPSWeightsError, OSError) as err:  # they name the file
+    except (ConfigError, CheckpointError, DataError, LPIPSWeightsError) as err:  # they name the file
+        sys.exit(f"error: {err}")
+    except OSError as err:  # a file-system error names its file; any other keeps its traceback
+        if err.errno not in FILE_SYSTEM_ERRORS:
+            raise
         sys.exit(f"error: {err}")
