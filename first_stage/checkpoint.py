@@ -260,6 +260,7 @@ class LoadedVAE:
     step: int | None = None
     discriminator: dict[str, torch.Tensor] | None = None
     logvar: float | None = None
+    projection: dict[str, torch.Tensor] | None = None  # the alignment projection of a checkpoint
 
 
 def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
@@ -321,6 +322,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         step=int(json.loads((path / TRAINING_STATE).read_text())["step"]),
         discriminator=load_file(str(disc_file)) if config.discriminator.enabled and disc_file.is_file() else None,
         logvar=float(state["logvar"]) if "logvar" in state else None,
+        projection={k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")} or None,
     )
 
 

@@ -67,6 +67,63 @@ class RegularizerConfig:
 
 
 @dataclass(frozen=True)
+class AlignmentConfig:
+    """Representation alignment (VA-VAE's "vision foundation" loss): latents projected by a trained
+    1x1 convolution are pulled towards a frozen vision model's patch features (docs/training.md)."""
+
+    enabled: bool = False
+    # A Hugging Face model id (read from the local cache only, never downloaded) or a local folder
+    # holding config.json, the weights and preprocessor_config.json; loaded through transformers.
+    model: str = "facebook/dinov2-large"
+    # "latent": the image is resized so that the model's patch grid is the latent grid (VA-VAE: 224²
+    # for an f16 latent of a 256² image); "model": the model's own image size, features resized
+    # bilinearly to the latent grid.
+    grid: Literal["latent", "model"] = "latent"
+    weight: float = 0.1  # VA-VAE's vf_weight, times the adaptive weight when adaptive is on
+    cos_weight: float = 1.0
+    cos_margin: float = 0.5  # per position: relu(1 - cos_margin - cos(projected z, feature))
+    distance_weight: float = 1.0
+    distance_margin: float = 0.25  # per pair of positions: relu(|cos_zz - cos_ff| - distance_margin)
+    adaptive: bool = True  # balance against the NLL by gradient norms at the encoder's last layer
+    adaptive_weight_max: float = 1e4
+    projection_init: str | None = None  # an export's finetune/alignment_projection.safetensors
+
+
+@dataclass(frozen=True)
+class EquivarianceConfig:
+    """EQ-VAE's transform-and-reconstruct scheme and the scale-equivariance term of
+    arXiv 2502.14831, apart or together (docs/training.md)."""
+
+    enabled: bool = False
+    # EQ-VAE: with this probability a step's decoder gets the latent scaled and rotated and must
+    # reproduce the image under the same transform; the other steps reconstruct plainly.
+    probability: float = 0.5
+    min_scale: float = 0.25  # scale factors are drawn from [min_scale, max_scale)
+    max_scale: float = 1.0
+    anisotropic: bool = True  # separate factors for height and width
+    rotations: bool = True  # k·90°, k drawn from {0, 1, 2, 3}
+    # Prior preservation at low resolution: this share of the plain steps encodes and reconstructs
+    # the image downsampled 2x.
+    lowres_probability: float = 0.0
+    # 2502.14831: + scale_weight * sum over factors s of rec(down_s(x), D(down_s(z))), every step; 0: off.
+    scale_weight: float = 0.0
+    scale_factors: tuple[int, ...] = (2, 4)
+
+
+@dataclass(frozen=True)
+class LatentNoiseConfig:
+    """Noise on the decoder's input (RAE's noise_tau): it reconstructs from z + σ·ε, so a diffusion
+    model's sampling errors decode gracefully (docs/training.md)."""
+
+    enabled: bool = False
+    tau: float = 0.8  # σ = u·tau·std with u ~ U(0, 1) per image (RAE's noise_tau)
+    probability: float = 1.0  # share of images whose decoder input is noised
+    # The std σ is relative to: None measures each image's own latent std (detached); a number
+    # fixes it (e.g. 1/scaling_factor of an export).
+    reference_std: float | None = None
+
+
+@dataclass(frozen=True)
 class DiscriminatorConfig:
     enabled: bool = False
     start: int = 50001  # first step at which the discriminator trains
@@ -164,6 +221,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
+    latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_data: DataConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -194,6 +254,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")

@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
 from .config import Config, ExportConfig, config_hash, to_yaml
-from .convert import to_ldm_state_dict
+from .convert import autoencoder_from_ldm, read_weights, to_ldm_state_dict
 from .latent_stats import measure_latent_stats
 from .model import DTYPES, cast, count_parameters
 from .reports import model_card
@@ -58,6 +59,16 @@ class ExportOptions:
         return cls(**{**fields, **changes})
 
 
+SINGLE_FILE_OWN_LOADER = ("first_stage.checkpoint.load_vae (diffusers' from_single_file cannot load attention inside "
+                          "levels; latent-diffusion's AutoencoderKL with attn_resolutions at the latent resolution can)")
+
+
+def attention_in_levels(config) -> bool:
+    """Whether an ``AutoencoderKL`` config has self-attention inside its down or up levels (not
+    only in the mid block): VA-VAE's f16c32 has, SD's kl-f8 has not."""
+    return any(t.startswith("Attn") for t in (*config.down_block_types, *config.up_block_types))
+
+
 @dataclass(frozen=True)
 class ExportSource:
     """Where the exported weights come from, for the report, the model card and the fine-tuning
@@ -73,6 +84,7 @@ class ExportSource:
     hash_config: bool = True
     discriminator: nn.Module | None = None
     logvar: float | None = None
+    projection: dict[str, torch.Tensor] | None = None  # the alignment projection's state dict
     evaluation: dict | None = None  # figures of eval/ reports for the model card
 
 
@@ -166,16 +178,19 @@ def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) 
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
 
 
-def bundle_config(config: Config, out_dir: Path, logvar: float | None, has_discriminator: bool) -> Config:
+def bundle_config(config: Config, out_dir: Path, logvar: float | None, has_discriminator: bool,
+                  has_projection: bool = False) -> Config:
     """The training config that continues from this export: the model and (when exported) the
-    discriminator start from its files, the log-variance from its value."""
+    discriminator and the alignment projection start from its files, the log-variance from its value."""
     out_dir = out_dir.resolve()
-    disc = config.discriminator
+    disc, alignment = config.discriminator, config.alignment
     if has_discriminator:
         disc = dataclasses.replace(disc, init_from=str(out_dir / BUNDLE_DIR / "discriminator.safetensors"))
+    if has_projection:
+        alignment = dataclasses.replace(alignment, projection_init=str(out_dir / BUNDLE_DIR / PROJECTION_FILE))
     loss = config.loss if logvar is None else dataclasses.replace(config.loss, logvar_init=float(logvar))
     return dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(out_dir)),
-                               loss=loss, discriminator=disc)
+                               loss=loss, discriminator=disc, alignment=alignment)
 
 
 def export_autoencoder(
@@ -272,7 +287,10 @@ def export_autoencoder(
                 _save(discriminator.state_dict(), tmp / BUNDLE_DIR / "discriminator.safetensors", metadata)
             if source.logvar is not None:
                 _save({"logvar": torch.tensor(float(source.logvar))}, tmp / BUNDLE_DIR / "loss.safetensors", metadata)
-            bundle = bundle_config(config, out_dir, source.logvar, discriminator is not None)
+            if source.projection is not None:  # never in the diffusers weights: it is a training-time head
+                _save(source.projection, tmp / BUNDLE_DIR / PROJECTION_FILE, metadata)
+            bundle = bundle_config(config, out_dir, source.logvar, discriminator is not None,
+                                   source.projection is not None)
             (tmp / BUNDLE_DIR / "config.yaml").write_text(to_yaml(bundle))
             report["bundle"] = sorted(p.name for p in (tmp / BUNDLE_DIR).iterdir())
 
@@ -286,8 +304,16 @@ def export_autoencoder(
             if reloaded.config[key] != exported.config[key]:
                 raise ExportError(f"config.json holds {key}={reloaded.config[key]!r}, expected {exported.config[key]!r}")
         if single_path is not None:
-            from_single = cast(AutoencoderKL.from_single_file(str(tmp_single), config=str(tmp)), DTYPES[dtype])
-            verification["single_file"] = output_difference(exported, from_single.to(vae.device), x)
+            if attention_in_levels(exported.config):
+                # diffusers' from_single_file (0.3x-0.4x) reads no attention inside levels: it would
+                # leave those weights unset. The file is latent-diffusion's layout (attn_resolutions),
+                # which this package's import reads back.
+                from_single = autoencoder_from_ldm(*read_weights(tmp_single))
+                report["single_file_loader"] = SINGLE_FILE_OWN_LOADER
+            else:
+                from_single = AutoencoderKL.from_single_file(str(tmp_single), config=str(tmp))
+                report["single_file_loader"] = "diffusers AutoencoderKL.from_single_file"
+            verification["single_file"] = output_difference(exported, cast(from_single, DTYPES[dtype]).to(vae.device), x)
         report["verification"] = verification
         failed = {k: v for k, v in verification.items() if k in ("diffusers", "single_file") and not v <= tolerance}
         if failed:

@@ -8,7 +8,10 @@ Generator (per image, in the ``"sum"`` reduction; see ``regularizers`` for ``"me
     total = nll + kl_weight * KL + d_weight * g_loss                       # g_loss once the GAN is on
     d_weight = disc_weight * clamp(|grad_W nll| / (|grad_W g_loss| + 1e-4), 0, 1e4)
 
-with W the decoder's last convolution weight (the adaptive weight of taming-transformers).
+with W the decoder's last convolution weight (the adaptive weight of taming-transformers). Under
+equivariance the pair (x, x̂) is the transformed target and the decoding of the transformed latent;
+the optional terms (alignment, scale equivariance) are in ``first_stage.alignment`` and
+``first_stage.equivariance``, their formulas in docs/training.md.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from .config import DiscriminatorConfig, LossConfig
+from .config import DiscriminatorConfig, EquivarianceConfig, LossConfig
 from .discriminator import discriminator_loss, generator_adversarial_loss
+from .model import AutoencoderOutput
 from .regularizers import KLRegularizer, MMDRegularizer, sum_reduce
+
+
+LPIPS_MIN_SIDE = 16  # VGG16's four 2x max-pools before relu5_3
 
 
 def pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
@@ -41,9 +48,11 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
 
 
 class GeneratorLoss(nn.Module):
-    """The autoencoder's loss: NLL (pixel + LPIPS, with log-variance), latent regulariser, GAN term.
+    """The autoencoder's loss: NLL (pixel + LPIPS, with log-variance), latent regulariser, and the
+    optional terms: alignment, scale equivariance, GAN.
 
-    ``perceptual`` is a frozen LPIPS module, or None to train without the perceptual term.
+    ``perceptual`` is a frozen LPIPS module, or None to train without the perceptual term;
+    ``alignment`` an :class:`~first_stage.alignment.AlignmentLoss`, or None.
     """
 
     def __init__(
@@ -52,40 +61,70 @@ class GeneratorLoss(nn.Module):
         regularizer: KLRegularizer | MMDRegularizer,
         disc_cfg: DiscriminatorConfig,
         perceptual: nn.Module | None = None,
+        alignment: nn.Module | None = None,
+        equivariance: EquivarianceConfig | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.regularizer = regularizer
         self.disc_cfg = disc_cfg
         self.perceptual = perceptual
+        self.alignment = alignment
+        self.equivariance = equivariance
 
     def gan_active(self, step: int) -> bool:
         """Whether the adversarial term reaches the generator at ``step``."""
         return self.disc_cfg.enabled and step >= self.disc_cfg.start + self.disc_cfg.warmup_steps
 
+    def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel + perceptual_weight · LPIPS per element (B,3,H,W), LPIPS per image or None)."""
+        rec = pixel_loss(x, reconstruction, self.cfg.pixel_loss)  # (B,3,H,W)
+        if self.perceptual is None or self.cfg.perceptual_weight == 0:
+            return rec, None
+        if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
+            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIDE} pixels a side, got {tuple(x.shape[-2:])} "
+                             "(raise data.resolution or equivariance.min_scale, or lower equivariance.scale_factors)")
+        p = self.perceptual(x, reconstruction)  # (B,1,1,1), broadcast onto every pixel
+        return rec + self.cfg.perceptual_weight * p, p
+
     def forward(
         self,
-        x: torch.Tensor,
-        reconstruction: torch.Tensor,
-        posterior: DiagonalGaussianDistribution,
-        logvar: torch.Tensor,
+        out: AutoencoderOutput,
         step: int,
         discriminator: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
+        encoder_last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """The total generator loss and its logs. ``discriminator`` must be frozen by the caller."""
-        rec = pixel_loss(x, reconstruction, self.cfg.pixel_loss)  # (B,3,H,W)
-        logs = {"train/loss/pixel": rec.mean().item()}
-        if self.perceptual is not None and self.cfg.perceptual_weight > 0:
-            p = self.perceptual(x, reconstruction)  # (B,1,1,1), broadcast onto every pixel
-            rec = rec + self.cfg.perceptual_weight * p
+        """The total generator loss of one forward pass and its logs. ``discriminator`` must be
+        frozen by the caller; ``last_layer`` is needed once the GAN is on, ``encoder_last_layer``
+        for the adaptive alignment weight."""
+        x, reconstruction = out.target, out.reconstruction
+        rec, p = self.reconstruction_loss(x, reconstruction)
+        logs = {"train/loss/pixel": pixel_loss(x, reconstruction, self.cfg.pixel_loss).mean().item()}
+        if p is not None:
             logs["train/loss/lpips"] = p.mean().item()
-        logvar = logvar.float()
+        logvar = out.logvar.float()
         nll = sum_reduce(rec / logvar.exp() + logvar, self.cfg.reduction)
-        reg, reg_logs = self.regularizer(posterior, step)
+        reg, reg_logs = self.regularizer(out.posterior, step)
         total = nll + reg
         logs.update(reg_logs)
         logs.update({"train/loss/nll": nll.item(), "train/logvar": logvar.item()})
+
+        if self.alignment is not None:
+            align, align_logs = self.alignment(out.inputs, out.projected)
+            acfg = self.alignment.cfg
+            weight = acfg.weight
+            if acfg.adaptive:
+                if encoder_last_layer is None:
+                    raise ValueError("the adaptive alignment weight needs the encoder's last layer")
+                weight = weight * adaptive_weight(nll, align, encoder_last_layer, acfg.adaptive_weight_max)
+            total = total + weight * align
+            logs.update({**align_logs, "train/align_weight": float(weight)})
+        if out.scaled:
+            scale_terms = [sum_reduce(self.reconstruction_loss(xs, rs)[0], self.cfg.reduction) for xs, rs in out.scaled]
+            scale_loss = sum(scale_terms)
+            total = total + self.equivariance.scale_weight * scale_loss
+            logs["train/loss/scale_eq"] = scale_loss.item()
 
         if self.gan_active(step):
             if discriminator is None or last_layer is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL
@@ -12,15 +14,18 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import ConfigError, ModelConfig
+from .equivariance import LatentTransform, add_decoder_noise, resize
 
 
-def _levels(channels: tuple[int, ...]) -> dict:
-    """Encoder/decoder block types for one level per entry of ``channels``."""
-    return {
-        "block_out_channels": channels,
-        "down_block_types": ("DownEncoderBlock2D",) * len(channels),
-        "up_block_types": ("UpDecoderBlock2D",) * len(channels),
-    }
+def _levels(channels: tuple[int, ...], attention_at_lowest: bool = False) -> dict:
+    """Encoder/decoder block types for one level per entry of ``channels``; with
+    ``attention_at_lowest`` the lowest-resolution level has self-attention after each of its
+    blocks (latent-diffusion's ``attn_resolutions`` at the latent resolution)."""
+    down = ("DownEncoderBlock2D",) * len(channels)
+    up = ("UpDecoderBlock2D",) * len(channels)
+    if attention_at_lowest:  # the last down level and the first up level run at the latent resolution
+        down, up = down[:-1] + ("AttnDownEncoderBlock2D",), ("AttnUpDecoderBlock2D",) + up[1:]
+    return {"block_out_channels": channels, "down_block_types": down, "up_block_types": up}
 
 
 # AutoencoderKL constructor arguments. Downsampling factor = 2 ** (levels - 1).
@@ -31,6 +36,10 @@ PRESETS: dict[str, dict] = {
     "sd-f8c4": {**_levels((128, 256, 512, 512)), "layers_per_block": 2, "latent_channels": 4},
     # SD3/FLUX-style: the same trunk with 16 latent channels.
     "f8c16": {**_levels((128, 256, 512, 512)), "layers_per_block": 2, "latent_channels": 16},
+    # VA-VAE's f16d32 (LightningDiT vavae: ch_mult 1,1,2,2,4, attn_resolutions [16] at 256²): five
+    # levels, 32 latent channels, attention at the lowest resolution.
+    "f16c32": {**_levels((128, 128, 256, 256, 512), attention_at_lowest=True), "layers_per_block": 2,
+               "latent_channels": 32},
 }
 
 # Weight dtypes by the names configs and command lines use.
@@ -87,34 +96,85 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@dataclass
+class ForwardPlan:
+    """What one forward pass does besides encode, sample, decode (first_stage.equivariance)."""
+
+    transform: LatentTransform | None = None  # EQ-VAE: decode T(z) against the target T(x)
+    lowres: bool = False  # prior preservation: encode and reconstruct the image downsampled 2x
+    decoder_noise: torch.Tensor | None = None  # (B,C,S,S) ε for the decoder's input, cropped to the latent
+    noise_levels: torch.Tensor | None = None  # (B,) u·tau per image (0: clean)
+    reference_std: float | None = None  # latent_noise.reference_std
+    scale_factors: tuple[int, ...] = ()  # 2502.14831: also decode down_s(z) for each s
+
+
+class AutoencoderOutput(NamedTuple):
+    """One forward pass. ``target`` is what ``reconstruction`` should equal: the input, or its
+    transform under ``plan.transform``; ``inputs`` is what the encoder saw (the image, or its 2x
+    downsampled version under ``plan.lowres``)."""
+
+    reconstruction: torch.Tensor  # (B,3,H',W')
+    posterior: DiagonalGaussianDistribution  # over (B,C,h,w)
+    logvar: torch.Tensor  # the loss's scalar log-variance
+    target: torch.Tensor  # (B,3,H',W')
+    inputs: torch.Tensor  # (B,3,H,W)
+    z: torch.Tensor  # (B,C,h,w) the posterior sample, before any transform or decoder noise
+    projected: torch.Tensor | None = None  # (B,D,h,w) the alignment projection of z
+    scaled: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (down_s(x), D(down_s(z))) per factor s
+
+
 class AutoencoderWrapper(nn.Module):
-    """What Accelerate prepares: the autoencoder and the loss's log-variance in one module.
+    """What Accelerate prepares: the autoencoder, the loss's log-variance and (with alignment) the
+    trained 1x1 projection of latents to the vision model's features, in one module.
 
     ``forward(x)`` encodes, samples the posterior and decodes in a single call, so that under DDP
-    every parameter is used inside the wrapped forward. The log-variance lives here (not in the
-    exported model) so that DDP averages its gradient like any other parameter.
+    every parameter is used inside the wrapped forward. The log-variance and the projection live
+    here (not in the exported model) so that DDP averages their gradients like any other parameter.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False):
+    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False,
+                 projection: nn.Module | None = None):
         super().__init__()
         self.vae = vae
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+        self.projection = projection
+        self.factor = downsampling_factor(vae.config)
 
-    def forward(
-        self, x: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution, torch.Tensor]:
-        """(B,3,H,W) images in [-1,1] → (reconstruction, posterior over (B,C,h,w), log-variance).
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                plan: ForwardPlan | None = None) -> AutoencoderOutput:
+        """(B,3,H,W) images in [-1,1] → :class:`AutoencoderOutput`.
 
-        The latent is ``mean + std * noise``; ``noise`` (B,C,h,w) defaults to fresh N(0, I) draws.
+        The latent is ``mean + std * noise``; ``noise`` (B,C,h,w) defaults to fresh N(0, I) draws
+        (under ``plan.lowres`` its top-left (h/2, w/2) corner is used).
         """
+        plan = plan or ForwardPlan()
+        if plan.lowres:
+            x = resize(x, (x.shape[-2] // 2, x.shape[-1] // 2))
         posterior = self.vae.encode(x).latent_dist
         if noise is None:
             z = posterior.sample()
         else:
+            noise = noise[..., :posterior.mean.shape[-2], :posterior.mean.shape[-1]] if plan.lowres else noise
             z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
-        reconstruction = self.vae.decode(z).sample
-        return reconstruction, posterior, self.logvar
+        z_decoded, target = z, x
+        if plan.transform is not None:
+            z_decoded, target = plan.transform.latent(z), plan.transform.image(x, self.factor)
+        if plan.noise_levels is not None:
+            z_decoded = add_decoder_noise(z_decoded, plan.decoder_noise, plan.noise_levels, plan.reference_std)
+        reconstruction = self.vae.decode(z_decoded).sample
+        scaled = []
+        for s in plan.scale_factors:
+            side = (z.shape[-2] // s, z.shape[-1] // s)
+            if min(side) < 1:
+                raise ValueError(f"equivariance.scale_factors: a {tuple(z.shape[-2:])} latent cannot be downsampled {s}x")
+            scaled.append((resize(x, (side[0] * self.factor, side[1] * self.factor)), self.vae.decode(resize(z, side)).sample))
+        projected = self.projection(z) if self.projection is not None else None
+        return AutoencoderOutput(reconstruction, posterior, self.logvar, target, x, z, projected, tuple(scaled))
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
         return self.vae.decoder.conv_out.weight
+
+    def encoder_last_layer(self) -> torch.Tensor:
+        """The encoder's output convolution weight, where the adaptive alignment weight is measured."""
+        return self.vae.encoder.conv_out.weight

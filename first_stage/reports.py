@@ -483,7 +483,12 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",
         "pipe = StableDiffusionPipeline.from_pretrained(..., vae=vae)  # or: pipe.vae = vae",
     ]
-    if single:
+    if single and report.get("single_file_loader", "").startswith("first_stage"):
+        lines += [f"# the latent-diffusion single file ({Path(single).name}) has attention inside levels, which",
+                  "# diffusers' from_single_file cannot read; this package's import can:",
+                  "from first_stage.checkpoint import load_vae",
+                  f"vae = load_vae(\"{Path(single).name}\").vae"]
+    elif single:
         lines += [f"# the latent-diffusion single file ({Path(single).name}); config= avoids guessing the architecture",
                   f"vae = AutoencoderKL.from_single_file(\"{Path(single).name}\", config=\"path/to/this/folder\")"]
     lines += ["```", ""]

@@ -35,11 +35,13 @@ from torch import nn
 
 from .checkpoint import (TRAINER_STATES, TRAINING_STATE, build_autoencoder, check_checkpoint, read_state,
                          trainer_state_file)
-from .config import Config, LossConfig, OptimizerConfig, TrainConfig
+from .alignment import AlignmentLoss, build_projection, load_foundation_model
+from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig
 from .discriminator import build_discriminator, load_discriminator
 from .latent_stats import latent_batch_stats
-from .losses import GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, downsampling_factor, set_trainable
+from .equivariance import check_equivariance, check_latent_noise, decoder_noise, draw_transform
+from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
+from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -153,6 +155,45 @@ def build_perceptual(cfg: LossConfig, accelerator) -> nn.Module | None:
         return None
 
 
+def build_alignment(config: Config, vae, accelerator) -> tuple[AlignmentLoss | None, nn.Module | None]:
+    """The frozen vision model's alignment loss and the trained projection, or (None, None)."""
+    acfg = config.alignment
+    if not acfg.enabled:
+        return None, None
+    if config.model.trainable != "all":
+        raise ConfigError("alignment.enabled needs model.trainable: all (it trains the encoder's latents)")
+    features = load_foundation_model(acfg.model, acfg.grid).to(accelerator.device)
+    projection = build_projection(vae.config.latent_channels, features.dim, acfg.projection_init)
+    return AlignmentLoss(acfg, features), projection.to(accelerator.device)
+
+
+def check_regularizers(config: Config, perceptual: bool, factor: int) -> None:
+    """Refuse equivariance and latent-noise settings out of range, and image sizes the terms would
+    shrink below what LPIPS (16 pixels) or the discriminator (3·2^n_layers) takes, before the
+    first step."""
+    ecfg, dcfg, res = config.equivariance, config.discriminator, config.data.resolution
+    if config.latent_noise.enabled:
+        check_latent_noise(config.latent_noise)
+    if not ecfg.enabled:
+        return
+    check_equivariance(ecfg)
+    lpips = LPIPS_MIN_SIDE if perceptual and config.loss.perceptual_weight > 0 else 1
+    gan = 3 * 2 ** dcfg.n_layers if dcfg.enabled else 1
+    sides = []  # (key, smallest image side it makes, smallest side its consumers take)
+    if ecfg.probability > 0:
+        sides.append(("equivariance.min_scale", max(1, round(res // factor * ecfg.min_scale)) * factor, max(lpips, gan)))
+    if ecfg.lowres_probability > 0:
+        sides.append(("equivariance.lowres_probability", res // 2, max(lpips, gan, factor)))
+    if ecfg.scale_weight > 0 and ecfg.scale_factors:
+        sides.append(("equivariance.scale_factors", res // factor // max(ecfg.scale_factors) * factor, max(lpips, factor)))
+    takes = ", ".join([f"LPIPS {lpips}"] * (lpips > 1) + [f"the discriminator {gan}"] * (gan > 1) +
+                      [f"the latent grid {factor}"])
+    for key, side, needed in sides:
+        if side < needed:
+            raise ConfigError(f"{key}: at data.resolution={res} it makes {side}-pixel images; the smallest sides taken "
+                              f"are: {takes} (raise data.resolution or change {key})")
+
+
 def build_parts(config: Config, accelerator) -> TrainingParts:
     """The autoencoder (in its wrapper), EMA, loss, discriminator and optimisers, with the
     performance switches applied, prepared by ``accelerator``."""
@@ -161,11 +202,13 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     vae = build_autoencoder(config.model)
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
-    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar)
+    alignment, projection = build_alignment(config, vae, accelerator)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, projection)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
     perceptual = build_perceptual(config.loss, accelerator)
+    check_regularizers(config, perceptual is not None, downsampling_factor(vae.config))
     loss_fn = GeneratorLoss(config.loss, build_regularizer(config.regularizer, config.loss.reduction),
-                            config.discriminator, perceptual)
+                            config.discriminator, perceptual, alignment, config.equivariance)
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
     if discriminator is not None and dcfg.init_from is not None:
         load_discriminator(discriminator, dcfg.init_from)
@@ -241,6 +284,27 @@ def sum_over_processes(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum").tolist()
 
 
+def first_image(micro: int, accelerator, batch: int) -> int:
+    """The place of this process's first image of micro-batch ``micro`` in the step's global batch."""
+    return (micro * accelerator.num_processes + accelerator.process_index) * batch
+
+
+def forward_plan(config: Config, accelerator, step: int, micro: int, n: int, latent_shape) -> ForwardPlan:
+    """What this step's forward passes do besides encode, sample, decode: EQ-VAE's transform (the
+    same on every process and micro-batch of the step), the scale-equivariance decodes, and the
+    decoder noise of this process's ``n`` images (per image, like :func:`posterior_noise`)."""
+    ecfg, ncfg = config.equivariance, config.latent_noise
+    transform, lowres = draw_transform(ecfg, config.train.seed, step)
+    plan = ForwardPlan(transform=transform, lowres=lowres,
+                       scale_factors=ecfg.scale_factors if ecfg.enabled and ecfg.scale_weight > 0 else ())
+    if ncfg.enabled:
+        first = first_image(micro, accelerator, config.train.batch_size)
+        plan.decoder_noise, plan.noise_levels = decoder_noise(ncfg, config.train.seed, step, first, n, latent_shape,
+                                                              accelerator.device)
+        plan.reference_std = ncfg.reference_std
+    return plan
+
+
 def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n: int, latent_shape) -> torch.Tensor:
     """N(0, I) noise for this process's ``n`` images of the step, (n, C, h, w).
 
@@ -248,16 +312,17 @@ def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n
     global batch in the order the data is sharded), so a run draws the same noise per image
     whatever its process count, accumulation or resume point.
     """
-    first = (micro * accelerator.num_processes + accelerator.process_index) * batch
+    first = first_image(micro, accelerator, batch)
     draws = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(hash((seed, step, first + i))))
              for i in range(n)]
     return torch.stack(draws).to(accelerator.device)
 
 
 def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.Tensor, step: int,
-               config: Config, inject_nonfinite: bool = False) -> tuple[bool, dict]:
+               config: Config, inject_nonfinite: bool = False, plan: ForwardPlan | None = None) -> tuple[bool, dict]:
     """One micro-batch's backward passes: the generator's with the discriminator frozen, then the
-    discriminator's on detached images. Returns (the loss was finite on every process, logs); a
+    discriminator's on detached images (under equivariance: the transformed target and its
+    reconstruction, as in EQ-VAE). Returns (the loss was finite on every process, logs); a
     non-finite loss backpropagates nothing anywhere."""
     dcfg = config.discriminator
     # The discriminator is frozen and called unwrapped here (it gets no gradient, so it must not
@@ -265,9 +330,13 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     if parts.raw_discriminator is not None:
         parts.raw_discriminator.requires_grad_(False)
     x = to_memory_format(x, config.performance)
-    reconstruction, posterior, logvar = parts.model(x, noise)
-    loss, logs = parts.loss_fn(x, reconstruction, posterior, logvar, step, parts.raw_discriminator,
-                               parts.raw_model.last_layer())
+    out = parts.model(x, noise, plan)
+    loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
+                               parts.raw_model.encoder_last_layer())
+    if plan is not None and config.equivariance.enabled:
+        logs.update({"train/eq/transformed": float(plan.transform is not None), "train/eq/lowres": float(plan.lowres)})
+    if plan is not None and plan.noise_levels is not None:
+        logs["train/latent_noise/level"] = plan.noise_levels.mean().item()  # u·tau, in latent stds
     if inject_nonfinite:
         loss = loss * float("nan")
     finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
@@ -275,7 +344,7 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
         accelerator.backward(loss)
         if parts.discriminator is not None and step >= dcfg.start:
             parts.raw_discriminator.requires_grad_(True)
-            d_loss, d_logs = discriminator_step_loss(parts.discriminator, x, reconstruction, dcfg.loss)
+            d_loss, d_logs = discriminator_step_loss(parts.discriminator, out.target, out.reconstruction, dcfg.loss)
             parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
             logs.update(d_logs)
     return finite, logs
@@ -351,9 +420,12 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
         empty |= no_image > 0
         with accelerator.accumulate(*accumulated):
             if not empty:
+                latent_shape = parts.latent_shape(x.shape[-1])
                 noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0],
-                                        parts.latent_shape(x.shape[-1]))
-                micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config, inject_nonfinite)
+                                        latent_shape)
+                plan = forward_plan(config, accelerator, state.step, micro, x.shape[0], latent_shape)
+                micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config,
+                                                      inject_nonfinite, plan)
                 finite &= micro_finite
                 micro_batches += 1
                 for key, value in micro_logs.items():

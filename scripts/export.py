@@ -96,7 +96,7 @@ def main():
     source = ExportSource(source=str(found.path), calibration=describe(data),
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
-                          logvar=found.logvar,
+                          logvar=found.logvar, projection=found.projection,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(

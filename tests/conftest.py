@@ -75,3 +75,26 @@ def images():
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=32, mode="bilinear")
     return x * 2 - 1
+
+
+def save_tiny_dinov2(folder) -> None:
+    """A tiny random DINOv2 (transformers' Dinov2Model from a Dinov2Config) with an image-processor
+    file, laid out as a downloaded Hugging Face model folder."""
+    import json
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          patch_size=4, image_size=32)
+    Dinov2Model(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BitImageProcessor", "image_mean": [0.485, 0.456, 0.406],
+         "image_std": [0.229, 0.224, 0.225], "crop_size": {"height": 32, "width": 32}}))
+
+
+@pytest.fixture(scope="session")
+def dinov2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2")
+    save_tiny_dinov2(folder)
+    return folder

@@ -81,9 +81,10 @@ def make_loss(disc_cfg, perceptual=None, **loss_kwargs):
 
 def test_nll_matches_reference_sum_reduction(tiny_vae, images):
     model = AutoencoderWrapper(tiny_vae, logvar_init=0.5)
-    reconstruction, posterior, logvar = model(images)
+    out = model(images)
+    reconstruction, posterior, logvar = out.reconstruction, out.posterior, out.logvar
     loss_fn = make_loss(DiscriminatorConfig())
-    total, logs = loss_fn(images, reconstruction, posterior, logvar, step=0)
+    total, logs = loss_fn(out, step=0)
     expected_nll = ((images - reconstruction).abs() / logvar.exp() + logvar).sum((1, 2, 3)).mean()
     assert logs["train/loss/nll"] == pytest.approx(expected_nll.item(), rel=1e-5)
     kl = posterior.kl().mean()
@@ -93,8 +94,7 @@ def test_nll_matches_reference_sum_reduction(tiny_vae, images):
 def test_learned_logvar_is_optimised(tiny_vae, images):
     model = AutoencoderWrapper(tiny_vae, learn_logvar=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    reconstruction, posterior, logvar = model(images)
-    loss, _ = make_loss(DiscriminatorConfig())(images, reconstruction, posterior, logvar, step=0)
+    loss, _ = make_loss(DiscriminatorConfig())(model(images), step=0)
     loss.backward()
     optimizer.step()
     assert model.logvar.item() != 0.0
@@ -110,8 +110,7 @@ def gan_setup(tiny_vae, images, step, **disc_kwargs):
 def test_generator_step_leaves_no_grad_on_discriminator(tiny_vae, images):
     model, discriminator, loss_fn, _ = gan_setup(tiny_vae, images, step=20)
     discriminator.requires_grad_(False)
-    reconstruction, posterior, logvar = model(images)
-    loss, logs = loss_fn(images, reconstruction, posterior, logvar, 20, discriminator, model.last_layer())
+    loss, logs = loss_fn(model(images), 20, discriminator, model.last_layer())
     loss.backward()
     assert all(p.grad is None for p in discriminator.parameters())
     assert model.vae.decoder.conv_out.weight.grad is not None
@@ -120,7 +119,7 @@ def test_generator_step_leaves_no_grad_on_discriminator(tiny_vae, images):
 
 def test_discriminator_step_leaves_no_grad_on_autoencoder(tiny_vae, images):
     model, discriminator, _, disc_cfg = gan_setup(tiny_vae, images, step=20)
-    reconstruction, _, _ = model(images)
+    reconstruction = model(images).reconstruction
     loss, logs = discriminator_step_loss(discriminator, images, reconstruction, disc_cfg.loss)
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
@@ -130,10 +129,10 @@ def test_discriminator_step_leaves_no_grad_on_autoencoder(tiny_vae, images):
 
 def test_gan_term_zero_before_start(tiny_vae, images):
     model, discriminator, loss_fn, _ = gan_setup(tiny_vae, images, step=5, warmup_steps=5)
-    reconstruction, posterior, logvar = model(images)
+    out = model(images)
     for step in (0, 9, 14):  # before start, and during the warm-up after it
         assert not loss_fn.gan_active(step)
-        loss, logs = loss_fn(images, reconstruction, posterior, logvar, step, discriminator, model.last_layer())
+        loss, logs = loss_fn(out, step, discriminator, model.last_layer())
         assert "train/loss/g" not in logs
     assert loss_fn.gan_active(15)
 

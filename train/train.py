@@ -221,7 +221,9 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
                                           rank=accelerator.process_index, world_size=accelerator.num_processes)
         source = ExportSource(source=str(run_dir), calibration=describe(config.data), weights=weights,
                               step=state.step, config=config, discriminator=parts.raw_discriminator,
-                              logvar=parts.raw_model.logvar.item())
+                              logvar=parts.raw_model.logvar.item(),
+                              projection=None if parts.raw_model.projection is None else
+                              parts.raw_model.projection.state_dict())
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
