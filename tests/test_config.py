@@ -94,3 +94,9 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
     path.write_text("train:\n  max_steps: 10\n  batch_size: [4\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+: not valid YAML"):
         load_config(path)
+
+
+def test_variable_length_lists_are_checked_per_item():
+    assert load_config(None, ["equivariance.scale_factors=[2, 4, 8]"]).equivariance.scale_factors == (2, 4, 8)
+    with pytest.raises(ConfigError, match=r"equivariance.scale_factors\[1\]"):
+        load_config(None, ["equivariance.scale_factors=[2, x]"])

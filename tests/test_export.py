@@ -117,7 +117,24 @@ def test_safetensors_metadata_and_per_channel_fields(tiny_vae, images, tmp_path)
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_single_file_round_trip(name, tmp_path, images):
-    vae = make_vae(ARCHITECTURES[name])
+    assert_round_trip(make_vae(ARCHITECTURES[name]), tmp_path, images)
+
+
+@pytest.mark.parametrize("recipe", ["vavae_f16c32.yaml", "eqvae_finetune.yaml"])
+def test_recipe_architectures_export_and_load(recipe, tmp_path, images):
+    """The recipes' architectures at 1/16 of their widths: VA-VAE's f16c32 preset, and the SD kl-f8
+    layout that the EQ-VAE recipe fine-tunes (its init_from)."""
+    model = load_config(Path(__file__).parents[1] / "configs" / recipe).model
+    kwargs = autoencoder_kwargs(model if model.init_from is None else ModelConfig(preset="sd-f8c4"))
+    narrow = {**kwargs, "block_out_channels": tuple(c // 16 for c in kwargs["block_out_channels"]), "norm_num_groups": 8}
+    assert attention_in_levels(AutoencoderKL(**narrow).config) == (recipe == "vavae_f16c32.yaml")
+    assert_round_trip(make_vae(narrow), tmp_path, images)
+
+
+def assert_round_trip(vae, tmp_path, images):
+    """The export loads back identical through diffusers' folder and through its single file
+    (diffusers' single-file loader, or this package's where diffusers cannot read it), and our
+    import of the bare single file infers the architecture."""
     report = export(vae, tmp_path / "vae", images)
     assert output_difference(vae, AutoencoderKL.from_pretrained(tmp_path / "vae"), images) == 0
     single = tmp_path / "vae" / "vae_ldm.safetensors"
@@ -135,7 +152,7 @@ def test_single_file_round_trip(name, tmp_path, images):
     # our import: with the config in the metadata, and from bare weights (architecture inferred)
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(single), bare)
-    for path, overrides in ((single, None), (bare, {"norm_num_groups": 8})):
+    for path, overrides in ((single, None), (bare, {"norm_num_groups": vae.config.norm_num_groups})):
         imported = load_vae(path, overrides=overrides).vae.state_dict()
         assert imported.keys() == vae.state_dict().keys()
         assert all(torch.equal(imported[k], v) for k, v in vae.state_dict().items())

@@ -4,7 +4,7 @@ from diffusers import AutoencoderKL
 
 from first_stage.checkpoint import build_autoencoder
 from first_stage.config import ConfigError, ModelConfig
-from first_stage.model import PRESETS, AutoencoderWrapper, count_parameters, set_trainable
+from first_stage.model import PRESETS, AutoencoderWrapper, autoencoder_kwargs, count_parameters, set_trainable
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -69,3 +69,12 @@ def test_wrapper_forward_uses_every_trainable_parameter(tiny_vae, images):
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
+
+
+def test_f16c32_preset_is_vavae_layout():
+    kwargs = autoencoder_kwargs(ModelConfig(preset="f16c32"))
+    assert kwargs["block_out_channels"] == (128, 128, 256, 256, 512) and kwargs["latent_channels"] == 32
+    assert kwargs["down_block_types"] == ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",)
+    assert kwargs["up_block_types"] == ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4
+    narrow = AutoencoderKL(**{**kwargs, "block_out_channels": (8, 8, 16, 16, 32), "norm_num_groups": 8})
+    assert narrow.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 32, 4, 4)  # f16

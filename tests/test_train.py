@@ -136,7 +136,7 @@ def test_exact_resume(tmp_path, vgg_file):
             assert str(da) == str(db), extra
 
 
-def assert_same_training(run_a, run_b):
+def assert_same_training(run_a, run_b, extra_keys=()):
     """The weights after step 2 agree to float noise, measured against the size of one update.
 
     Adam divides by sqrt(v): a gradient element near zero flips with summation order, so a few
@@ -146,7 +146,7 @@ def assert_same_training(run_a, run_b):
     # The logged losses are means over the window's micro-batches and over processes: equal in both
     # layouts (step 1 is computed before any update; step 2 after one, equal to float noise).
     logged_a, logged_b = metrics(run_a), metrics(run_b)
-    for key in ("train/loss/total", "train/loss/pixel", "train/loss/kl"):
+    for key in ("train/loss/total", "train/loss/pixel", "train/loss/kl", *extra_keys):
         assert [m[key] for m in logged_a if key in m] == pytest.approx([m[key] for m in logged_b if key in m],
                                                                        rel=1e-5), key
     a, b, b1 = weights(run_a, 2), weights(run_b, 2), weights(run_b, 1)
@@ -154,6 +154,47 @@ def assert_same_training(run_a, run_b):
     update = (flat(b) - flat(b1)).norm()
     assert update > 0
     assert (flat(a) - flat(b)).norm() < 0.01 * update
+
+
+# Every X-regulariser on at once: alignment (the tiny DINOv2), EQ-VAE transforms with low-resolution
+# prior preservation, the scale-equivariance term and decoder noise. 32² crops keep every image at
+# least 16 pixels (LPIPS) and 12 (a two-layer discriminator).
+X_REGULARISERS = ["equivariance.enabled=true", "equivariance.min_scale=0.5", "equivariance.lowres_probability=0.5",
+                  "equivariance.scale_weight=0.5", "equivariance.scale_factors=[2]", "latent_noise.enabled=true",
+                  "latent_noise.probability=0.75", "alignment.enabled=true", "discriminator.n_layers=2"]
+
+
+def test_x_regularisers_resume_exactly_and_ship_the_projection(tmp_path, vgg_file, dinov2_folder):
+    x = [*X_REGULARISERS, f"alignment.model={dinov2_folder}"]
+    _, straight = run_train(tmp_path, "straight", "train.max_steps=4", *x, vgg_file=vgg_file)
+    run_train(tmp_path, "resumed", "train.max_steps=2", *x, vgg_file=vgg_file)
+    _, resumed = run_train(tmp_path, "resumed", "train.max_steps=4", *x, vgg_file=vgg_file, resume="latest")
+    logged = metrics(straight)
+    assert {"train/loss/align_cos", "train/loss/align_distance", "train/loss/scale_eq", "train/latent_noise/level",
+            "train/loss/g", "train/loss/lpips"} <= set().union(*logged)
+    assert 0 < sum(m.get("train/eq/transformed", 0) for m in logged) < 4  # some steps transformed, some not
+    assert train_losses(straight) == train_losses(resumed)
+    a, b = weights(straight, 4), weights(resumed, 4)
+    assert any(k.startswith("projection.") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The projection ships in the fine-tuning bundle, never in the diffusers weights, and the
+    # bundle's config starts from it.
+    bundle = straight / "export" / "finetune"
+    projection = load_file(bundle / "alignment_projection.safetensors")
+    assert all(torch.equal(projection[k], a[f"projection.{k}"]) for k in projection)
+    assert not any("projection" in k for k in load_file(straight / "export" / EXPORT_WEIGHTS))
+    continued = load_config(bundle / "config.yaml")
+    assert Path(continued.alignment.projection_init) == (bundle / "alignment_projection.safetensors").resolve()
+
+
+def test_x_regularisers_two_processes_equal_one_with_double_batch(tmp_path, dinov2_folder):
+    # The adaptive alignment weight is per process (like the GAN's): off for this comparison.
+    x = [*X_REGULARISERS, f"alignment.model={dinov2_folder}", "alignment.adaptive=false"]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"]
+    _, two = run_train(tmp_path, "two", *EQUIVALENCE, *x, launch=launch, env={"ACCELERATE_USE_CPU": "1"})
+    _, one = run_train(tmp_path, "one", *EQUIVALENCE, *x, "train.batch_size=4")
+    assert_same_training(two, one, extra_keys=("train/loss/align_cos", "train/loss/scale_eq"))
 
 
 def test_two_processes_equal_one_with_double_batch(tmp_path):
