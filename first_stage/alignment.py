@@ -32,6 +32,12 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 PROJECTION_FILE = "alignment_projection.safetensors"  # in an export's finetune/ bundle
 
 
+# (hidden size, layers, heads) of the DINOv2 ViTs (facebook/dinov2-*, patch 14, MLP ratio 4).
+DINOV2_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+# DINOv2's image processor: ImageNet mean and std.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
 class AlignmentModelError(FileNotFoundError):
     """The vision model of ``alignment.model`` cannot be found or is not a patch-grid ViT."""
 
@@ -114,6 +120,23 @@ def load_foundation_model(name: str, grid: str = "latent") -> FoundationFeatures
         raise AlignmentModelError(f"alignment.model: {name!r} is not a patch-grid vision transformer with an image "
                                   f"processor (need config.patch_size and image_mean/image_std in {PREPROCESSOR_FILE})")
     return FoundationFeatures(model, preprocessor["image_mean"], preprocessor["image_std"], grid)
+
+
+def save_standin_dinov2(folder: str | Path, hidden: int, layers: int, heads: int, patch: int = 14,
+                        image_size: int = 518, seed: int = 0) -> Path:
+    """A randomly initialised DINOv2 (transformers' ``Dinov2Model``) with its processor file, laid out
+    as a downloaded model folder: what tests and benchmarks load where the real weights are absent
+    (the same shapes, so the same cost; features of random weights mean nothing)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=4 * hidden, patch_size=patch, image_size=image_size)
+    Dinov2Model(config).save_pretrained(folder)
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps({"image_processor_type": "BitImageProcessor",
+                                                        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}))
+    return folder
 
 
 def build_projection(latent_channels: int, feature_dim: int, init_from: str | None = None) -> nn.Conv2d:

@@ -17,7 +17,6 @@ the optional terms (alignment, scale equivariance) are in ``first_stage.alignmen
 from __future__ import annotations
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import DiscriminatorConfig, EquivarianceConfig, LossConfig

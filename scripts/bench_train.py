@@ -34,7 +34,8 @@ from accelerate.utils import gather_object
 from torch.utils.flop_counter import FlopCounterMode
 
 from first_stage.checkpoint import build_autoencoder
-from first_stage.config import load_config
+from first_stage.alignment import DINOV2_SIZES, AlignmentModelError, load_foundation_model, save_standin_dinov2
+from first_stage.config import load_config, with_overrides
 from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.losses import adaptive_weight
@@ -49,6 +50,15 @@ GPU_PEAK_TFLOPS = {
     "H200": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67},
     "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
     "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
+}
+# Each X-regulariser alone, added to the recipe (--terms): equivariance as the EQ-VAE recipe sets it
+# (half the steps transformed, a quarter of the others at half resolution), the scale-equivariance
+# term of 2502.14831 at factors 2 and 4, decoder noise on every image, DINOv2 alignment.
+TERMS = {
+    "alignment": ["alignment.enabled=true"],
+    "equivariance": ["equivariance.enabled=true", "equivariance.lowres_probability=0.25"],
+    "scale_eq": ["equivariance.enabled=true", "equivariance.probability=0", "equivariance.scale_weight=1"],
+    "latent_noise": ["latent_noise.enabled=true"],
 }
 # CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
 CPU_FLOP_PER_CYCLE = 32
@@ -71,6 +81,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--find-max-batch", action="store_true", help="CUDA: the largest batch that fits")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     parser.add_argument("--json", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--terms", default="", help="comma list of X-regularisers to cost one by one against the "
+                        f"plain step, in the same run: {','.join(TERMS)}")
+    parser.add_argument("--flop-steps", type=int, default=1,
+                        help="steps whose counted FLOPs are averaged (the equivariance transform differs per step)")
+    parser.add_argument("--alignment-standin", choices=sorted(DINOV2_SIZES), default="large",
+                        help="the random DINOv2 used when alignment.model is not on disk (same cost)")
     return parser.parse_args()
 
 
@@ -98,6 +114,17 @@ def bench_config(args, vgg_file: Path):
         config = load_config(args.config, overrides + [f"loss.lpips_weights={vgg_file}", "loss.lpips_download=false"])
         lpips = "random VGG16 trunk (no weights on disk; same cost)"
     return config, lpips
+
+
+def alignment_model(config, size: str, folder: Path) -> tuple[list[str], str]:
+    """``alignment.model`` as given when it loads, else a random DINOv2 of ``size`` saved to ``folder``:
+    (the override to use, what the rows say about it)."""
+    try:
+        load_foundation_model(config.alignment.model)
+        return [], config.alignment.model
+    except AlignmentModelError:
+        save_standin_dinov2(folder, *DINOV2_SIZES[size])
+        return [f"alignment.model={folder}"], f"random DINOv2-{size} ({config.alignment.model} not on disk; same cost)"
 
 
 def fixed_batch(config, batch: int, device) -> torch.Tensor:
@@ -229,9 +256,34 @@ def batch_fits(accelerator, parts, config, batch: int, images: torch.Tensor) -> 
         torch.cuda.empty_cache()
 
 
+def measure(accelerator, config, images: torch.Tensor, args) -> dict:
+    """The library's step for ``config`` on ``images``: FLOPs counted on eager modules (the mean over
+    ``--flop-steps`` steps), then compiled when asked, warmed up and timed, per micro-batch."""
+    pcfg, tcfg = config.performance, config.train
+    eager = dataclasses.replace(config, performance=dataclasses.replace(pcfg, compile=False))
+    torch.manual_seed(tcfg.seed)
+    parts = build_parts(eager, accelerator)
+    state = TrainingState()  # the step advances, so the lr schedule (and any per-step draw) runs as in training
+    steps = lambda: [real_step(accelerator, parts, config, state, images) for _ in range(args.flop_steps)]
+    flops = count_flops(steps) / args.flop_steps / tcfg.grad_accum
+    if pcfg.compile:
+        compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
+    counters = torch._dynamo.utils.counters["stats"]
+    for _ in range(args.warmup):
+        real_step(accelerator, parts, config, state, images)
+    graphs_before = counters["unique_graphs"]
+    if images.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(images.device)
+    seconds = seconds_per_call(real_step, args.steps, 0, images.device, accelerator, parts, config, state,
+                               images) / tcfg.grad_accum
+    memory, memory_kind = peak_memory_gib(images.device)
+    return {"parts": parts, "flops": flops, "seconds": seconds, "memory": memory, "memory_kind": memory_kind,
+            "recompiles": counters["unique_graphs"] - graphs_before, "skipped_steps": state.skipped_steps}
+
+
 def print_table(rows: list[dict]) -> None:
     columns = ["step", "processes", "batch", "resolution", "precision", "img_s_total", "img_s_per_process",
-               "steps_s", "peak_mem_gib", "gflop_per_image", "mfu", "speedup"]
+               "steps_s", "peak_mem_gib", "gflop_per_image", "mfu", "speedup", "cost_vs_plain", "flops_vs_plain"]
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
@@ -244,27 +296,19 @@ def main():
         accelerator = Accelerator(**accelerator_options(config.train))
         device = accelerator.device
         tcfg, pcfg = config.train, config.performance
-        # FLOPs are counted on eager modules: build uncompiled, count, then compile in place.
-        eager = dataclasses.replace(config, performance=dataclasses.replace(pcfg, compile=False))
-        torch.manual_seed(tcfg.seed)
-        parts = build_parts(eager, accelerator)
+        terms = [t for t in args.terms.split(",") if t]
+        unknown = [t for t in terms if t not in TERMS]
+        if unknown:
+            raise SystemExit(f"--terms: unknown {unknown}; choose from {list(TERMS)}")
+        align_override, align_note = [], None
+        if "alignment" in terms or config.alignment.enabled:
+            align_override, align_note = alignment_model(config, args.alignment_standin, Path(tmp) / "dinov2")
+            config = with_overrides(config, align_override)
         images = fixed_batch(config, tcfg.batch_size, device)
-        state = TrainingState()  # the step advances, so the lr schedule runs as in training
-
-        real_flops = count_flops(real_step, accelerator, parts, config, state, images) / tcfg.grad_accum
-        if pcfg.compile:
-            compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
-        counters = torch._dynamo.utils.counters["stats"]
-        for _ in range(args.warmup):
-            real_step(accelerator, parts, config, state, images)
-        graphs_before = counters["unique_graphs"]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        # per micro-batch of train.batch_size images, like the naive step
-        seconds = seconds_per_call(real_step, args.steps, 0, device, accelerator, parts, config, state,
-                                   images) / tcfg.grad_accum
-        recompiles = counters["unique_graphs"] - graphs_before
-        memory, memory_kind = peak_memory_gib(device)
+        measured = measure(accelerator, config, images, args)
+        parts, real_flops, seconds, memory = (measured[k] for k in ("parts", "flops", "seconds", "memory"))
+        recompiles, memory_kind = measured["recompiles"], measured["memory_kind"]
+        state = TrainingState(skipped_steps=measured["skipped_steps"])
 
         results = []
         peak, peak_source = peak_tflops(device, tcfg.mixed_precision, pcfg.tf32, args.peak_tflops)
@@ -272,7 +316,7 @@ def main():
                   "processes": accelerator.num_processes, "batch": images.shape[0], "resolution": images.shape[-1],
                   "preset": config.model.preset, "loss": args.loss, "lpips": lpips_note,
                   "discriminator": config.discriminator.enabled, "peak_tflops": peak, "peak_source": peak_source,
-                  "memory_kind": memory_kind}
+                  "memory_kind": memory_kind, "alignment_model": align_note}
         real = {**common, "step": "first-stage", "precision": tcfg.mixed_precision,
                 "performance": {k: getattr(pcfg, k) for k in pcfg.__dataclass_fields__},
                 "seconds_per_step": seconds, "recompiles_while_timed": recompiles if pcfg.compile else None,
@@ -302,6 +346,22 @@ def main():
             results.append(row)
         if naive_seconds is not None:
             results[0]["speedup"] = naive_seconds / seconds
+
+        # Each X-regulariser alone against the plain step above, same process, same images.
+        for term in terms:
+            term_config = with_overrides(config, TERMS[term])
+            del parts
+            m = measure(accelerator, term_config, images, args)
+            parts = m["parts"]
+            per_process = images.shape[0] / m["seconds"]
+            results.append({**common, "step": f"first-stage + {term}", "precision": tcfg.mixed_precision,
+                            "term_overrides": TERMS[term], "seconds_per_step": m["seconds"],
+                            "skipped_steps": m["skipped_steps"], "peak_mem_gib": m["memory"],
+                            "gflop_per_image_counted": m["flops"] / images.shape[0] / 1e9,
+                            "gflop_per_image": m["flops"] / images.shape[0] / 1e9, "steps_s": 1 / m["seconds"],
+                            "img_s_per_process": per_process, "img_s_total": sum(gather_object([per_process])),
+                            "mfu": per_process * m["flops"] / images.shape[0] / (peak * 1e12),
+                            "cost_vs_plain": m["seconds"] / seconds, "flops_vs_plain": m["flops"] / real_flops})
 
         if args.find_max_batch:
             if device.type != "cuda":

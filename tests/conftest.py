@@ -32,6 +32,7 @@ def _import_cpu_torchvision() -> None:
 
 _import_cpu_torchvision()
 
+from first_stage.alignment import save_standin_dinov2  # noqa: E402
 from first_stage.config import ModelConfig  # noqa: E402
 from first_stage.model import new_autoencoder  # noqa: E402
 from first_stage.perceptual import LPIPS, VGG16_FILENAME  # noqa: E402
@@ -77,24 +78,7 @@ def images():
     return x * 2 - 1
 
 
-def save_tiny_dinov2(folder) -> None:
-    """A tiny random DINOv2 (transformers' Dinov2Model from a Dinov2Config) with an image-processor
-    file, laid out as a downloaded Hugging Face model folder."""
-    import json
-
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                          patch_size=4, image_size=32)
-    Dinov2Model(config).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "BitImageProcessor", "image_mean": [0.485, 0.456, 0.406],
-         "image_std": [0.229, 0.224, 0.225], "crop_size": {"height": 32, "width": 32}}))
-
-
 @pytest.fixture(scope="session")
 def dinov2_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dinov2")
-    save_tiny_dinov2(folder)
-    return folder
+    """A tiny random DINOv2 (hidden 32, one layer, patch 4) saved as a model folder."""
+    return save_standin_dinov2(tmp_path_factory.mktemp("dinov2"), hidden=32, layers=1, heads=2, patch=4, image_size=32)
