@@ -66,6 +66,12 @@ FREE_BITS = 1.0
 # near 1; unit-variance heavy tails (Laplace, MMD² ≈ 0.015) cost ~60, a few % of the NLL. Measured
 # at 200 CPU steps: MMD² 0.045 (9 % of the NLL), std of latent samples 1.10 on the held-out tiles.
 MMD_WEIGHT = 1.0
+# The downsampled reconstructions count per pixel as the full one does (sum reduction): the 2x term
+# weighs a quarter of the NLL, the 4x term a sixteenth.
+SCALE_EQ_WEIGHT = 1.0
+NOISE_TAU = 0.8  # RAE's noise_tau
+NOT_RUN_ALIGNMENT = ("needs a DINOv2 on disk (`--alignment-model FOLDER`, e.g. `huggingface-cli download "
+                     "facebook/dinov2-small` where there is network); none is available here")
 INTERPRETATION = ("<!-- kl_study: interpretation (hand-written; kept when the report is regenerated) -->",
                   "<!-- kl_study: end of interpretation -->")
 
@@ -86,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     parser.add_argument("--reuse", action="store_true", help="keep a variant's run when its config is unchanged")
     parser.add_argument("--no-probe", action="store_true", help="skip the diffusability probe")
+    parser.add_argument("--alignment-model", default=None,
+                        help="a DINOv2 folder or cached Hugging Face id: adds the alignment variant")
     parser.add_argument("--probe-steps", type=int, default=300, help="diffusability probe steps per variant")
     parser.add_argument("--probe-batch-size", type=int, default=16)
     parser.add_argument("--probe-held-out", type=int, default=64, help="tiles the probe never trains on")
@@ -94,8 +102,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def variants(steps: int) -> dict[str, tuple[list[str], str]]:
-    """Each variant's --set overrides on the base recipe and why it is there, for ``steps`` steps."""
+def variants(steps: int, alignment_model: str | None = None) -> dict[str, tuple[list[str], str]]:
+    """Each variant's --set overrides on the base recipe and why it is there, for ``steps`` steps
+    (the alignment variant only with a vision model on disk)."""
     table = {f"kl{w}": ([f"regularizer.kl_weight={w}"], "KL weight sweep (sum reduction)") for w in KL_WEIGHTS}
     table["kl1e-6"] = (table["kl1e-6"][0], "the SD default")
     table["kl1-warmup"] = (["regularizer.kl_weight=1", "regularizer.schedule=linear",
@@ -109,6 +118,18 @@ def variants(steps: int) -> dict[str, tuple[list[str], str]]:
     table["kl1e-6-gan"] = (["regularizer.kl_weight=1e-6", "discriminator.enabled=true",
                             f"discriminator.start={steps // 3}"],
                            f"the SD default with the PatchGAN from step {steps // 3}, a third of the budget")
+    # The X-regularisers, each on the SD default (docs/training.md).
+    table["eq-vae"] = (["equivariance.enabled=true", "equivariance.lowres_probability=0.25"],
+                       "EQ-VAE: half the steps decode a scaled (0.25-1, per axis) and rotated latent against the "
+                       "same transform of the image; a quarter of the others at half resolution")
+    table["scale-eq"] = (["equivariance.enabled=true", "equivariance.probability=0", f"equivariance.scale_weight={SCALE_EQ_WEIGHT}",
+                          "equivariance.scale_factors=[2,4]"],
+                         "2502.14831: + rec(down(x), D(down(z))) for 2x and 4x downsampling, every step")
+    table["latent-noise"] = (["latent_noise.enabled=true", f"latent_noise.tau={NOISE_TAU}"],
+                             f"RAE: the decoder reconstructs from z + σε, σ ~ U(0, {NOISE_TAU}) x each image's latent std")
+    if alignment_model:
+        table["align"] = (["alignment.enabled=true", f"alignment.model={alignment_model}"],
+                          "VA-VAE: DINOv2 patch features through a trained 1x1 projection, margins 0.5 / 0.25, adaptive")
     return table
 
 
@@ -317,6 +338,8 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
         seconds = "reused" if v["reused"] else f"{v['train_seconds']:.0f}"
         status = "" if v["exit_code"] == 0 else f" **failed, exit {v['exit_code']}**"
         lines.append(f"| {name} | `{' '.join(v['overrides'])}` | {v['note']}{status} | {seconds} |")
+    for name, why in meta.get("not_run", {}).items():
+        lines.append(f"| {name} | `alignment.enabled=true` | VA-VAE alignment: **not run**, {why} | – |")
     lines += ["", "## Results", ""]
     if done:
         rows = reconstruction_rows([{"results": study[n]["reconstruction"]} for n in done])
@@ -358,7 +381,7 @@ def main():
     out, work = Path(args.out), Path(args.work).resolve()
     sets = common_overrides(args, work)
     base = load_config(config_path, sets)
-    table = variants(base.train.max_steps)
+    table = variants(base.train.max_steps, args.alignment_model)
     names = args.variants or list(table)
     unknown = sorted(set(names) - set(table))
     if unknown:
@@ -428,7 +451,8 @@ def main():
     meta = {"device": device(), "date": datetime.date.today().isoformat(), "commit": commit, "command": command,
             "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
             "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
-            "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights, "probe": probe}
+            "evaluation_data": eval_spec, "evaluation_images": evaluated, "lpips": args.lpips_weights, "probe": probe,
+            "not_run": {} if args.alignment_model else {"align": NOT_RUN_ALIGNMENT}}
     meta, study = repo_relative(meta), repo_relative(study)
     write_json({"meta": meta, "variants": study}, out / "kl_study.json")
     report = out.with_suffix(".md")

@@ -27,11 +27,12 @@ def test_every_variant_loads_and_changes_only_its_regularizer(recipe):
     path = kl_study.CONFIGS[recipe]
     base = to_dict(load_config(path))
     table = kl_study.variants(base["train"]["max_steps"])
-    assert len(table) == 10
+    assert len(table) == 13 and "align" not in table
+    assert "align" in kl_study.variants(base["train"]["max_steps"], alignment_model="/models/dinov2")
     for name, (overrides, _) in table.items():
         config = to_dict(load_config(path, overrides + [f"train.run_name={name}"]))
         changed = {section for section in base if config[section] != base[section]}
-        assert changed <= {"regularizer", "discriminator", "train"}, name
+        assert changed <= {"regularizer", "discriminator", "equivariance", "latent_noise", "train"}, name
         assert {k for k in base["train"] if config["train"][k] != base["train"][k]} <= {"run_name"}
     gan = load_config(path, table["kl1e-6-gan"][0]).discriminator
     assert gan.enabled and 0 < gan.start < base["train"]["max_steps"]  # it starts within the budget
@@ -64,13 +65,13 @@ def test_interpretation_survives_regeneration(tmp_path):
 def test_study_end_to_end(tmp_path):
     out, work = tmp_path / "docs" / "kl_study", tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--steps", "2", "--resolution", "32", "--tiles-per-image", "2",
-           "--variants", "mmd", "kl1e-6-gan", "--out", str(out), "--work", str(work),
+           "--variants", "mmd", "kl1e-6-gan", "eq-vae", "--out", str(out), "--work", str(work),
            "--set", "export.single_file=false", "--set", "export.calibration_images=4", "--set", "train.log_every=1",
            "--probe-steps", "2", "--probe-batch-size", "2", "--probe-held-out", "2", "--probe-tiles-per-image", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     study = json.loads((out / "kl_study.json").read_text())
-    assert list(study["variants"]) == ["mmd", "kl1e-6-gan"]
+    assert list(study["variants"]) == ["mmd", "kl1e-6-gan", "eq-vae"]
     assert study["meta"]["steps"] == 2 and study["meta"]["evaluation_images"] == 8
     for name, v in study["variants"].items():
         lat, rec = v["latent_stats"], v["reconstruction"]
@@ -81,7 +82,8 @@ def test_study_end_to_end(tmp_path):
         assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), name
         assert "lpips" not in rec and 0 <= lat["posterior"]["active_units"] <= 4
     text = out.with_suffix(".md").read_text()
-    assert "| statistic | mmd | kl1e-6-gan | reference |" in text
+    assert "| statistic | mmd | kl1e-6-gan | eq-vae | reference |" in text
+    assert "| align | `alignment.enabled=true` | VA-VAE alignment: **not run**, needs a DINOv2" in text
     assert "## What the figures show" in text and kl_study.INTERPRETATION[0] in text
     probed = [v["diffusability"] for v in study["variants"].values()]
     assert all(p["held_out_images"] == 2 and p["train_images"] == 6 and len(p["curve"]) == 3 for p in probed)
@@ -93,8 +95,9 @@ def test_study_end_to_end(tmp_path):
                for name in study["variants"]}
     assert {"train/loss/mmd", "train/loss/kl", "train/kl_nats_per_image"} <= set().union(*metrics["mmd"])
     assert "train/loss/disc" in set().union(*metrics["kl1e-6-gan"])  # the discriminator started within 2 steps
+    assert "train/eq/transformed" in set().union(*metrics["eq-vae"])
     # Same initial weights, same first batch, same posterior noise: the same first reconstruction.
-    first = [next(m["train/loss/pixel"] for m in metrics[name] if m["step"] == 1) for name in metrics]
+    first = [next(m["train/loss/pixel"] for m in metrics[name] if m["step"] == 1) for name in ("mmd", "kl1e-6-gan")]
     assert first[0] == first[1]
 
 
