@@ -58,11 +58,13 @@ def to_memory_format(x: torch.Tensor, cfg: PerformanceConfig) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def compile_in_place(modules: list[nn.Module | None], cfg: PerformanceConfig) -> None:
-    """``torch.compile`` each module in place (``nn.Module.compile``), with static shapes."""
+def compile_in_place(modules: list[nn.Module | None], cfg: PerformanceConfig, static: bool = True) -> None:
+    """``torch.compile`` each module in place (``nn.Module.compile``), with static shapes, or with
+    torch's automatic dynamic shapes (``static=False``: a dimension seen with a second size is
+    compiled as dynamic) where the sizes change from step to step (EQ-VAE's transforms)."""
     for module in modules:
         if module is not None:
-            module.compile(mode=cfg.compile_mode, dynamic=False)
+            module.compile(mode=cfg.compile_mode, dynamic=False if static else None)
 
 
 def compiled_parts(vae: AutoencoderKL) -> list[nn.Module]:

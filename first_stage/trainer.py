@@ -167,6 +167,13 @@ def build_alignment(config: Config, vae, accelerator) -> tuple[AlignmentLoss | N
     return AlignmentLoss(acfg, features), projection.to(accelerator.device)
 
 
+def shapes_vary(config: Config) -> bool:
+    """Whether the decoder, LPIPS and the discriminator see images of changing sizes (EQ-VAE's
+    transformed and low-resolution steps; the scale-equivariance decodes have fixed sizes)."""
+    ecfg = config.equivariance
+    return ecfg.enabled and (ecfg.probability > 0 or ecfg.lowres_probability > 0)
+
+
 def check_regularizers(config: Config, perceptual: bool, factor: int) -> None:
     """Refuse equivariance and latent-noise settings out of range, and image sizes the terms would
     shrink below what LPIPS (16 pixels) or the discriminator (3·2^n_layers) takes, before the
@@ -219,7 +226,7 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
             accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
     set_memory_format([model, perceptual, discriminator], pcfg)
     if pcfg.compile:
-        compile_in_place(compiled_parts(vae) + [perceptual, discriminator], pcfg)
+        compile_in_place(compiled_parts(vae) + [perceptual, discriminator], pcfg, static=not shapes_vary(config))
 
     # The discriminator keeps its own GradScaler: Accelerate's single scaler updates at every
     # optimiser step, which would unscale the second optimiser with a changed scale.

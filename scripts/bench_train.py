@@ -41,7 +41,7 @@ from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.losses import adaptive_weight
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
 from first_stage.performance import compile_in_place, compiled_parts, seconds_per_call, synchronize
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+from first_stage.trainer import TrainingState, accelerator_options, build_parts, shapes_vary, train_step
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {
@@ -267,7 +267,8 @@ def measure(accelerator, config, images: torch.Tensor, args) -> dict:
     steps = lambda: [real_step(accelerator, parts, config, state, images) for _ in range(args.flop_steps)]
     flops = count_flops(steps) / args.flop_steps / tcfg.grad_accum
     if pcfg.compile:
-        compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg)
+        compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg,
+                         static=not shapes_vary(config))
     counters = torch._dynamo.utils.counters["stats"]
     for _ in range(args.warmup):
         real_step(accelerator, parts, config, state, images)

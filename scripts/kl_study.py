@@ -377,6 +377,8 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
 
 def main():
     args = parse_args()
+    # The code the study runs: the commit at its start (later commits during a long run do not count).
+    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     config_path = CONFIGS["gpu" if args.gpu else "cpu"]
     out, work = Path(args.out), Path(args.work).resolve()
     sets = common_overrides(args, work)
@@ -447,7 +449,6 @@ def main():
                                               out / "diffusability.png"))
             figures += diffusability_plots([{"path": n, "results": study[n]["diffusability"]} for n in done], out)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     meta = {"device": device(), "date": datetime.date.today().isoformat(), "commit": commit, "command": command,
             "steps": base.train.max_steps, "config": str(config_path.relative_to(REPO)), "common_overrides": sets,
             "resolved_config": to_dict(base), "training_data": describe(base.data), "held_out": held_out,
