@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import AlignmentConfig
+from .config import AlignmentConfig, ConfigError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROJECTION_FILE = "alignment_projection.safetensors"  # in an export's finetune/ bundle
@@ -58,14 +58,17 @@ def alignment_terms(projected: torch.Tensor, features: torch.Tensor, cos_margin:
 class FoundationFeatures(nn.Module):
     """A frozen ViT (DINOv2) as a function of images: (B,3,H,W) in [-1,1] → (B,D,h,w) patch features
     on the latent grid (h, w), in fp32. Inputs are normalised with the model's image processor's
-    mean and std and resized (bicubic, antialiased) to its patch grid."""
+    mean and std and resized (bicubic, antialiased) to its patch grid; the model runs under autocast
+    to ``autocast`` (the run's mixed precision) when given, its features come out in fp32."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], grid: str = "latent"):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], grid: str = "latent",
+                 image_size: int = 224, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         config = model.config
         self.patch = int(config.patch_size)
-        self.image_size = int(getattr(config, "image_size", 224))
+        self.image_size = image_size  # the processor's crop: the "model" grid's input side
+        self.autocast = autocast
         self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # CLS (+ registers) before the patches
         self.dim = int(config.hidden_size)
         self.grid = grid
@@ -82,7 +85,8 @@ class FoundationFeatures(nn.Module):
         x = ((x.float() + 1) / 2 - self.mean) / self.std
         size = (grid[0] * self.patch, grid[1] * self.patch) if self.grid == "latent" else (self.image_size,) * 2
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        hidden = self.model(pixel_values=x).last_hidden_state  # (B, prefix + gh*gw, D), after the final norm
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            hidden = self.model(pixel_values=x).last_hidden_state  # (B, prefix + gh*gw, D), after the final norm
         gh, gw = size[0] // self.patch, size[1] // self.patch
         features = hidden[:, self.prefix:].float().transpose(1, 2).reshape(x.shape[0], self.dim, gh, gw)
         if (gh, gw) != tuple(grid):
@@ -90,10 +94,11 @@ class FoundationFeatures(nn.Module):
         return features
 
 
-def load_foundation_model(name: str, grid: str = "latent") -> FoundationFeatures:
+def load_foundation_model(name: str, grid: str = "latent", autocast: torch.dtype | None = None) -> FoundationFeatures:
     """The frozen vision model ``name``: a local folder, or a Hugging Face id already in the local
     cache (``HF_HOME``). Nothing is downloaded; a missing model is an :class:`AlignmentModelError`
-    that names it and says how to supply it."""
+    that names it and says how to supply it. The ``"model"`` grid's input side is the processor's
+    crop size (224 for DINOv2; its config's ``image_size``, 518, is only the position table's)."""
     how = (f"download it where there is network (`huggingface-cli download {name}`, into the cache that "
            f"HF_HOME points to) or set alignment.model to a local folder holding config.json, the weights "
            f"and {PREPROCESSOR_FILE}")
@@ -119,11 +124,24 @@ def load_foundation_model(name: str, grid: str = "latent") -> FoundationFeatures
     if not hasattr(model.config, "patch_size") or "image_mean" not in preprocessor:
         raise AlignmentModelError(f"alignment.model: {name!r} is not a patch-grid vision transformer with an image "
                                   f"processor (need config.patch_size and image_mean/image_std in {PREPROCESSOR_FILE})")
-    return FoundationFeatures(model, preprocessor["image_mean"], preprocessor["image_std"], grid)
+    crop = preprocessor.get("crop_size") or {}
+    side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+    return FoundationFeatures(model, preprocessor["image_mean"], preprocessor["image_std"], grid,
+                              int(side or getattr(model.config, "image_size", 224)), autocast)
+
+
+def check_alignment(cfg: AlignmentConfig) -> None:
+    """Refuse weights and margins out of range, naming the key."""
+    for key in ("weight", "cos_weight", "distance_weight", "adaptive_weight_max"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"alignment.{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("cos_margin", "distance_margin"):  # cosines and their differences lie in [-1, 1] and [0, 2]
+        if not 0 <= getattr(cfg, key) <= 2:
+            raise ConfigError(f"alignment.{key} must be in [0, 2], got {getattr(cfg, key)}")
 
 
 def save_standin_dinov2(folder: str | Path, hidden: int, layers: int, heads: int, patch: int = 14,
-                        image_size: int = 518, seed: int = 0) -> Path:
+                        image_size: int = 518, crop: int = 224, seed: int = 0) -> Path:
     """A randomly initialised DINOv2 (transformers' ``Dinov2Model``) with its processor file, laid out
     as a downloaded model folder: what tests and benchmarks load where the real weights are absent
     (the same shapes, so the same cost; features of random weights mean nothing)."""
@@ -134,8 +152,9 @@ def save_standin_dinov2(folder: str | Path, hidden: int, layers: int, heads: int
     config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           intermediate_size=4 * hidden, patch_size=patch, image_size=image_size)
     Dinov2Model(config).save_pretrained(folder)
-    (folder / PREPROCESSOR_FILE).write_text(json.dumps({"image_processor_type": "BitImageProcessor",
-                                                        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}))
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "crop_size": {"height": crop, "width": crop}, "size": {"shortest_edge": crop * 256 // 224}}))
     return folder
 
 

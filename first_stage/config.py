@@ -85,7 +85,7 @@ class AlignmentConfig:
     distance_weight: float = 1.0
     distance_margin: float = 0.25  # per pair of positions: relu(|cos_zz - cos_ff| - distance_margin)
     adaptive: bool = True  # balance against the NLL by gradient norms at the encoder's last layer
-    adaptive_weight_max: float = 1e4
+    adaptive_weight_max: float = 1e8  # VA-VAE's clamp
     projection_init: str | None = None  # an export's finetune/alignment_projection.safetensors
 
 
@@ -98,14 +98,16 @@ class EquivarianceConfig:
     # EQ-VAE: with this probability a step's decoder gets the latent scaled and rotated and must
     # reproduce the image under the same transform; the other steps reconstruct plainly.
     probability: float = 0.5
-    min_scale: float = 0.25  # scale factors are drawn from [min_scale, max_scale)
+    # Scale factors are the multiples of 1/32 in [min_scale, max_scale): EQ-VAE's 8/32 ... 31/32.
+    min_scale: float = 0.25
     max_scale: float = 1.0
     anisotropic: bool = True  # separate factors for height and width
-    rotations: bool = True  # k·90°, k drawn from {0, 1, 2, 3}
+    rotations: bool = True  # and a rotation by k·90°, k drawn from {1, 2, 3} (EQ-VAE)
     # Prior preservation at low resolution: this share of the plain steps encodes and reconstructs
     # the image downsampled 2x.
     lowres_probability: float = 0.0
-    # 2502.14831: + scale_weight * sum over factors s of rec(down_s(x), D(down_s(z))), every step; 0: off.
+    # 2502.14831: + scale_weight * sum over factors s of rec(down_s(x), D(down_s(z))), every step
+    # (half-resolution steps included); 0: off.
     scale_weight: float = 0.0
     scale_factors: tuple[int, ...] = (2, 4)
 

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 
 from .config import ConfigError, EquivarianceConfig, LatentNoiseConfig
 
-# Distinct streams of per-step and per-image randomness, beside the posterior noise (tag-free).
+# Distinct streams of per-step and per-image randomness, beside the posterior noise, whose seeds are
+# hash((seed, step, image)): these are 4-tuples, so no seed of theirs is a posterior-noise seed.
 TRANSFORM_STREAM = 1
 DECODER_NOISE_STREAM = 2
+SCALE_GRID = 32  # EQ-VAE's scale factors are multiples of 1/32
 
 
 def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -62,28 +64,42 @@ def check_equivariance(cfg: EquivarianceConfig) -> None:
             raise ConfigError(f"equivariance.{key} must be in [0, 1], got {getattr(cfg, key)}")
     if not 0 < cfg.min_scale < cfg.max_scale <= 1:
         raise ConfigError(f"equivariance: need 0 < min_scale < max_scale <= 1, got {cfg.min_scale}, {cfg.max_scale}")
-    if cfg.scale_weight < 0 or any(s < 2 for s in cfg.scale_factors):
-        raise ConfigError(f"equivariance: scale_weight must be >= 0 and scale_factors integers >= 2, got "
-                          f"{cfg.scale_weight}, {list(cfg.scale_factors)}")
+    if not scale_grid(cfg):
+        raise ConfigError(f"equivariance: no multiple of 1/{SCALE_GRID} in [min_scale, max_scale) = "
+                          f"[{cfg.min_scale}, {cfg.max_scale})")
+    if cfg.scale_weight < 0:
+        raise ConfigError(f"equivariance.scale_weight must be >= 0, got {cfg.scale_weight}")
+    if any(s < 2 for s in cfg.scale_factors) or (cfg.scale_weight > 0 and not cfg.scale_factors):
+        raise ConfigError(f"equivariance.scale_factors must be integers >= 2 (at least one when scale_weight > 0), "
+                          f"got {list(cfg.scale_factors)}")
 
 
 def check_latent_noise(cfg: LatentNoiseConfig) -> None:
-    if cfg.tau < 0 or not 0 <= cfg.probability <= 1 or (cfg.reference_std is not None and cfg.reference_std <= 0):
-        raise ConfigError(f"latent_noise: need tau >= 0, probability in [0, 1] and reference_std > 0 (or null), got "
-                          f"{cfg.tau}, {cfg.probability}, {cfg.reference_std}")
+    """Refuse values outside their range, naming the key."""
+    if cfg.tau < 0:
+        raise ConfigError(f"latent_noise.tau must be >= 0, got {cfg.tau}")
+    if not 0 <= cfg.probability <= 1:
+        raise ConfigError(f"latent_noise.probability must be in [0, 1], got {cfg.probability}")
+    if cfg.reference_std is not None and cfg.reference_std <= 0:
+        raise ConfigError(f"latent_noise.reference_std must be > 0 (or null: each image's own), got {cfg.reference_std}")
+
+
+def scale_grid(cfg: EquivarianceConfig) -> list[float]:
+    """The scale factors a transform draws from: n/32 in [min_scale, max_scale)."""
+    return [n / SCALE_GRID for n in range(1, SCALE_GRID + 1) if cfg.min_scale <= n / SCALE_GRID < cfg.max_scale]
 
 
 def draw_transform(cfg: EquivarianceConfig, seed: int, step: int) -> tuple[LatentTransform | None, bool]:
     """This step's (transform or None, low-resolution prior preservation), from (seed, step) alone."""
     if not cfg.enabled:
         return None, False
-    u = torch.rand(4, generator=torch.Generator().manual_seed(hash((seed, step, TRANSFORM_STREAM)))).tolist()
+    u = torch.rand(4, generator=torch.Generator().manual_seed(hash((seed, step, -1, TRANSFORM_STREAM)))).tolist()
     if u[0] >= cfg.probability:
         return None, u[1] < cfg.lowres_probability
-    span = cfg.max_scale - cfg.min_scale
-    sy = cfg.min_scale + span * u[1]
-    sx = cfg.min_scale + span * u[2] if cfg.anisotropic else sy
-    return LatentTransform((sy, sx), int(u[3] * 4) if cfg.rotations else 0), False
+    scales = scale_grid(cfg)
+    sy = scales[int(u[1] * len(scales))]
+    sx = scales[int(u[2] * len(scales))] if cfg.anisotropic else sy
+    return LatentTransform((sy, sx), 1 + int(u[3] * 3) if cfg.rotations else 0), False
 
 
 def decoder_noise(cfg: LatentNoiseConfig, seed: int, step: int, first: int, n: int,

@@ -28,7 +28,7 @@ from . import __version__
 from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
 from .config import Config, ExportConfig, config_hash, to_yaml
-from .convert import autoencoder_from_ldm, read_weights, to_ldm_state_dict
+from .convert import autoencoder_from_ldm, infer_autoencoder_config, read_weights, to_ldm_state_dict
 from .latent_stats import measure_latent_stats
 from .model import DTYPES, cast, count_parameters
 from .reports import model_card
@@ -307,8 +307,12 @@ def export_autoencoder(
             if attention_in_levels(exported.config):
                 # diffusers' from_single_file (0.3x-0.4x) reads no attention inside levels: it would
                 # leave those weights unset. The file is latent-diffusion's layout (attn_resolutions),
-                # which this package's import reads back.
-                from_single = autoencoder_from_ldm(*read_weights(tmp_single))
+                # read back by this package's import with the architecture inferred from the keys and
+                # shapes (not from the metadata written with them); only what weights cannot show
+                # (group count, activation, ...) comes from the config.
+                structural = set(infer_autoencoder_config(to_ldm_state_dict(exported))) - {"norm_num_groups"}
+                unseen = {k: v for k, v in exported.config.items() if k not in structural}
+                from_single = autoencoder_from_ldm(read_weights(tmp_single)[0], None, unseen)
                 report["single_file_loader"] = SINGLE_FILE_OWN_LOADER
             else:
                 from_single = AutoencoderKL.from_single_file(str(tmp_single), config=str(tmp))

@@ -35,7 +35,7 @@ from torch import nn
 
 from .checkpoint import (TRAINER_STATES, TRAINING_STATE, build_autoencoder, check_checkpoint, read_state,
                          trainer_state_file)
-from .alignment import AlignmentLoss, build_projection, load_foundation_model
+from .alignment import AlignmentLoss, build_projection, check_alignment, load_foundation_model
 from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig
 from .discriminator import build_discriminator, load_discriminator
 from .latent_stats import latent_batch_stats
@@ -162,7 +162,9 @@ def build_alignment(config: Config, vae, accelerator) -> tuple[AlignmentLoss | N
         return None, None
     if config.model.trainable != "all":
         raise ConfigError("alignment.enabled needs model.trainable: all (it trains the encoder's latents)")
-    features = load_foundation_model(acfg.model, acfg.grid).to(accelerator.device)
+    check_alignment(acfg)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
+    features = load_foundation_model(acfg.model, acfg.grid, autocast).to(accelerator.device)
     projection = build_projection(vae.config.latent_channels, features.dim, acfg.projection_init)
     return AlignmentLoss(acfg, features), projection.to(accelerator.device)
 
@@ -190,9 +192,13 @@ def check_regularizers(config: Config, perceptual: bool, factor: int) -> None:
     if ecfg.probability > 0:
         sides.append(("equivariance.min_scale", max(1, round(res // factor * ecfg.min_scale)) * factor, max(lpips, gan)))
     if ecfg.lowres_probability > 0:
+        if res % (2 * factor):  # the half-size image must be whole latent cells, or its reconstruction is smaller
+            raise ConfigError(f"equivariance.lowres_probability: data.resolution={res} must be a multiple of "
+                              f"{2 * factor} (twice the downsampling factor) for the half-resolution steps")
         sides.append(("equivariance.lowres_probability", res // 2, max(lpips, gan, factor)))
-    if ecfg.scale_weight > 0 and ecfg.scale_factors:
-        sides.append(("equivariance.scale_factors", res // factor // max(ecfg.scale_factors) * factor, max(lpips, factor)))
+    if ecfg.scale_weight > 0:
+        lowest = res // 2 if ecfg.lowres_probability > 0 else res  # the scale term also runs on half-size steps
+        sides.append(("equivariance.scale_factors", lowest // factor // max(ecfg.scale_factors) * factor, max(lpips, factor)))
     takes = ", ".join([f"LPIPS {lpips}"] * (lpips > 1) + [f"the discriminator {gan}"] * (gan > 1) +
                       [f"the latent grid {factor}"])
     for key, side, needed in sides:

@@ -81,4 +81,5 @@ def images():
 @pytest.fixture(scope="session")
 def dinov2_folder(tmp_path_factory):
     """A tiny random DINOv2 (hidden 32, one layer, patch 4) saved as a model folder."""
-    return save_standin_dinov2(tmp_path_factory.mktemp("dinov2"), hidden=32, layers=1, heads=2, patch=4, image_size=32)
+    return save_standin_dinov2(tmp_path_factory.mktemp("dinov2"), hidden=32, layers=1, heads=2, patch=4, image_size=32,
+                               crop=32)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from first_stage.alignment import (PREPROCESSOR_FILE, AlignmentLoss, AlignmentModelError, alignment_terms,
-                                   build_projection, load_foundation_model)
-from first_stage.config import AlignmentConfig, DiscriminatorConfig, LossConfig, RegularizerConfig
+                                   build_projection, check_alignment, load_foundation_model)
+from first_stage.config import AlignmentConfig, ConfigError, DiscriminatorConfig, LossConfig, RegularizerConfig
 from first_stage.losses import GeneratorLoss
 from first_stage.model import AutoencoderWrapper
 from first_stage.regularizers import KLRegularizer
@@ -30,6 +30,12 @@ def test_terms_match_a_hand_computation_margins_included():
         assert dist.item() == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.parametrize("key, value", [("cos_margin", 3.0), ("distance_margin", -0.1), ("weight", -1.0)])
+def test_out_of_range_settings_are_refused_by_key(key, value):
+    with pytest.raises(ConfigError, match=f"alignment.{key}"):
+        check_alignment(AlignmentConfig(**{key: value}))
+
+
 def test_tiny_dinov2_loads_through_the_real_path(dinov2_folder):
     model = load_foundation_model(str(dinov2_folder))
     assert (model.dim, model.patch, model.prefix) == (32, 4, 1)
@@ -38,8 +44,11 @@ def test_tiny_dinov2_loads_through_the_real_path(dinov2_folder):
     assert features.shape == (2, 32, 16, 16) and features.dtype == torch.float32
     by_model = load_foundation_model(str(dinov2_folder), grid="model")(x, (16, 16))  # 32² input, 8x8 resized up
     assert by_model.shape == (2, 32, 16, 16) and not torch.allclose(by_model, features)
-    # The normalisation is the processor file's: a different mean changes the features.
-    assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # the processor file's
+    # Under the run's bf16 the model computes in bf16 (on the CPU too); the features come out in fp32.
+    bf16 = load_foundation_model(str(dinov2_folder), autocast=torch.bfloat16)(x, (16, 16))
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, features)
+    torch.testing.assert_close(bf16, features, atol=0.1, rtol=0.1)
 
 
 def test_a_missing_model_is_named_with_how_to_supply_it(tmp_path, monkeypatch, dinov2_folder):

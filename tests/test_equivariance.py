@@ -116,8 +116,10 @@ def test_transforms_are_a_function_of_seed_and_step():
     assert draws != [draw_transform(cfg, 1, step) for step in range(200)]
     transforms = [t for t, _ in draws if t is not None]
     assert 70 < len(transforms) < 130 and 20 < sum(low for _, low in draws) < 80
-    assert {t.quarter_turns for t in transforms} == {0, 1, 2, 3}
-    assert all(0.25 <= s < 1 for t in transforms for s in t.scale) and any(t.scale[0] != t.scale[1] for t in transforms)
+    assert {t.quarter_turns for t in transforms} == {1, 2, 3}  # EQ-VAE: a transformed latent is always rotated
+    scales = {s for t in transforms for s in t.scale}
+    assert scales <= {n / 32 for n in range(8, 32)} and len(scales) > 15  # EQ-VAE's 8/32 ... 31/32
+    assert any(t.scale[0] != t.scale[1] for t in transforms)
     iso = EquivarianceConfig(enabled=True, probability=1.0, anisotropic=False, rotations=False)
     assert all(t.scale[0] == t.scale[1] and t.quarter_turns == 0 for t, _ in (draw_transform(iso, 0, s) for s in range(20)))
     assert draw_transform(EquivarianceConfig(), 0, 0) == (None, False)  # disabled
@@ -165,3 +167,16 @@ def test_out_of_range_settings_and_too_small_images_are_refused_by_key():
         check_regularizers(load_config(None, ["data.resolution=64", "equivariance.enabled=true",
                                               "equivariance.probability=0", "equivariance.scale_weight=1",
                                               "equivariance.scale_factors=[8]"]), perceptual=True, factor=2)
+    # Half-resolution steps: whole latent cells, and the scale term on them is checked too.
+    with pytest.raises(ConfigError, match="lowres_probability: data.resolution=200 must be a multiple of 16"):
+        check_regularizers(load_config(None, ["data.resolution=200", "equivariance.enabled=true",
+                                              "equivariance.lowres_probability=0.25"]), perceptual=False, factor=8)
+    scale_on_lowres = ["data.resolution=64", "equivariance.enabled=true", "equivariance.probability=0",
+                       "equivariance.scale_weight=1", "equivariance.scale_factors=[4]"]
+    check_regularizers(load_config(None, scale_on_lowres), perceptual=True, factor=2)  # 16 px: enough for LPIPS
+    with pytest.raises(ConfigError, match="scale_factors: at data.resolution=64 it makes 8-pixel images"):
+        check_regularizers(load_config(None, scale_on_lowres + ["equivariance.lowres_probability=0.5"]),
+                           perceptual=True, factor=2)
+    for key, value in (("latent_noise.tau", -1), ("latent_noise.probability", 2), ("latent_noise.reference_std", 0)):
+        with pytest.raises(ConfigError, match=key):
+            check_regularizers(load_config(None, ["latent_noise.enabled=true", f"{key}={value}"]), False, 2)

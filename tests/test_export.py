@@ -129,6 +129,14 @@ def test_recipe_architectures_export_and_load(recipe, tmp_path, images):
     narrow = {**kwargs, "block_out_channels": tuple(c // 16 for c in kwargs["block_out_channels"]), "norm_num_groups": 8}
     assert attention_in_levels(AutoencoderKL(**narrow).config) == (recipe == "vavae_f16c32.yaml")
     assert_round_trip(make_vae(narrow), tmp_path, images)
+    if recipe == "vavae_f16c32.yaml":
+        # latent-diffusion's layout for attn_resolutions at the lowest level, written out: its Encoder's
+        # down[4] and its Decoder's up[4] (the lowest resolution; up[4] upsamples, up[0] does not).
+        keys = set(load_file(tmp_path / "vae" / "vae_ldm.safetensors"))
+        assert {"encoder.down.4.attn.1.q.weight", "encoder.down.4.attn.1.proj_out.weight",
+                "decoder.up.4.attn.2.norm.weight", "decoder.up.4.upsample.conv.weight"} <= keys
+        assert not any(k.startswith(("encoder.down.3.attn", "decoder.up.3.attn", "decoder.up.0.upsample",
+                                     "encoder.down.4.downsample")) for k in keys)
 
 
 def assert_round_trip(vae, tmp_path, images):
