@@ -156,12 +156,14 @@ def assert_same_training(run_a, run_b, extra_keys=()):
     assert (flat(a) - flat(b)).norm() < 0.01 * update
 
 
-# Every X-regulariser on at once: alignment (the tiny DINOv2), EQ-VAE transforms with low-resolution
-# prior preservation, the scale-equivariance term and decoder noise. 32² crops keep every image at
-# least 16 pixels (LPIPS) and 12 (a two-layer discriminator).
-X_REGULARISERS = ["equivariance.enabled=true", "equivariance.min_scale=0.5", "equivariance.lowres_probability=0.5",
-                  "equivariance.scale_weight=0.5", "equivariance.scale_factors=[2]", "latent_noise.enabled=true",
-                  "latent_noise.probability=0.75", "alignment.enabled=true", "discriminator.n_layers=2"]
+# Every X-regulariser on at once: alignment (the tiny DINOv2), EQ-VAE transforms, the
+# scale-equivariance term and decoder noise. 32² crops keep every image at least 16 pixels (LPIPS)
+# and 12 (a two-layer discriminator); half-resolution steps (LOWRES) would make the scale term's
+# images 8 pixels, so they run where LPIPS is off.
+X_REGULARISERS = ["equivariance.enabled=true", "equivariance.min_scale=0.5", "equivariance.scale_weight=0.5",
+                  "equivariance.scale_factors=[2]", "latent_noise.enabled=true", "latent_noise.probability=0.75",
+                  "alignment.enabled=true", "discriminator.n_layers=2"]
+LOWRES = ["equivariance.lowres_probability=1.0"]  # with seed 0: step 0 transformed, step 1 at half resolution
 
 
 def test_x_regularisers_resume_exactly_and_ship_the_projection(tmp_path, vgg_file, dinov2_folder):
@@ -189,12 +191,15 @@ def test_x_regularisers_resume_exactly_and_ship_the_projection(tmp_path, vgg_fil
 
 def test_x_regularisers_two_processes_equal_one_with_double_batch(tmp_path, dinov2_folder):
     # The adaptive alignment weight is per process (like the GAN's): off for this comparison.
-    x = [*X_REGULARISERS, f"alignment.model={dinov2_folder}", "alignment.adaptive=false"]
+    x = [*X_REGULARISERS, *LOWRES, f"alignment.model={dinov2_folder}", "alignment.adaptive=false"]
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"]
     _, two = run_train(tmp_path, "two", *EQUIVALENCE, *x, launch=launch, env={"ACCELERATE_USE_CPU": "1"})
     _, one = run_train(tmp_path, "one", *EQUIVALENCE, *x, "train.batch_size=4")
     assert_same_training(two, one, extra_keys=("train/loss/align_cos", "train/loss/scale_eq"))
+    for run in (two, one):
+        assert [(m["train/eq/transformed"], m["train/eq/lowres"]) for m in metrics(run) if "train/eq/lowres" in m] == \
+            [(1.0, 0.0), (0.0, 1.0)]
 
 
 def test_two_processes_equal_one_with_double_batch(tmp_path):
