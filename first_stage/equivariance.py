@@ -26,10 +26,11 @@ SCALE_GRID = 32  # EQ-VAE's scale factors are multiples of 1/32
 
 def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``t`` (B,C,H,W) bilinearly resized to ``size``, antialiased when it shrinks; the same operator
-    for latents and images."""
+    for latents and images. Computed in fp32 (the antialiased kernel has no bf16 CPU version) and
+    returned in ``t``'s dtype."""
     if tuple(t.shape[-2:]) == tuple(size):
         return t
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(t.dtype)
 
 
 @dataclass(frozen=True)

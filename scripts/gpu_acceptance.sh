@@ -7,7 +7,8 @@
 #
 # Rows: full-loss training of the SD kl-f8 VAE at 256² in bf16 (eager with channels_last off and on,
 # compiled), the largest batch at 256² and 512² with and without gradient checkpointing, encode and
-# decode in bf16, and a 50-step bf16 training run that exports and verifies. Each command has its
+# decode in bf16, the cost of each X-regulariser on the f16c32 step, and a 50-step bf16 training run
+# that exports and verifies. Each command has its
 # own time limit (ROW_TIMEOUT seconds, default 150) and the whole run stops at the first failure with
 # the command's name: it fails loudly, it does not hang. Writes OUT_DIR/acceptance.jsonl (the
 # benchmarks' JSON lines), OUT_DIR/acceptance.md (the table) and one log per row.
@@ -27,6 +28,8 @@ if [[ "${ACCEPTANCE_SMOKE:-0}" == 1 ]]; then
   RES=32; RES_LARGE=64; ENCODE=(--vae tiny --resolution 32 --batch 2 --images 4 --steps 1 --warmup 1)
   RUN=(--set model.preset=tiny --set data.resolution=32 --set train.batch_size=2 --set train.max_steps=2
        --set discriminator.start=1 --set discriminator.channels=16 --set train.mixed_precision=bf16)
+  TERMS=(--preset tiny --set discriminator.channels=16 --resolution 96 --batch 2 --steps 1 --warmup 0 --precision bf16
+         --alignment-standin test --set alignment.grid=model)
   MAX_BATCH=()   # the search needs CUDA memory to run out of
   COMPILE=0      # compiling takes minutes on a CPU; tests/test_performance.py checks compile_in_place
 else
@@ -38,6 +41,8 @@ else
        --set train.batch_size=8 --set train.max_steps=50 --set discriminator.start=25 --set train.mixed_precision=bf16
        --set performance.tf32=true --set performance.fused_optimizer=true --set train.log_every=10
        --set export.calibration_images=9)
+  TERMS=(--preset f16c32 --resolution 256 --batch 16 --steps 5 --warmup 2 --flop-steps 2 --precision bf16
+         --set performance.tf32=true)
   MAX_BATCH=(--find-max-batch --no-naive --steps 2 --warmup 1)
   COMPILE=1
 fi
@@ -82,6 +87,9 @@ if [[ ${#MAX_BATCH[@]} -gt 0 ]]; then
   done
 fi
 row encode_bf16 "$PY" scripts/bench_encode.py "${ENCODE[@]}" --precision bf16
+# What each X-regulariser adds to the VA-VAE-shaped f16c32 step (DINOv2-L stand-in when none is cached).
+row train_terms "$PY" scripts/bench_train.py "${TERMS[@]}" "${LPIPS[@]}" --no-naive \
+  --terms alignment,alignment_fixed_weight,equivariance,scale_eq,latent_noise
 
 # 50 bf16 steps of the real entry point, then its export (reloaded and compared before it is named).
 RUN_DIR="$OUT/runs"
@@ -110,22 +118,22 @@ with open(sys.argv[1], "a") as f:
     f.write(json.dumps(rows[-1]) + "\n")
 def fmt(v):
     return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-lines = ["| row | device | batch | res | precision | switches | img/s | vs naive | MFU | peak GiB | max batch |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| row | device | batch | res | precision | switches | img/s | vs naive | MFU | peak GiB | max batch | time vs plain |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
     if r["bench"] == "train":
         perf = r.get("performance") or {}
         switches = ", ".join(k for k in ("compile", "channels_last", "gradient_checkpointing") if perf.get(k)) or "eager"
         lines.append(f"| {r['step']} | {r['device']} | {r['batch']} | {r['resolution']} | {r['precision']} | {switches} | "
                      f"{fmt(r['img_s_total'])} | {fmt(r.get('speedup'))} | {fmt(r.get('mfu'))} | {fmt(r.get('peak_mem_gib'))} | "
-                     f"{fmt(r.get('max_batch'))} |")
+                     f"{fmt(r.get('max_batch'))} | {fmt(r.get('cost_vs_plain'))} |")
     elif r["bench"] == "encode":
         lines.append(f"| {r['what']} | {r['device']} | {r['batch']} | {r['resolution']} | {r['precision']} | "
-                     f"bottleneck: {r['bottleneck']} | {fmt(r['img_s_total'])} | | | | |")
+                     f"bottleneck: {r['bottleneck']} | {fmt(r['img_s_total'])} | | | | | |")
     else:
         lines.append(f"| {r['what']} ({r['step']} steps, {r['skipped_steps']} skipped) | | | | bf16 | "
                      f"scaling_factor {fmt(r['scaling_factor'])}, reload diff {fmt(r['reload_difference'])} | "
-                     f"{fmt(r['img_s_total'])} | | | | |")
+                     f"{fmt(r['img_s_total'])} | | | | | |")
 Path(sys.argv[3]).write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -180,3 +180,10 @@ def test_out_of_range_settings_and_too_small_images_are_refused_by_key():
     for key, value in (("latent_noise.tau", -1), ("latent_noise.probability", 2), ("latent_noise.reference_std", 0)):
         with pytest.raises(ConfigError, match=key):
             check_regularizers(load_config(None, ["latent_noise.enabled=true", f"{key}={value}"]), False, 2)
+
+
+def test_transforms_run_in_bf16():
+    """The antialiased resize has no bf16 CPU kernel: it runs in fp32 and returns the input's dtype."""
+    z = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    out = LatentTransform((0.5, 0.75), 1).latent(z)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 6, 4)

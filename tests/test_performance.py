@@ -133,8 +133,15 @@ def test_gpu_acceptance_script_runs_every_row_and_writes_the_table(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "acceptance.jsonl").read_text().splitlines()]
-    assert [r.get("step") for r in rows if r["bench"] == "train"] == ["first-stage", "naive", "first-stage"]
+    terms = [f"first-stage + {t}" for t in ("alignment", "alignment_fixed_weight", "equivariance", "scale_eq",
+                                            "latent_noise")]
+    assert [r.get("step") for r in rows if r["bench"] == "train"] == ["first-stage", "naive", "first-stage",
+                                                                       "first-stage", *terms]
     assert rows[2]["performance"]["channels_last"] and all(r["precision"] == "bf16" for r in rows if r.get("step") == "first-stage")
+    term_rows = [r for r in rows if r.get("step") in terms]
+    assert all(r["cost_vs_plain"] > 0 and r["skipped_steps"] == 0 for r in term_rows)
+    assert [r["flops_vs_plain"] == 1 for r in term_rows] == [False, False, False, False, True]  # noise: elementwise only
+    assert "NOT the cost of a real DINOv2" in term_rows[0]["alignment_model"]
     assert [r["what"] for r in rows if r["bench"] == "encode"] == ["data", "encode", "decode", "encode_pipeline"]
     run = rows[-1]
     assert run["bench"] == "train.py" and run["step"] == 2 and run["reload_difference"] == 0
