@@ -88,7 +88,8 @@ if [[ ${#MAX_BATCH[@]} -gt 0 ]]; then
 fi
 row encode_bf16 "$PY" scripts/bench_encode.py "${ENCODE[@]}" --precision bf16
 # What each X-regulariser adds to the VA-VAE-shaped f16c32 step (DINOv2-L stand-in when none is cached).
-row train_terms "$PY" scripts/bench_train.py "${TERMS[@]}" "${LPIPS[@]}" --no-naive \
+# Seven step builds (DINOv2-L loaded for three): twice the per-row limit.
+ROW_TIMEOUT=$((2 * ROW_TIMEOUT)) row train_terms "$PY" scripts/bench_train.py "${TERMS[@]}" "${LPIPS[@]}" --no-naive \
   --terms alignment,alignment_fixed_weight,equivariance,scale_eq,latent_noise
 
 # 50 bf16 steps of the real entry point, then its export (reloaded and compared before it is named).

@@ -108,6 +108,17 @@ def stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def leave_now(exit_code: int) -> None:
+    """End a process of a multi-process run here, without tearing down its DDP reducer and gloo
+    process group: their destructors join gloo's worker threads while holding the GIL, and a worker
+    still freeing its last work item needs the GIL — a deadlock at exit (torch issue #56297; it hung
+    one two-process test run here after the run had finished and written its status). Everything
+    the run writes is closed by now (checkpoints, export, status, trackers)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
 def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
     """Send to the Accelerate trackers and append to metrics.jsonl (main process)."""
     accelerator.log(logs, step=step)
@@ -237,6 +248,8 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
     # exception"), so nothing but leaving comes after this barrier.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        leave_now(exit_code)
     return exit_code
 
 
