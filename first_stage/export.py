@@ -310,9 +310,10 @@ def export_autoencoder(
                 # read back by this package's import with the architecture inferred from the keys and
                 # shapes (not from the metadata written with them); only what weights cannot show
                 # (group count, activation, ...) comes from the config.
-                structural = set(infer_autoencoder_config(to_ldm_state_dict(exported))) - {"norm_num_groups"}
+                written = read_weights(tmp_single)[0]
+                structural = set(infer_autoencoder_config(written)) - {"norm_num_groups"}
                 unseen = {k: v for k, v in exported.config.items() if k not in structural}
-                from_single = autoencoder_from_ldm(read_weights(tmp_single)[0], None, unseen)
+                from_single = autoencoder_from_ldm(written, None, unseen)
                 report["single_file_loader"] = SINGLE_FILE_OWN_LOADER
             else:
                 from_single = AutoencoderKL.from_single_file(str(tmp_single), config=str(tmp))

@@ -75,16 +75,18 @@ class GeneratorLoss(nn.Module):
         """Whether the adversarial term reaches the generator at ``step``."""
         return self.disc_cfg.enabled and step >= self.disc_cfg.start + self.disc_cfg.warmup_steps
 
-    def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pixel + perceptual_weight · LPIPS per element (B,3,H,W), LPIPS per image or None)."""
-        rec = pixel_loss(x, reconstruction, self.cfg.pixel_loss)  # (B,3,H,W)
+    def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pixel + perceptual_weight · LPIPS per element (B,3,H,W), the pixel term alone (B,3,H,W),
+        LPIPS per image or None)."""
+        pixel = pixel_loss(x, reconstruction, self.cfg.pixel_loss)  # (B,3,H,W)
         if self.perceptual is None or self.cfg.perceptual_weight == 0:
-            return rec, None
+            return pixel, pixel, None
         if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
             raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIDE} pixels a side, got {tuple(x.shape[-2:])} "
                              "(raise data.resolution or equivariance.min_scale, or lower equivariance.scale_factors)")
         p = self.perceptual(x, reconstruction)  # (B,1,1,1), broadcast onto every pixel
-        return rec + self.cfg.perceptual_weight * p, p
+        return pixel + self.cfg.perceptual_weight * p, pixel, p
 
     def forward(
         self,
@@ -98,8 +100,8 @@ class GeneratorLoss(nn.Module):
         frozen by the caller; ``last_layer`` is needed once the GAN is on, ``encoder_last_layer``
         for the adaptive alignment weight."""
         x, reconstruction = out.target, out.reconstruction
-        rec, p = self.reconstruction_loss(x, reconstruction)
-        logs = {"train/loss/pixel": pixel_loss(x, reconstruction, self.cfg.pixel_loss).mean().item()}
+        rec, pixel, p = self.reconstruction_loss(x, reconstruction)
+        logs = {"train/loss/pixel": pixel.mean().item()}
         if p is not None:
             logs["train/loss/lpips"] = p.mean().item()
         logvar = out.logvar.float()

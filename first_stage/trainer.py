@@ -41,7 +41,7 @@ from .discriminator import build_discriminator, load_discriminator
 from .latent_stats import latent_batch_stats
 from .equivariance import check_equivariance, check_latent_noise, decoder_noise, draw_transform
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
+from .model import DTYPES, AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -163,7 +163,7 @@ def build_alignment(config: Config, vae, accelerator) -> tuple[AlignmentLoss | N
     if config.model.trainable != "all":
         raise ConfigError("alignment.enabled needs model.trainable: all (it trains the encoder's latents)")
     check_alignment(acfg)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
+    autocast = DTYPES.get(config.train.mixed_precision)  # None for "no"
     features = load_foundation_model(acfg.model, acfg.grid, autocast).to(accelerator.device)
     projection = build_projection(vae.config.latent_channels, features.dim, acfg.projection_init)
     return AlignmentLoss(acfg, features), projection.to(accelerator.device)
@@ -174,6 +174,12 @@ def shapes_vary(config: Config) -> bool:
     transformed and low-resolution steps; the scale-equivariance decodes have fixed sizes)."""
     ecfg = config.equivariance
     return ecfg.enabled and (ecfg.probability > 0 or ecfg.lowres_probability > 0)
+
+
+def compile_step(config: Config, vae, perceptual: nn.Module | None, discriminator: nn.Module | None) -> None:
+    """``torch.compile`` the step's networks in place: encoder, decoder, LPIPS, discriminator (static
+    shapes, or automatic dynamic ones where :func:`shapes_vary`)."""
+    compile_in_place(compiled_parts(vae) + [perceptual, discriminator], config.performance, static=not shapes_vary(config))
 
 
 def check_regularizers(config: Config, perceptual: bool, factor: int) -> None:
@@ -232,7 +238,7 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
             accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
     set_memory_format([model, perceptual, discriminator], pcfg)
     if pcfg.compile:
-        compile_in_place(compiled_parts(vae) + [perceptual, discriminator], pcfg, static=not shapes_vary(config))
+        compile_step(config, vae, perceptual, discriminator)
 
     # The discriminator keeps its own GradScaler: Accelerate's single scaler updates at every
     # optimiser step, which would unscale the second optimiser with a changed scale.

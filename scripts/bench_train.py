@@ -40,8 +40,8 @@ from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.losses import adaptive_weight
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
-from first_stage.performance import compile_in_place, compiled_parts, seconds_per_call, synchronize
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, shapes_vary, train_step
+from first_stage.performance import seconds_per_call, synchronize
+from first_stage.trainer import TrainingState, accelerator_options, build_parts, compile_step, train_step
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {
@@ -271,8 +271,7 @@ def measure(accelerator, config, images: torch.Tensor, args) -> dict:
     steps = lambda: [real_step(accelerator, parts, config, state, images) for _ in range(args.flop_steps)]
     flops = count_flops(steps) / args.flop_steps / tcfg.grad_accum
     if pcfg.compile:
-        compile_in_place(compiled_parts(parts.raw_model.vae) + [parts.loss_fn.perceptual, parts.raw_discriminator], pcfg,
-                         static=not shapes_vary(config))
+        compile_step(config, parts.raw_model.vae, parts.loss_fn.perceptual, parts.raw_discriminator)
     counters = torch._dynamo.utils.counters["stats"]
     for _ in range(args.warmup):
         real_step(accelerator, parts, config, state, images)
@@ -284,6 +283,16 @@ def measure(accelerator, config, images: torch.Tensor, args) -> dict:
     memory, memory_kind = peak_memory_gib(images.device)
     return {"parts": parts, "flops": flops, "seconds": seconds, "memory": memory, "memory_kind": memory_kind,
             "recompiles": counters["unique_graphs"] - graphs_before, "skipped_steps": state.skipped_steps}
+
+
+def with_rates(row: dict, seconds: float, batch: int, flops_per_image: float, peak: float) -> dict:
+    """``row`` with the rates of a step of ``batch`` images taking ``seconds`` on each process: steps/s,
+    images/s per process, over all processes and each, GFLOP per image, MFU against ``peak`` TFLOP/s."""
+    per_process = batch / seconds
+    rates = gather_object([per_process])
+    return {**row, "steps_s": 1 / seconds, "img_s_per_process": per_process, "img_s_total": sum(rates),
+            "img_s_each_process": rates, "gflop_per_image": flops_per_image / 1e9,
+            "mfu": per_process * flops_per_image / (peak * 1e12)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -305,15 +314,14 @@ def main():
         unknown = [t for t in terms if t not in TERMS]
         if unknown:
             raise SystemExit(f"--terms: unknown {unknown}; choose from {list(TERMS)}")
-        align_override, align_note = [], None
-        if "alignment" in terms or config.alignment.enabled:
+        align_note = None
+        if config.alignment.enabled or any("alignment.enabled=true" in TERMS[t] for t in terms):
             align_override, align_note = alignment_model(config, args.alignment_standin, Path(tmp) / "dinov2")
             config = with_overrides(config, align_override)
         images = fixed_batch(config, tcfg.batch_size, device)
         measured = measure(accelerator, config, images, args)
         parts, real_flops, seconds, memory = (measured[k] for k in ("parts", "flops", "seconds", "memory"))
         recompiles, memory_kind = measured["recompiles"], measured["memory_kind"]
-        state = TrainingState(skipped_steps=measured["skipped_steps"])
 
         results = []
         peak, peak_source = peak_tflops(device, tcfg.mixed_precision, pcfg.tf32, args.peak_tflops)
@@ -325,7 +333,7 @@ def main():
         real = {**common, "step": "first-stage", "precision": tcfg.mixed_precision,
                 "performance": {k: getattr(pcfg, k) for k in pcfg.__dataclass_fields__},
                 "seconds_per_step": seconds, "recompiles_while_timed": recompiles if pcfg.compile else None,
-                "grad_accum": tcfg.grad_accum, "skipped_steps": state.skipped_steps,
+                "grad_accum": tcfg.grad_accum, "skipped_steps": measured["skipped_steps"],
                 "gflop_per_image_counted": real_flops / images.shape[0] / 1e9, "peak_mem_gib": memory}
 
         naive_seconds = naive_flops = None
@@ -343,12 +351,7 @@ def main():
                                                                "gflop_per_image_counted": naive_flops / images.shape[0] / 1e9,
                                                                "peak_mem_gib": naive_memory}, naive_seconds)])
         for row, secs in rows:
-            per_process = images.shape[0] / secs
-            rates = gather_object([per_process])
-            row.update({"steps_s": 1 / secs, "img_s_per_process": per_process, "img_s_total": sum(rates),
-                        "img_s_each_process": rates, "gflop_per_image": model_flops / 1e9,
-                        "mfu": per_process * model_flops / (peak * 1e12)})
-            results.append(row)
+            results.append(with_rates(row, secs, images.shape[0], model_flops, peak))
         if naive_seconds is not None:
             results[0]["speedup"] = naive_seconds / seconds
 
@@ -367,15 +370,12 @@ def main():
             del parts
             m = measure(accelerator, term_config, images, args)
             parts = m["parts"]
-            per_process = images.shape[0] / m["seconds"]
-            results.append({**common, "step": f"first-stage + {term}", "precision": tcfg.mixed_precision,
-                            "term_overrides": TERMS[term], "seconds_per_step": m["seconds"],
-                            "skipped_steps": m["skipped_steps"], "peak_mem_gib": m["memory"],
-                            "gflop_per_image_counted": m["flops"] / images.shape[0] / 1e9,
-                            "gflop_per_image": m["flops"] / images.shape[0] / 1e9, "steps_s": 1 / m["seconds"],
-                            "img_s_per_process": per_process, "img_s_total": sum(gather_object([per_process])),
-                            "mfu": per_process * m["flops"] / images.shape[0] / (peak * 1e12),
-                            "cost_vs_plain": m["seconds"] / plain_seconds, "flops_vs_plain": m["flops"] / real_flops})
+            term_flops = m["flops"] / images.shape[0]
+            row = {**common, "step": f"first-stage + {term}", "precision": tcfg.mixed_precision,
+                   "term_overrides": TERMS[term], "seconds_per_step": m["seconds"], "skipped_steps": m["skipped_steps"],
+                   "peak_mem_gib": m["memory"], "gflop_per_image_counted": term_flops / 1e9,
+                   "cost_vs_plain": m["seconds"] / plain_seconds, "flops_vs_plain": m["flops"] / real_flops}
+            results.append(with_rates(row, m["seconds"], images.shape[0], term_flops, peak))
 
         if args.find_max_batch:
             if device.type != "cuda":
