@@ -83,3 +83,27 @@ def dinov2_folder(tmp_path_factory):
     """A tiny random DINOv2 (hidden 32, one layer, patch 4) saved as a model folder."""
     return save_standin_dinov2(tmp_path_factory.mktemp("dinov2"), hidden=32, layers=1, heads=2, patch=4, image_size=32,
                                crop=32)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a multi-process run's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` for ``num_processes`` CPU processes (gloo) on a free port; run it with
+    :func:`cpu_env`. Every multi-process test uses this, so no two tests share a fixed port."""
+    multi = ["--multi_gpu", "--main_process_port", str(free_port())] if num_processes > 1 else []
+    return ["accelerate", "launch", *multi, "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched test run: CPU processes only, plus ``extra``."""
+    import os
+
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", **extra}
