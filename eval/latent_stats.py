@@ -11,21 +11,12 @@ sample photos). Writes OUT/report.json, OUT/report.md and PNG plots. Definitions
 
 import argparse
 import functools
-import math
-import sys
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
-from first_stage.checkpoint import CheckpointError
-from first_stage.data import DataError, calibration_batches, describe
-from first_stage.evaluation import evaluate_each, evaluation_data, images_to_measure, nonlocality
-from first_stage.latent_stats import LatentStatistics
-from first_stage.model import downsampling_factor
-from first_stage.perceptual import LPIPSWeightsError
+from first_stage.evaluation import evaluate_each, evaluation_data, images_to_measure, latent_statistics
+from first_stage.lifecycle import run_main
 from first_stage.reports import latent_plots, latent_rows, markdown_table, report, write_json, write_markdown
 
 
@@ -47,61 +38,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def encode(vae, x):
-    """(posterior mean, log-variance) of a batch, float32."""
-    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean.float(), posterior.logvar.float()
-
-
-@torch.no_grad()
-def measure(vae, index: int, data, args, accelerator, images: int) -> dict:
-    """Both passes over the same ``images`` images, then the combined statistics (main process)."""
-    batches = lambda: calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,  # noqa: E731
-                                          rank=accelerator.process_index, world_size=accelerator.num_processes)
-    reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
-    side = data.resolution // downsampling_factor(vae.config)
-    stats = LatentStatistics(vae.config.latent_channels, (side, side))
-    bar = dict(total=2 * math.ceil(images / accelerator.num_processes), unit="img",
-               disable=not accelerator.is_local_main_process)
-    skipped, perturbed = [], []  # perturbed: (image id, file, peak share, random share)
-    with tqdm(**bar) as progress:
-        for batch in batches():
-            if batch["pixel_values"].shape[0]:  # every image of a batch may be undecodable
-                stats.first_pass(*encode(vae, batch["pixel_values"]))
-            skipped += batch["skipped_names"]
-            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
-        stats.finish_first_pass(reduce_sum)
-        for batch in batches():
-            progress.update(batch["pixel_values"].shape[0] + batch["skipped"])
-            if not batch["pixel_values"].shape[0]:
-                continue
-            z, _ = encode(vae, batch["pixel_values"])
-            stats.second_pass(z)
-            # The first --nonlocality-images images of the pick, each with its random position
-            # seeded by the image: the same test whatever the number of processes.
-            chosen = [i for i, image_id in enumerate(batch["ids"]) if image_id < args.nonlocality_images]
-            if chosen:
-                found = nonlocality(vae, z[chosen], stats.std.float(),
-                                    [hash((args.seed, batch["ids"][i])) for i in chosen], args.margin)
-                perturbed += [(batch["ids"][i], batch["names"][i], p, r)
-                              for i, p, r in zip(chosen, found["peak"], found["random"])]
-    stats.combine(reduce_sum, gather_object)
-    skipped, perturbed = gather_object(skipped), sorted(gather_object(perturbed))
-    if not accelerator.is_main_process:
-        return {}
-    if not stats.peak_zhat:
-        raise DataError(f"no decodable image among the {images} picked of {describe(data)}")
-    result = stats.result()
-    result["scale"]["carried_over_implied"] = vae.config.scaling_factor / result["scale"]["implied_scaling_factor"]
-    peak, random = [p for _, _, p, _ in perturbed], [r for _, _, _, r in perturbed]
-    result["nonlocality"] = {"images": len(perturbed), "margin_cells": args.margin, "files": [f for _, f, _, _ in perturbed],
-                             "peak": peak, "random": random,
-                             "peak_median": float(torch.tensor(peak).median()) if peak else None,
-                             "random_median": float(torch.tensor(random).median()) if random else None}
-    result["skipped_files"] = skipped
-    return result
-
-
 def main():
     args = parse_args()
     accelerator = Accelerator()
@@ -109,8 +45,10 @@ def main():
     out = Path(args.out)
     images, available = images_to_measure(data, args.num_images, accelerator.print)
     load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
-    entries = evaluate_each(args.vae, accelerator.device, functools.partial(measure, data=data, args=args,
-                            accelerator=accelerator, images=images), args.bf16, **load)
+    measure = functools.partial(latent_statistics, accelerator=accelerator, data=data, num_images=images,
+                                batch_size=args.batch_size, seed=args.seed,
+                                nonlocality_images=args.nonlocality_images, margin=args.margin)
+    entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(vae), args.bf16, **load)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         rep = report("latent_stats", data, entries, args.num_images, available)
@@ -119,6 +57,8 @@ def main():
         notes = ["Reference: N(0,1) for the tails, kurtosis and peaks (same tensor shape); uniformly random peaks",
                  "over as many images for the modal peak share; white noise for the spectrum. Definitions:",
                  "docs/evaluation.md.", ""]
+        notes += [f"VAE {i + 1} carries {e['results']['scale']['carried']}; its images imply "
+                  f"{e['results']['scale']['implied']}." for i, e in enumerate(entries)] + [""]
         notes += [f"![{p.stem}]({p.name})" for p in latent_plots(entries, out)]
         write_markdown(out / "report.md", "Latent statistics", rep, table, notes)
         accelerator.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")
@@ -127,7 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, LPIPSWeightsError, FileNotFoundError) as err:  # they name the file or data
-        sys.exit(f"error: {err}")
+    run_main(main)

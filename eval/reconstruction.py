@@ -10,24 +10,17 @@ rFID needs torch-fidelity's Inception file (--inception-weights PATH, `pip insta
 """
 
 import argparse
-import functools
-import math
-import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
-from first_stage.checkpoint import CheckpointError
-from first_stage.data import DataError, calibration_batches, describe
-from first_stage.evaluation import (WorstImages, build_fid, evaluate_each, evaluation_data, images_to_measure,
-                                    reconstruction_metrics, summarize)
-from first_stage.perceptual import VGG16_FILENAME, LPIPSWeightsError, load_lpips
+from first_stage.evaluation import build_fid, evaluate_each, evaluation_data, images_to_measure, reconstruction
+from first_stage.perceptual import VGG16_FILENAME, load_lpips
+from first_stage.lifecycle import run_main
+from first_stage.reports import markdown_table, reconstruction_rows, report, save_grid, write_json, write_markdown
 
 LPIPS_OPTION = f"to this script: --lpips-weights /path/to/{VGG16_FILENAME} (or measure without LPIPS: --no-lpips)"
-from first_stage.reports import markdown_table, reconstruction_rows, report, save_grid, write_json, write_markdown
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,44 +43,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@torch.no_grad()
 def measure(vae, index: int, data, args, accelerator, lpips, out: Path, images: int) -> dict:
-    per_image = {"file": [], "psnr": [], "ssim": [], "lpips": []}
-    worst, skipped = WorstImages(args.worst), []
+    """The reconstruction results of one VAE, with its worst images saved beside the report (main process)."""
     fid = build_fid(args.inception_weights, accelerator.device)
-    batches = calibration_batches(data, args.num_images, args.batch_size, seed=args.seed,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
-    for batch in tqdm(batches, total=math.ceil(math.ceil(images / accelerator.num_processes) / args.batch_size),
-                      disable=not accelerator.is_local_main_process):
-        skipped += batch["skipped_names"]
-        x = batch["pixel_values"].to(accelerator.device)
-        if x.shape[0] == 0:
-            continue
-        z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
-        rec = vae.decode(z).sample.float()
-        metrics = reconstruction_metrics(x, rec, lpips)
-        per_image["file"] += batch["names"]
-        for key, values in metrics.items():
-            per_image[key] += values.tolist()
-        worst.add(metrics["psnr"], x, rec, batch["names"])
-        if fid is not None:
-            fid.update((x.float() + 1) / 2, real=True)
-            fid.update((rec.clamp(-1, 1) + 1) / 2, real=False)
-    per_image = {k: gather_object(v) for k, v in per_image.items() if k != "lpips" or lpips is not None}
-    worst_items, skipped = gather_object(worst.items()), gather_object(skipped)
-    rfid = fid.compute().item() if fid is not None else None  # torchmetrics syncs its states across processes
-    if not accelerator.is_main_process:
-        return {}
-    if not per_image["psnr"]:
-        raise DataError(f"no decodable image among the {images} picked of {describe(data)}")
-    result = {"images": len(per_image["psnr"]), **{k: summarize(v) for k, v in per_image.items() if k != "file"},
-              "rfid": rfid, "per_image": per_image, "skipped_files": skipped}
-    worst_items = sorted(worst_items, key=lambda item: item[0])[:args.worst]
-    if worst_items:
+    result, worst = reconstruction(vae, accelerator, data, images, args.batch_size, args.seed, lpips, fid, args.worst)
+    if worst:
         grid = out / f"worst_vae{index}.png"
-        save_grid(torch.stack([x for _, _, x, _ in worst_items]), torch.stack([r for _, _, _, r in worst_items]), grid)
-        result["worst"] = {"file": grid.name, "psnr": [s for s, _, _, _ in worst_items],
-                           "images": [name for _, name, _, _ in worst_items]}
+        save_grid(torch.stack([x for _, _, x, _ in worst]), torch.stack([r for _, _, _, r in worst]), grid)
+        result["worst"] = {"file": grid.name, "psnr": [score for score, _, _, _ in worst],
+                           "images": [name for _, name, _, _ in worst]}
     return result
 
 
@@ -100,8 +64,8 @@ def main():
     lpips = None if args.no_lpips else load_lpips(args.lpips_weights, option=LPIPS_OPTION).to(accelerator.device)
     images, available = images_to_measure(data, args.num_images, accelerator.print)
     load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
-    entries = evaluate_each(args.vae, accelerator.device, functools.partial(
-        measure, data=data, args=args, accelerator=accelerator, lpips=lpips, out=out, images=images), args.bf16, **load)
+    entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(
+        vae, index, data, args, accelerator, lpips, out, images), args.bf16, **load)
     if accelerator.is_main_process:
         rep = report("reconstruction", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")
@@ -121,7 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, LPIPSWeightsError, FileNotFoundError) as err:  # they name the file or data
-        sys.exit(f"error: {err}")
+    run_main(main)

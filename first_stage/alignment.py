@@ -13,7 +13,13 @@ margins make the terms free once a position (or a pair) is close enough: VA-VAE'
 uses w = 0.1, m_cos = 0.5, m_dist = 0.25.
 
 The vision model is loaded with :func:`load_foundation_model` from a local folder or the Hugging
-Face cache, never downloaded; it runs frozen and without gradients, its features in fp32.
+Face cache, never downloaded; it runs frozen and without gradients, its features in fp32. By
+default it sees what VA-VAE's DINOv2 sees (``vavae/ldm/models/foundation_models.py``
+``forward_dinov2``): the raw [-1, 1] image resized with plain bilinear (``align_corners=False``, no
+antialias) to the patch grid, and P is a 1x1 convolution without bias (``vavae/ldm/models/
+autoencoder.py``, ``reverse_proj``), so a VA-VAE ``linear_proj.weight`` loads into it. The
+``alignment`` options ``normalize``, ``interpolation``, ``antialias`` and ``projection_bias`` are
+this package's departures (docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import AlignmentConfig, ConfigError
+from .config import AlignmentConfig, Config, ConfigError
+from .loss_term import LossContext, LossTerm, adaptive_weight
+from .model import DTYPES
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROJECTION_FILE = "alignment_projection.safetensors"  # in an export's finetune/ bundle
@@ -57,9 +65,10 @@ def alignment_terms(projected: torch.Tensor, features: torch.Tensor, cos_margin:
 
 class FoundationFeatures(nn.Module):
     """A frozen ViT (DINOv2) as a function of images: (B,3,H,W) in [-1,1] → (B,D,h,w) patch features
-    on the latent grid (h, w), in fp32. Inputs are normalised with the model's image processor's
-    mean and std and resized (bicubic, antialiased) to its patch grid; the model runs under autocast
-    to ``autocast`` (the run's mixed precision) when given, its features come out in fp32."""
+    on the latent grid (h, w), in fp32. Inputs are resized to its patch grid as :meth:`forward`'s
+    options say (VA-VAE's by default); ``mean`` and ``std`` are its image processor's, for the
+    ``normalize`` option. The model runs under autocast to ``autocast`` (the run's mixed precision)
+    when given, its features come out in fp32."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], grid: str = "latent",
                  image_size: int = 224, autocast: torch.dtype | None = None):
@@ -81,16 +90,22 @@ class FoundationFeatures(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = ((x.float() + 1) / 2 - self.mean) / self.std
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], normalize: bool = False,
+                interpolation: str = "bilinear", antialias: bool = False) -> torch.Tensor:
+        """Features of (B,3,H,W) images on ``grid``. By default VA-VAE's input, the raw [-1, 1] image
+        bilinearly resized; ``normalize``: the processor's mean and std; ``interpolation`` and
+        ``antialias``: those of ``F.interpolate`` (``alignment.*`` of the same names)."""
+        x = x.float()
+        if normalize:
+            x = ((x + 1) / 2 - self.mean) / self.std
         size = (grid[0] * self.patch, grid[1] * self.patch) if self.grid == "latent" else (self.image_size,) * 2
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=antialias)
         with torch.autocast(x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             hidden = self.model(pixel_values=x).last_hidden_state  # (B, prefix + gh*gw, D), after the final norm
         gh, gw = size[0] // self.patch, size[1] // self.patch
         features = hidden[:, self.prefix:].float().transpose(1, 2).reshape(x.shape[0], self.dim, gh, gw)
         if (gh, gw) != tuple(grid):
-            features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False, antialias=True)
+            features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False, antialias=antialias)
         return features
 
 
@@ -106,7 +121,8 @@ def load_foundation_model(name: str, grid: str = "latent", autocast: torch.dtype
         from transformers import AutoModel
         from transformers.utils import cached_file
     except ImportError:
-        raise AlignmentModelError("alignment needs the transformers package: pip install 'first-stage[alignment]'") from None
+        raise AlignmentModelError("alignment needs the transformers package: "
+                                  "pip install 'first-stage[alignment]'") from None
     path = Path(name).expanduser()
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():  # a folder, not a model id
         if not path.is_dir():
@@ -158,14 +174,23 @@ def save_standin_dinov2(folder: str | Path, hidden: int, layers: int, heads: int
     return folder
 
 
-def build_projection(latent_channels: int, feature_dim: int, init_from: str | None = None) -> nn.Conv2d:
-    """The trained 1x1 projection of latents to the feature size, fresh or from an export's
-    ``finetune/alignment_projection.safetensors``."""
-    projection = nn.Conv2d(latent_channels, feature_dim, kernel_size=1)
+def build_projection(latent_channels: int, feature_dim: int, init_from: str | None = None,
+                     bias: bool = False) -> nn.Conv2d:
+    """The trained 1x1 projection of latents to the feature size (VA-VAE's ``linear_proj``: no
+    bias unless ``bias``, ``alignment.projection_bias``), fresh or from an export's
+    ``finetune/alignment_projection.safetensors``. A file with a bias where none is asked for, or
+    without one where one is, is a :class:`ConfigError` that names the key to set."""
+    projection = nn.Conv2d(latent_channels, feature_dim, kernel_size=1, bias=bias)
     if init_from is not None:
         if not Path(init_from).is_file():
             raise FileNotFoundError(f"alignment.projection_init: no file at {Path(init_from).resolve()}")
-        projection.load_state_dict(load_file(init_from))
+        state = load_file(init_from)
+        if ("bias" in state) != bias:
+            has = "has a bias (written before projections followed VA-VAE's, without one)" if "bias" in state \
+                else "has no bias (VA-VAE's layout)"
+            raise ConfigError(f"alignment.projection_init: {init_from} {has}; set alignment.projection_bias: "
+                              f"{str('bias' in state).lower()} to load it")
+        projection.load_state_dict(state)
     return projection
 
 
@@ -180,7 +205,59 @@ class AlignmentLoss(nn.Module):
         self.features = features
 
     def forward(self, inputs: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        target = self.features(inputs, tuple(projected.shape[-2:]))  # (B,D,h,w)
+        cfg = self.cfg
+        target = self.features(inputs, tuple(projected.shape[-2:]), cfg.normalize, cfg.interpolation,
+                               cfg.antialias)  # (B,D,h,w)
         cos, dist = alignment_terms(projected, target, self.cfg.cos_margin, self.cfg.distance_margin)
         combined = self.cfg.cos_weight * cos + self.cfg.distance_weight * dist
         return combined, {"train/loss/align_cos": cos.item(), "train/loss/align_distance": dist.item()}
+
+
+class AlignmentTerm(LossTerm):
+    """VA-VAE's alignment as a loss-term unit: the frozen vision model is loaded by :meth:`build`,
+    which returns the trained projection for the DDP wrapper; the loss is ``w · a ·`` the margins'
+    terms, ``a`` the adaptive weight at the encoder's last layer (or 1)."""
+
+    name, section = "alignment", "alignment"
+    bench_rows = {"alignment": ["alignment.enabled=true"],
+                  # without the adaptive weight's extra backward
+                  "alignment_fixed_weight": ["alignment.enabled=true", "alignment.adaptive=false"]}
+    study_variant = ("align", ["alignment.enabled=true"],
+                     "VA-VAE: DINOv2 patch features through a trained 1x1 projection, margins 0.5 / 0.25, adaptive")
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        check_alignment(config.alignment)
+        if config.alignment.enabled and config.model.trainable != "all":
+            raise ConfigError("alignment.enabled needs model.trainable: all (it trains the encoder's latents)")
+
+    def build(self, vae, device: torch.device) -> nn.Module:
+        acfg = self.config.alignment
+        autocast = DTYPES.get(self.config.train.mixed_precision)  # None for "no"
+        features = load_foundation_model(acfg.model, acfg.grid, autocast).to(device)
+        self.alignment = AlignmentLoss(acfg, features)
+        return build_projection(vae.config.latent_channels, features.dim, acfg.projection_init,
+                                acfg.projection_bias).to(device)
+
+    def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor, dict]:
+        acfg = self.config.alignment
+        align, logs = self.alignment(out.inputs, out.projected)
+        weight = acfg.weight
+        if acfg.adaptive:
+            if ctx.encoder_last_layer is None:
+                raise ValueError("the adaptive alignment weight needs the encoder's last layer")
+            weight = weight * adaptive_weight(ctx.nll, align, ctx.encoder_last_layer, acfg.adaptive_weight_max)
+        return weight * align, {**logs, "train/align_weight": float(weight)}
+
+    def card_line(self) -> str:
+        a = self.config.alignment
+        adaptive = f" × the adaptive weight (max {a.adaptive_weight_max:g})" if a.adaptive else ""
+        departures = [name for name, on in (("ImageNet-normalised input", a.normalize),
+                                            ("bicubic resize", a.interpolation == "bicubic"),
+                                            ("antialiased resize", a.antialias),
+                                            ("projection with a bias", a.projection_bias)) if on]
+        inputs = ("; departing from VA-VAE: " + ", ".join(departures) if departures
+                  else "; input as VA-VAE's (raw [-1, 1], plain bilinear), bias-free projection")
+        return (f"alignment to `{a.model}` patch features (VA-VAE), weight {a.weight:g}{adaptive}: "
+                f"{a.cos_weight:g} × cosine (margin {a.cos_margin:g}) + {a.distance_weight:g} × distance matrix "
+                f"(margin {a.distance_margin:g}), grid `{a.grid}`{inputs}")

@@ -30,10 +30,11 @@ from accelerate.utils import load as accelerate_load
 from accelerate.utils.constants import SAFE_MODEL_NAME
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .config import Config, ModelConfig, exported_weights, load_config
-from .convert import autoencoder_from_ldm, read_weights, split_ldm_checkpoint
+from .convert import autoencoder_from_ldm, read_weights, split_ldm_checkpoint, vavae_projection
 from .model import new_autoencoder
 
 
@@ -67,6 +68,7 @@ DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
 CONFIG_FILE = "config.yaml"  # the resolved training config
 AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config
 TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
+LOSS_TERMS = "loss_terms.json"  # what trained the weights, a model-card line per term (GeneratorLoss.card_lines)
 STATUS_FILE = "status.json"  # <run>/status.json: how the run's last process ended (write_status)
 
 # An export folder (first_stage.export): diffusers' config.json and weights, then this package's files.
@@ -109,9 +111,9 @@ def resolve_resume(resume: str, root: Path) -> Path:
     newer = [p.name for p in checkpoint_dirs(root) if checkpoint_step(p) > step]
     if newer:
         # Rotation and "latest" go by step: the newer checkpoints of the abandoned run would win.
-        raise ValueError(f"--resume {resume}: {root.resolve()} holds newer checkpoints {newer}; move them "
-                         "elsewhere (or give the run another train.run_name) before going back to step "
-                         f"{step}")
+        raise CheckpointError(f"--resume {resume}: {root.resolve()} holds newer checkpoints {newer}; move them "
+                              "elsewhere (or give the run another train.run_name) before going back to step "
+                              f"{step}")
     return path
 
 
@@ -218,6 +220,51 @@ def check_checkpoint(path: Path) -> None:
             raise CheckpointError(f"{err}{_recovery_hint(path)}") from None
 
 
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of safetensors ``file``, read from its header (no tensor is loaded)."""
+    with safe_open(str(file), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _differences(saved: dict, built: dict, limit: int = 5) -> list[str]:
+    """Up to ``limit`` entries whose value differs between two dicts, with the count of the rest."""
+    keys = [k for k in {**built, **saved} if saved.get(k, "absent") != built.get(k, "absent")]  # the model's order
+    lines = [f"{k}: {saved.get(k, 'absent')} in the checkpoint, {built.get(k, 'absent')} in this config"
+             for k in keys[:limit]]
+    return lines + ([f"… and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def check_architecture(path: Path, autoencoder_config: dict, models: list[torch.nn.Module]) -> None:
+    """Refuse to resume from checkpoint ``path`` into models built from another architecture:
+    ``autoencoder_config`` is the built AutoencoderKL's config, ``models`` the modules in the order
+    they were prepared (the weights of the ``i``-th are in :func:`accelerate_model_file` ``(i)``).
+    Raises :class:`CheckpointError` naming the weights whose keys or shapes differ, the AutoencoderKL
+    settings that differ, and the run's saved config to resume with. Settings that leave every shape
+    alone (e.g. ``scaling_factor``) do not refuse."""
+    found = []
+    for index, model in enumerate(models):
+        file = path / accelerate_model_file(index)
+        if file.is_file():
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            found += [f"{file.name}: {line}" for line in _differences(weight_shapes(file), shapes)]
+    if not found:
+        return
+    if (path / AUTOENCODER_CONFIG).is_file():  # why the shapes differ, in the model's own terms
+        ignored = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+        saved = json.loads((path / AUTOENCODER_CONFIG).read_text())
+        found = [f"{AUTOENCODER_CONFIG}: {line}" for line in _differences(
+            {k: v for k, v in saved.items() if k not in ignored},
+            {k: v for k, v in autoencoder_config.items() if k not in ignored})] + found
+    run_config = path.parent.parent / CONFIG_FILE
+    # Alignment projections had a bias before they followed VA-VAE's bias-free linear_proj.
+    bias = ("\nThe checkpoint's alignment projection has a bias: add --set alignment.projection_bias=true"
+            if any(line.split(": ", 1)[-1].startswith("projection.bias: (") for line in found) else "")
+    raise CheckpointError(
+        f"{path} holds another architecture than this config builds:\n  " + "\n  ".join(found)
+        + f"\nResume with the run's own config: --config {run_config} (or give this config another "
+        "train.run_name to start a new run)" + bias)
+
+
 def write_status(run_dir: Path, state: str, step: int | None, exit_code: int, reason: str) -> Path:
     """Write ``<run>/status.json`` atomically (a reader never sees half a file): ``state``
     (finished, stopped, nonfinite or failed), the step reached, the exit code, why, and the newest
@@ -261,6 +308,7 @@ class LoadedVAE:
     discriminator: dict[str, torch.Tensor] | None = None
     logvar: float | None = None
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection of a checkpoint
+    loss_terms: list[str] | None = None  # of a checkpoint: what trained the weights (LOSS_TERMS)
 
 
 def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
@@ -323,7 +371,23 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         discriminator=load_file(str(disc_file)) if config.discriminator.enabled and disc_file.is_file() else None,
         logvar=float(state["logvar"]) if "logvar" in state else None,
         projection={k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")} or None,
+        loss_terms=json.loads((path / LOSS_TERMS).read_text()) if (path / LOSS_TERMS).is_file() else None,
     )
+
+
+class UnreadableWeightsError(CheckpointError):
+    """A VAE's weight file that cannot be read (truncated or corrupt); the message names the file."""
+
+
+def check_weights_readable(file: Path) -> None:
+    """Raise :class:`UnreadableWeightsError` naming safetensors ``file`` when its header does not read or
+    does not cover the file (a truncated copy or download), before a loader fails on it less clearly."""
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as err:  # safetensors' SafetensorError, OSError
+        raise UnreadableWeightsError(f"{Path(file).resolve()}: not a readable safetensors file, truncated or "
+                                     f"corrupt ({str(err)[:200]})") from None
 
 
 def load_vae(source: str | Path, weights: str | None = "ema", single_file_config: str | Path | None = None,
@@ -343,17 +407,23 @@ def load_vae(source: str | Path, weights: str | None = "ema", single_file_config
     if is_run_or_checkpoint(path):
         return read_checkpoint(path, weights)
     if path.is_file():
+        if path.suffix == ".safetensors":
+            check_weights_readable(path)
         if single_file_config is not None:
             return LoadedVAE(path, AutoencoderKL.from_single_file(str(path), config=str(single_file_config)).eval())
         state, metadata = read_weights(path)
         vae_state, discriminator, logvar = split_ldm_checkpoint(state)
-        return LoadedVAE(path, autoencoder_from_ldm(vae_state, metadata, overrides).eval(),
-                         discriminator=discriminator or None, logvar=None if logvar is None else float(logvar))
+        vae = autoencoder_from_ldm(vae_state, metadata, overrides).eval()
+        return LoadedVAE(path, vae, discriminator=discriminator or None,
+                         logvar=None if logvar is None else float(logvar),
+                         projection=vavae_projection(state, vae.config.latent_channels))  # a VA-VAE's linear_proj
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no VAE at {path.resolve()}: expected a training run (checkpoints/), a checkpoint "
             f"({TRAINING_STATE}), a diffusers AutoencoderKL folder ({path.resolve() / 'config.json'}) "
             "or a latent-diffusion weight file")
+    for file in sorted(path.glob("diffusion_pytorch_model*.safetensors")):  # the diffusers weights, sharded or not
+        check_weights_readable(file)
     return LoadedVAE(path, AutoencoderKL.from_pretrained(path).eval())
 
 

@@ -87,6 +87,19 @@ class AlignmentConfig:
     adaptive: bool = True  # balance against the NLL by gradient norms at the encoder's last layer
     adaptive_weight_max: float = 1e8  # VA-VAE's clamp
     projection_init: str | None = None  # an export's finetune/alignment_projection.safetensors
+    # By default the vision model sees what VA-VAE's does (LightningDiT vavae/ldm/models/
+    # foundation_models.py forward_dinov2): the raw [-1, 1] image, resized with plain bilinear
+    # (align_corners=False, no antialias), and the projection is a 1x1 convolution without bias
+    # (vavae/ldm/models/autoencoder.py, reverse_proj). Departures from VA-VAE, each off by default:
+    # normalize: the image processor's ImageNet mean/std, the input statistics DINOv2 was trained on
+    # (on raw [-1, 1] input its patch features differ by about 2.7 at a feature scale of 3.4).
+    normalize: bool = False
+    # interpolation "bicubic": the image processor's own resampling, smoother than bilinear.
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    antialias: bool = False  # low-pass filter when shrinking (256 → 224), against aliasing
+    # projection_bias: a bias in the projection (this package's projections before it followed
+    # VA-VAE); true loads such a projection_init file, false loads VA-VAE's linear_proj.weight.
+    projection_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,13 +114,24 @@ class EquivarianceConfig:
     # Scale factors are the multiples of 1/32 in [min_scale, max_scale): EQ-VAE's 8/32 ... 31/32.
     min_scale: float = 0.25
     max_scale: float = 1.0
-    anisotropic: bool = True  # separate factors for height and width
+    # One factor for both axes, as EQ-VAE's paper config (zelaki/eqvae train_eqvae/configs/
+    # eqvae_config.yaml, anisotropic: False). Departure, off by default: true draws separate factors
+    # for height and width (EQ-VAE's own option), a richer set of transforms.
+    anisotropic: bool = False
     rotations: bool = True  # and a rotation by k·90°, k drawn from {1, 2, 3} (EQ-VAE)
     # Prior preservation at low resolution: this share of the plain steps encodes and reconstructs
-    # the image downsampled 2x.
+    # the image scaled by a factor drawn from the same grid (EQ-VAE's p_prior_s).
     lowres_probability: float = 0.0
+    # Departure, off by default: the low-resolution steps always halve the image (this package's
+    # former choice: one fixed size, so fewer shapes for torch.compile and the image-size checks).
+    lowres_half: bool = False
+    # Latents and images are scaled with plain bilinear (align_corners=False, no antialias), EQ-VAE's
+    # operator (train_eqvae/ldm/models/autoencoder.py). Departure, off by default: antialias low-pass
+    # filters before shrinking, against aliasing in the targets.
+    antialias: bool = False
     # 2502.14831: + scale_weight * sum over factors s of rec(down_s(x), D(down_s(z))), every step
-    # (half-resolution steps included); 0: off.
+    # (low-resolution steps included); 0: off. Its paper says "bilinear"; its exact operator is
+    # unverified, and the same operator as EQ-VAE's is used.
     scale_weight: float = 0.0
     scale_factors: tuple[int, ...] = (2, 4)
 
@@ -351,7 +375,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply_override(raw, assignment)
     if overrides:
         source += " with --set " + " ".join(overrides)
-    return _build(Config, raw, "", source)
+    return checked(_build(Config, raw, "", source), source)
 
 
 def with_overrides(config: Config, overrides: list[str] | tuple[str, ...], source: str = "--set") -> Config:
@@ -359,7 +383,20 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...], sourc
     raw = to_dict(config)
     for assignment in overrides:
         _apply_override(raw, assignment)
-    return _build(Config, raw, "", f"{source} {' '.join(overrides)}")
+    source = f"{source} {' '.join(overrides)}"
+    return checked(_build(Config, raw, "", source), source)
+
+
+def checked(config: Config, source: str) -> Config:
+    """``config`` after the range and cross-section checks of the run's sections and of every loss
+    term (``first_stage.terms.check_config``); a failure names the key and ``source``."""
+    from .terms import check_config  # the terms import this module
+
+    try:
+        check_config(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
 
 
 def exported_weights(config: Config) -> str:

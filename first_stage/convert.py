@@ -28,6 +28,9 @@ LDM_PREFIXES = ("first_stage_model.", "vae.")
 # Where a latent-diffusion autoencoder checkpoint (model.ckpt of kl-f8) keeps its loss's state.
 LDM_DISCRIMINATOR_PREFIX = "loss.discriminator."
 LDM_LOGVAR_KEY = "loss.logvar"
+# Where a LightningDiT VA-VAE checkpoint (hustvl/LightningDiT vavae/ldm/models/autoencoder.py) keeps its
+# alignment projection: with reverse_proj a bias-free 1x1 Conv2d from the latent to DINOv2's features.
+VAVAE_PROJECTION_KEY = "linear_proj.weight"
 
 # (diffusers fragment, LDM fragment), applied in order after the block indices are mapped.
 _RENAMES = (
@@ -140,13 +143,27 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def split_ldm_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor | None]:
     """(VAE weights without prefix, discriminator weights, log-variance or None) of a checkpoint."""
     prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
+    parts = ("encoder", "decoder", "quant_conv", "post_quant_conv")
     vae = {k[len(prefix):]: v for k, v in state.items()
-           if k.startswith(prefix) and k[len(prefix):].split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv")}
+           if k.startswith(prefix) and k[len(prefix):].split(".")[0] in parts}
     if not vae:
         raise ValueError("no autoencoder weights found: expected keys like 'encoder.conv_in.weight' "
                          f"(optionally under {' or '.join(LDM_PREFIXES)})")
     disc = {k[len(LDM_DISCRIMINATOR_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_DISCRIMINATOR_PREFIX)}
     return vae, disc, state.get(LDM_LOGVAR_KEY)
+
+
+def vavae_projection(state: dict[str, torch.Tensor], latent_channels: int) -> dict[str, torch.Tensor] | None:
+    """The alignment projection of a LightningDiT VA-VAE checkpoint as this package's projection state
+    dict (``{"weight": (D, C, 1, 1)}``), or None. Only VA-VAE's ``reverse_proj`` direction (latent →
+    features, the recipe's) fits it; the other maps features to the latent and is left out."""
+    weight = state.get(VAVAE_PROJECTION_KEY)
+    if weight is None or weight.ndim != 4 or weight.shape[1] != latent_channels:
+        return None
+    projection = {"weight": weight}
+    if "linear_proj.bias" in state:
+        projection["bias"] = state["linear_proj.bias"]
+    return projection
 
 
 def infer_autoencoder_config(state: dict[str, torch.Tensor], norm_num_groups: int = 32) -> dict:
@@ -162,11 +179,11 @@ def infer_autoencoder_config(state: dict[str, torch.Tensor], norm_num_groups: in
         "in_channels": state["encoder.conv_in.weight"].shape[1],
         "out_channels": state["decoder.conv_out.weight"].shape[0],
         "block_out_channels": channels,
-        "down_block_types": tuple("AttnDownEncoderBlock2D" if f"encoder.down.{i}.attn.0.q.weight" in state else "DownEncoderBlock2D"
-                                  for i in range(levels)),
+        "down_block_types": tuple("AttnDownEncoderBlock2D" if f"encoder.down.{i}.attn.0.q.weight" in state
+                                  else "DownEncoderBlock2D" for i in range(levels)),
         # diffusers' up block i is latent-diffusion's up.{levels-1-i}
-        "up_block_types": tuple("AttnUpDecoderBlock2D" if f"decoder.up.{levels - 1 - i}.attn.0.q.weight" in state else "UpDecoderBlock2D"
-                                for i in range(levels)),
+        "up_block_types": tuple("AttnUpDecoderBlock2D" if f"decoder.up.{levels - 1 - i}.attn.0.q.weight" in state
+                                else "UpDecoderBlock2D" for i in range(levels)),
         "layers_per_block": len(blocks),
         "latent_channels": state["decoder.conv_in.weight"].shape[1],
         "norm_num_groups": norm_num_groups,

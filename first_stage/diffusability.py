@@ -12,20 +12,37 @@ process and each takes its slice (:func:`train_probe`), so one process and sever
 probe to float rounding. :func:`gaussian_reference` is the closed-form optimal loss for
 independent Gaussian latents of the same per-channel variance: a probe that learned only the
 marginal variance gets that; structure it exploits shows as loss below it.
+
+:func:`probe_vae` is the whole measurement of one VAE: encode the images through the evaluation
+driver (:func:`first_stage.evaluation.stream_images`), normalise the latents as a pipeline would
+(:class:`first_stage.latent_norm.LatentNormalizer`, read from the VAE's config) or per channel,
+train the probe, evaluate it and draw samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from accelerate.utils import gather_object
+from diffusers import AutoencoderKL, UNet2DModel
+from safetensors.torch import save_file
+
+from .config import DataConfig
+from .data import DataError, describe
+from .evaluation import build_fid, stream_images
+from .latent_norm import LatentNormalizer
+from .latent_stats import GAUSSIAN_TAIL
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
-# s does not halve that often exactly), so the lowest resolution is at least 4×4 (f8 latents get a level more than f16 latents at the same
-# image size). Attention at every level but the first.
+# s does not halve that often exactly), so the lowest resolution is at least 4×4 (f8 latents get a level
+# more than f16 latents at the same image size). Attention at every level but the first.
 PROBES = {
     "tiny": {"widths": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8},  # CPU, minutes
     "small": {"widths": (64, 128, 256), "layers_per_block": 2, "norm_num_groups": 32},
@@ -149,6 +166,8 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
 def sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """Integrate dx/dt = v̂(x, t) from t = 1 (``noise``, (K, C, h, w)) to t = 0 with ``steps``
     Euler steps; returns the sampled latents (K, C, h, w)."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least one Euler step, got {steps}")
     model.eval()
     x = noise.clone()
     ts = torch.linspace(1.0, 0.0, steps + 1)
@@ -157,3 +176,173 @@ def sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
         x = x + (t_next - t) * v
     model.train()
     return x
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How :func:`probe_vae` measures a VAE (``eval/diffusability.py``'s options of the same names)."""
+
+    num_images: int = 1000  # images encoded, held-out ones included
+    held_out: int = 128  # images the probe never trains on
+    latents: str = "mean"  # "mean": the posterior mean; "sample": one sample per image, seeded by the image
+    normalise: str = "exported"  # "exported": as a pipeline reads the VAE's config; "channel": per-channel mean/std
+    probe: str = "tiny"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    eval_every: int | None = None  # default: steps / 10
+    timesteps: int = 8  # points of the held-out timestep grid
+    samples: int = 16  # samples shown
+    sample_steps: int = 50  # Euler steps per sample
+    fid_samples: int | None = None  # default: the held-out images
+    encode_batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("held_out", "steps", "timesteps", "samples", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"probe setting {name} must be at least 1, got {getattr(self, name)}")
+
+
+@torch.no_grad()
+def _encode(vae: AutoencoderKL, settings: ProbeSettings, held_from: int, fid, batch: dict) -> list[tuple]:
+    """(image id, latent (C, h, w)) of each image of a batch; the held-out images (id ≥ ``held_from``)
+    also enter ``fid`` as real images."""
+    x = batch["pixel_values"]
+    posterior = vae.encode(x.to(vae.dtype)).latent_dist
+    z = posterior.mean.float().cpu()
+    if settings.latents == "sample":  # one sample per image, seeded by the image
+        noise = torch.stack([seeded_normal(tuple(z.shape[1:]), settings.seed, 4, i) for i in batch["ids"]])
+        z = z + posterior.std.float().cpu() * noise
+    held = [k for k, i in enumerate(batch["ids"]) if i >= held_from]
+    if fid is not None and held:
+        fid.update((x[held].float() + 1) / 2, real=True)
+    return list(zip(batch["ids"], z))
+
+
+def probe_normaliser(vae: AutoencoderKL, train: torch.Tensor, kind: str) -> LatentNormalizer:
+    """How latents enter the probe: ``exported``, as a pipeline reads the VAE's config (global or per
+    channel); ``channel``, per-channel mean and std of the ``train`` latents (N, C, h, w)."""
+    if kind == "exported":
+        return LatentNormalizer.from_vae_config(vae.config)
+    if kind != "channel":
+        raise ValueError(f"normalise must be 'exported' or 'channel', got {kind!r}")
+    channel_std = train.std(dim=(0, 2, 3)).clamp_min(1e-12)
+    return LatentNormalizer.measured("per_channel", train.mean().item(), train.std().item(),
+                                     train.mean(dim=(0, 2, 3)).tolist(), channel_std.tolist())
+
+
+def tail(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """P(|ẑ| > 4) of latents (N, C, h, w) standardised by per-channel ``mean`` and ``std`` (C,)."""
+    return ((x - mean.view(1, -1, 1, 1)).abs() > 4 * std.view(1, -1, 1, 1)).double().mean().item()
+
+
+@torch.no_grad()
+def draw_samples(probe, vae: AutoencoderKL, norm: LatentNormalizer, shape: tuple[int, int, int], count: int,
+                 settings: ProbeSettings, accelerator, fid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``count`` latents from fixed noise (sample k from (seed, k)), split over processes;
+    decode them (denormalised by ``norm``); feed the decoded ones to ``fid`` as generated images.
+    Returns, on every process, all sampled latents (count, C, h, w) and the first ``settings.samples``
+    decoded images."""
+    mine = list(range(accelerator.process_index, count, accelerator.num_processes))
+    drawn, shown = [], []
+    for start in range(0, len(mine), settings.batch_size):
+        ks = mine[start:start + settings.batch_size]
+        noise = torch.stack([seeded_normal(shape, settings.seed, 3, k) for k in ks]).to(accelerator.device)
+        x = sample(probe, noise, settings.sample_steps)
+        images = vae.decode(norm.denormalize(x.cpu()).to(vae.device, vae.dtype)).sample.float()
+        if fid is not None:
+            fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
+        drawn += list(zip(ks, x.cpu()))
+        shown += [(k, image.cpu()) for k, image in zip(ks, images) if k < settings.samples]
+    drawn, shown = (sorted(gather_object(items), key=lambda item: item[0]) for items in (drawn, shown))
+    return torch.stack([x for _, x in drawn]), torch.stack([image for _, image in shown])
+
+
+def probe_vae(vae: AutoencoderKL, accelerator, data: DataConfig, images: int, settings: ProbeSettings,
+              inception_weights: str | None = None, cache: Path | None = None,
+              source: str = "") -> tuple[dict, torch.Tensor]:
+    """Encode ``images`` images of ``data``, split off the held-out ones, normalise, train the probe,
+    evaluate it and draw samples (gFID with ``inception_weights``). Writes the normalised latents to
+    ``cache`` (a safetensors file, ``source`` naming the VAE in its metadata) when given. Returns, on
+    the main process, the results and the decoded samples to show (K, 3, H, W); ({}, an empty
+    tensor) on the others."""
+    wall = time.time()
+    held_from = images - settings.held_out  # ids are places in the random draw: the held-out ones are random
+    if held_from < 1:
+        raise DataError(f"{images} images of {describe(data)}: too few to hold out {settings.held_out} and train on "
+                        "the rest; lower --held-out or raise --num-images")
+    fid = build_fid(inception_weights, accelerator.device)
+    encode = functools.partial(_encode, vae, settings, held_from, fid)
+    encoded, skipped = stream_images(accelerator, data, images, settings.encode_batch_size, settings.seed, encode)
+    if not encoded:
+        raise DataError(f"no decodable image among the images picked of {describe(data)}")
+    latents, ids = torch.stack([z for _, z in encoded]), [i for i, _ in encoded]  # (N, C, h, w), in id order
+    encode_seconds = time.time() - wall
+    split = sum(i < held_from for i in ids)
+    if split == 0 or split == len(ids):
+        raise DataError(f"{describe(data)}: no decodable image left to {'train on' if split == 0 else 'hold out'}")
+    norm = probe_normaliser(vae, latents[:split], settings.normalise)
+    normalised = norm.normalize(latents)
+    train, held = normalised[:split], normalised[split:]
+    train_ids, held_ids = ids[:split], ids[split:]
+    if cache is not None and accelerator.is_main_process:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"train": train.contiguous(), "held_out": held.contiguous(), "train_ids": torch.tensor(train_ids),
+                   "held_out_ids": torch.tensor(held_ids)}, cache,
+                  metadata={"vae": source, "latents": settings.latents, "normalise": settings.normalise,
+                            "normaliser": norm.describe()})
+
+    # The probe: the same initial weights for every VAE and on every process.
+    torch.manual_seed(settings.seed)
+    model = build_probe(tuple(train.shape[1:]), settings.probe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    grid, curve = timestep_grid(settings.timesteps), []
+    evaluate = functools.partial(_evaluate, curve, model, held, held_ids, grid, settings, accelerator)
+    cost = train_probe(accelerator, model, optimizer, train, settings.steps, settings.batch_size, settings.seed,
+                       evaluate, settings.eval_every or max(1, settings.steps // 10), settings.warmup)
+    probe = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # the Accelerator lets go of this VAE's probe and optimiser
+
+    # Samples from fixed noise, decoded with the VAE (and gFID: a collective, on every process).
+    shape = tuple(train.shape[1:])
+    count = max(settings.samples, (settings.fid_samples or len(held_ids)) if fid is not None else 0)
+    drawn, shown = draw_samples(probe, vae, norm, shape, count, settings, accelerator, fid)
+    gfid = fid.compute().item() if fid is not None else None
+    if not accelerator.is_main_process:
+        return {}, torch.empty(0)
+    gfid_note = (f"{count} samples against the {len(held_ids)} held-out images" if fid is not None
+                 else "not measured: no --inception-weights")
+    mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
+    reference = gaussian_reference(train.var(dim=(0, 2, 3)), grid)
+    final = curve[-1][1]
+    return {
+        "images": len(ids), "train_images": len(train_ids), "held_out_images": len(held_ids),
+        "latent_shape": list(shape), "latents": settings.latents,
+        "normalisation": {"kind": settings.normalise, "pipeline": norm.describe(), "config": norm.config_entries(),
+                          "std": train.std().item(), "channel_std": std.tolist()},
+        "probe": {"preset": settings.probe, "parameters": sum(p.numel() for p in probe.parameters()),
+                  "steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed},
+        "held_out_loss": {"timesteps": grid.tolist(), "per_timestep": final.tolist(), "mean": final.mean().item(),
+                          "gaussian_reference": reference.tolist(), "gaussian_reference_mean": reference.mean().item()},
+        "curve": [{"step": step, "mean": loss.mean().item(), "per_timestep": loss.tolist()} for step, loss in curve],
+        "samples": {"count": count, "std": drawn.std().item(), "p_abs_gt_4": tail(drawn, mean, std),
+                    "real_std": held.std().item(), "real_p_abs_gt_4": tail(held, mean, std),
+                    "gaussian_p_abs_gt_4": GAUSSIAN_TAIL[4]},
+        "gfid": gfid, "gfid_note": gfid_note,
+        "cost": {**cost, "encode_seconds": encode_seconds, "wall_seconds": time.time() - wall},
+        "skipped_files": skipped,
+    }, shown
+
+
+def _evaluate(curve: list, model, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor, settings: ProbeSettings,
+              accelerator, step: int) -> None:
+    """Append (step, held-out loss (T,)) to ``curve``: the evaluation :func:`probe_vae` hands to :func:`train_probe`."""
+    curve.append((step, held_out_loss(model, held, held_ids, grid, settings.seed, settings.batch_size, accelerator)))
+
+
+def settings_from(options) -> ProbeSettings:
+    """The :class:`ProbeSettings` of an object with attributes of the same names (parsed arguments)."""
+    return ProbeSettings(**{f.name: getattr(options, f.name) for f in dataclasses.fields(ProbeSettings)})

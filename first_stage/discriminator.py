@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DiscriminatorConfig
+from .config import Config, ConfigError, DiscriminatorConfig
 from .convert import LDM_DISCRIMINATOR_PREFIX, read_weights, split_ldm_checkpoint
+from .loss_term import LossContext, LossTerm, adaptive_weight, refuse_below
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -108,3 +109,48 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Te
     if kind == "non_saturating":
         return F.softplus(-fake).mean()
     raise ValueError(f"discriminator.loss must be 'hinge' or 'non_saturating', got {kind!r}")
+
+
+def discriminator_side(cfg: DiscriminatorConfig) -> int:
+    """The smallest image side the PatchGAN takes: 3·2^n_layers (its strided 4x4 convolutions)."""
+    return 3 * 2 ** cfg.n_layers
+
+
+class GANTerm(LossTerm):
+    """The adversarial term of the generator: ``weight · a · g_loss`` from step ``start +
+    warmup_steps``, with ``a`` the adaptive weight against the NLL at the decoder's last layer. The
+    discriminator's own step is the trainer's (``trainer.micro_step``)."""
+
+    name, section = "gan", "discriminator"
+    # no row of its own: bench_train's plain step (--loss full) has the GAN on from step 0
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        d = config.discriminator
+        refuse_below(config, 0, "discriminator.start", "discriminator.warmup_steps", "discriminator.weight",
+                     "discriminator.adaptive_weight_max")
+        refuse_below(config, 1, "discriminator.n_layers", "discriminator.channels")
+        if d.enabled and config.data.resolution < discriminator_side(d):
+            raise ConfigError(f"discriminator.n_layers: a {d.n_layers}-layer PatchGAN takes images of at least "
+                              f"{discriminator_side(d)} pixels, data.resolution is {config.data.resolution}")
+
+    def active(self, step: int) -> bool:
+        """Whether the adversarial term reaches the generator at ``step``."""
+        d = self.config.discriminator
+        return step >= d.start + d.warmup_steps
+
+    def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor | None, dict]:
+        if not self.active(ctx.step):
+            return None, {}
+        d = self.config.discriminator
+        if ctx.discriminator is None or ctx.last_layer is None:
+            raise ValueError("the GAN term is active: pass the discriminator and the decoder's last layer")
+        g_loss = generator_adversarial_loss(ctx.discriminator(out.reconstruction), d.loss)
+        d_weight = d.weight * adaptive_weight(ctx.nll, g_loss, ctx.last_layer, d.adaptive_weight_max)
+        return d_weight * g_loss, {"train/loss/g": g_loss.item(), "train/d_weight": d_weight.item()}
+
+    def card_line(self) -> str:
+        d = self.config.discriminator
+        ramp = f", reaching the generator from step {d.start + d.warmup_steps}" if d.warmup_steps else ""
+        return (f"PatchGAN ({d.n_layers} layers, {d.norm} norm, {d.loss} loss) from step {d.start}{ramp}, "
+                f"weight {d.weight:g} × the adaptive weight (max {d.adaptive_weight_max:g})")

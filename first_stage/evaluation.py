@@ -1,21 +1,34 @@
-"""What the evaluation entry points share: loading VAEs and FID weights, data specs, the decoder-side
-latent measurement (non-locality) and reconstruction metrics."""
+"""The evaluation driver and what the evaluation entry points share: loading VAEs and FID weights,
+data specs, streaming images over processes (:func:`stream_images`), and the two measurements of
+``eval/latent_stats.py`` (:func:`latent_statistics`, with the decoder-side non-locality) and
+``eval/reconstruction.py`` (:func:`reconstruction`). The diffusability probe streams its images
+through the same driver (:mod:`first_stage.diffusability`).
+
+Every measurement takes the accelerator (never builds one), is called by every process, and returns
+its result on the main process (an empty dict on the others).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from tqdm.auto import tqdm
 
-from .config import Config, DataConfig, with_overrides
 from .checkpoint import load_vae
-from .data import available_images, describe
-from .model import cast
+from .config import Config, DataConfig, with_overrides
+from .data import DataError, available_images, calibration_batches, describe
+from .latent_norm import LatentNormalizer
+from .latent_stats import LatentStatistics, carried_and_implied
+from .model import cast, downsampling_factor
 
 
 def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> AutoencoderKL:
@@ -27,13 +40,39 @@ def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load)
 def evaluate_each(paths: list[str], device, measure: Callable[[AutoencoderKL, int], dict], bf16: bool = False,
                   **load) -> list[dict]:
     """Load each VAE in turn (:func:`evaluation_autoencoder`), run ``measure(vae, index)`` (index from 1)
-    and return the report entries: where it came from, the scale it carries, its results."""
+    and return the report entries: where it came from, the normalisation it carries, its results."""
     entries = []
     for index, path in enumerate(paths, 1):
         vae = evaluation_autoencoder(path, device, bf16, **load)
         entries.append({"path": str(path), "scaling_factor": vae.config.scaling_factor,
-                        "shift_factor": vae.config.shift_factor, "results": measure(vae, index)})
+                        "shift_factor": vae.config.shift_factor,
+                        "normalisation": LatentNormalizer.from_vae_config(vae.config).describe(),
+                        "results": measure(vae, index)})
     return entries
+
+
+def stream_images(accelerator, data: DataConfig, num_images: int, batch_size: int, seed: int,
+                  measure: Callable[[dict], list[tuple]]) -> tuple[list[tuple], list[str]]:
+    """The driver (k-diffusion's ``compute_features`` seam): this process's share of the ``num_images``
+    images of ``data`` picked by ``seed`` (:func:`first_stage.data.calibration_batches`), in batches of
+    ``batch_size``; each batch with an image goes to ``measure(batch)`` (``pixel_values`` on the
+    accelerator's device), which returns items whose first element is an image id. Returns, on every
+    process, every process's items in id order and the undecodable files. Every process must call it."""
+    items, skipped = [], []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = calibration_batches(data, num_images, batch_size, seed=seed, rank=rank, world_size=world)
+    with tqdm(total=math.ceil(num_images / world), unit="img", disable=not accelerator.is_local_main_process) as bar:
+        for batch in batches:
+            skipped += batch["skipped_names"]
+            bar.update(batch["pixel_values"].shape[0] + batch["skipped"])
+            if batch["pixel_values"].shape[0]:  # every image of a batch may be undecodable
+                items += measure({**batch, "pixel_values": batch["pixel_values"].to(accelerator.device)})
+    return sorted(gather_object(items), key=lambda item: item[0]), gather_object(skipped)
+
+
+def reduce_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over processes, on the CPU."""
+    return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
 
 
 def build_fid(path: str | None, device):
@@ -149,3 +188,95 @@ class WorstImages:
     def items(self) -> list[tuple[float, str, torch.Tensor, torch.Tensor]]:
         """(score, name, image, reconstruction), worst first."""
         return [(-s, name, x, r) for s, _, name, x, r in sorted(self.heap, reverse=True)]
+
+
+def encode_mean(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior mean, log-variance) of images (B, 3, H, W), each (B, C, h, w) float32."""
+    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean.float(), posterior.logvar.float()
+
+
+def _first_pass(vae: AutoencoderKL, stats: LatentStatistics, batch: dict) -> list[tuple]:
+    """The first pass of :func:`latent_statistics` over a batch; no items."""
+    stats.first_pass(*encode_mean(vae, batch["pixel_values"]))
+    return []
+
+
+def _second_pass(vae: AutoencoderKL, stats: LatentStatistics, seed: int, nonlocality_images: int, margin: int,
+                 batch: dict) -> list[tuple]:
+    """The second pass of :func:`latent_statistics` over a batch: (image id, file, peak share,
+    random share) of the images it perturbs."""
+    z, _ = encode_mean(vae, batch["pixel_values"])
+    stats.second_pass(z)
+    # Each image's random position is seeded by the image: the same test whatever the process count.
+    chosen = [i for i, image_id in enumerate(batch["ids"]) if image_id < nonlocality_images]
+    if not chosen:
+        return []
+    found = nonlocality(vae, z[chosen], stats.std.float(), [hash((seed, batch["ids"][i])) for i in chosen], margin)
+    return [(batch["ids"][i], batch["names"][i], p, r) for i, p, r in zip(chosen, found["peak"], found["random"])]
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKL, accelerator, data: DataConfig, num_images: int, batch_size: int,
+                      seed: int = 0, nonlocality_images: int = 16, margin: int = 1) -> dict:
+    """The statistics of :class:`first_stage.latent_stats.LatentStatistics` over ``num_images`` images
+    (two passes over the same images), the carried normalisation against the one they imply, and the
+    non-locality of the first ``nonlocality_images`` images of the pick (:func:`nonlocality`)."""
+    side = data.resolution // downsampling_factor(vae.config)
+    stats = LatentStatistics(vae.config.latent_channels, (side, side))
+    first = functools.partial(_first_pass, vae, stats)
+    _, skipped = stream_images(accelerator, data, num_images, batch_size, seed, first)
+    stats.finish_first_pass(functools.partial(reduce_sum, accelerator))
+    second = functools.partial(_second_pass, vae, stats, seed, nonlocality_images, margin)
+    perturbed, _ = stream_images(accelerator, data, num_images, batch_size, seed, second)
+    stats.combine(functools.partial(reduce_sum, accelerator), gather_object)
+    if not accelerator.is_main_process:
+        return {}
+    if not stats.peak_zhat:
+        raise DataError(f"no decodable image among the {num_images} picked of {describe(data)}")
+    result = stats.result()
+    result["scale"].update(carried_and_implied(LatentNormalizer.from_vae_config(vae.config), stats.moments))
+    peak, random = [p for _, _, p, _ in perturbed], [r for _, _, _, r in perturbed]
+    result["nonlocality"] = {"images": len(perturbed), "margin_cells": margin, "files": [f for _, f, _, _ in perturbed],
+                             "peak": peak, "random": random,
+                             "peak_median": float(torch.tensor(peak).median()) if peak else None,
+                             "random_median": float(torch.tensor(random).median()) if random else None}
+    result["skipped_files"] = skipped
+    return result
+
+
+def _reconstruct(vae: AutoencoderKL, lpips, fid, lowest: WorstImages, batch: dict) -> list[tuple]:
+    """The metrics of :func:`reconstruction` for a batch: (image id, file, PSNR, SSIM, LPIPS or None)
+    of each image; the worst kept, FID fed."""
+    x = batch["pixel_values"]
+    rec = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float()
+    metrics = reconstruction_metrics(x, rec, lpips)
+    lowest.add(metrics["psnr"], x, rec, batch["names"])
+    if fid is not None:
+        fid.update((x.float() + 1) / 2, real=True)
+        fid.update((rec.clamp(-1, 1) + 1) / 2, real=False)
+    scores = [metrics[k].tolist() if k in metrics else [None] * len(x) for k in ("psnr", "ssim", "lpips")]
+    return list(zip(batch["ids"], batch["names"], *scores))
+
+
+@torch.no_grad()
+def reconstruction(vae: AutoencoderKL, accelerator, data: DataConfig, num_images: int, batch_size: int, seed: int = 0,
+                   lpips=None, fid=None, worst: int = 8) -> tuple[dict, list[tuple]]:
+    """Per-image PSNR, SSIM and LPIPS (:func:`reconstruction_metrics`) of posterior-mean reconstructions,
+    summarised, with rFID when ``fid`` is given (a collective); and the ``worst`` images by PSNR as
+    (PSNR, file, image, reconstruction), worst first."""
+    lowest = WorstImages(worst)
+    measure = functools.partial(_reconstruct, vae, lpips, fid, lowest)
+    items, skipped = stream_images(accelerator, data, num_images, batch_size, seed, measure)
+    worst_items = sorted(gather_object(lowest.items()), key=lambda item: item[0])[:worst]
+    rfid = fid.compute().item() if fid is not None else None  # torchmetrics syncs its states across processes
+    if not accelerator.is_main_process:
+        return {}, []
+    if not items:
+        raise DataError(f"no decodable image among the {num_images} picked of {describe(data)}")
+    keys = ["psnr", "ssim"] + (["lpips"] if lpips is not None else [])
+    per_image = {"file": [item[1] for item in items],
+                 **{k: [item[2 + i] for item in items] for i, k in enumerate(("psnr", "ssim", "lpips")) if k in keys}}
+    result = {"images": len(items), **{k: summarize(per_image[k]) for k in keys}, "rfid": rfid,
+              "per_image": per_image, "skipped_files": skipped}
+    return result, worst_items

@@ -14,7 +14,7 @@ import datetime
 import functools
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +29,11 @@ from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
 from .config import Config, ExportConfig, config_hash, to_yaml
 from .convert import autoencoder_from_ldm, infer_autoencoder_config, read_weights, to_ldm_state_dict
+from .latent_norm import LatentNormalizer
 from .latent_stats import measure_latent_stats
 from .model import DTYPES, cast, count_parameters
 from .reports import model_card
+from .terms import card_lines
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 # Max abs difference allowed between the in-memory model and the files read back (same dtype).
@@ -59,8 +61,9 @@ class ExportOptions:
         return cls(**{**fields, **changes})
 
 
-SINGLE_FILE_OWN_LOADER = ("first_stage.checkpoint.load_vae (diffusers' from_single_file cannot load attention inside "
-                          "levels; latent-diffusion's AutoencoderKL with attn_resolutions at the latent resolution can)")
+SINGLE_FILE_OWN_LOADER = ("first_stage.checkpoint.load_vae (diffusers' from_single_file cannot load attention "
+                          "inside levels; latent-diffusion's AutoencoderKL with attn_resolutions at the latent "
+                          "resolution can)")
 
 
 def attention_in_levels(config) -> bool:
@@ -86,6 +89,9 @@ class ExportSource:
     logvar: float | None = None
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection's state dict
     evaluation: dict | None = None  # figures of eval/ reports for the model card
+    # What trained the weights, a model-card line per loss term (GeneratorLoss.card_lines, recorded by the
+    # run); None: derived from ``config`` when it is the training config, else not known (an import).
+    loss_terms: list[str] | None = None
 
 
 class ExportError(RuntimeError):
@@ -95,23 +101,6 @@ class ExportError(RuntimeError):
 def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an infinity."""
     return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-
-
-def scale_fields(stats: dict, latent_norm: str) -> dict:
-    """The ``AutoencoderKL`` config fields that carry the measured scale.
-
-    ``global``: ``scaling_factor = 1/std`` and ``shift_factor = mean``; SD 1.x/2.x pipelines read
-    the first (latents · s), SD3/FLUX pipelines both ((latents − shift) · s).
-    ``per_channel``: ``latents_mean``/``latents_std`` per channel with ``scaling_factor = 1``, for
-    pipelines that read them (SDXL's: (latents − mean_c) · s / std_c); SD 1.x pipelines ignore them.
-    """
-    if latent_norm == "global":
-        return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"],
-                "latents_mean": None, "latents_std": None}
-    if latent_norm == "per_channel":
-        return {"scaling_factor": 1.0, "shift_factor": None,
-                "latents_mean": stats["channel_mean"], "latents_std": stats["channel_std"]}
-    raise ValueError(f"latent_norm must be 'global' or 'per_channel', got {latent_norm!r}")
 
 
 def _record_nonfinite(found: dict, name: str, module: nn.Module, args, output) -> None:
@@ -179,15 +168,17 @@ def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) 
 
 
 def bundle_config(config: Config, out_dir: Path, logvar: float | None, has_discriminator: bool,
-                  has_projection: bool = False) -> Config:
+                  has_projection: bool = False, projection_bias: bool = False) -> Config:
     """The training config that continues from this export: the model and (when exported) the
-    discriminator and the alignment projection start from its files, the log-variance from its value."""
+    discriminator and the alignment projection (with a bias or not, as its file) start from its
+    files, the log-variance from its value."""
     out_dir = out_dir.resolve()
     disc, alignment = config.discriminator, config.alignment
     if has_discriminator:
         disc = dataclasses.replace(disc, init_from=str(out_dir / BUNDLE_DIR / "discriminator.safetensors"))
     if has_projection:
-        alignment = dataclasses.replace(alignment, projection_init=str(out_dir / BUNDLE_DIR / PROJECTION_FILE))
+        alignment = dataclasses.replace(alignment, projection_init=str(out_dir / BUNDLE_DIR / PROJECTION_FILE),
+                                        projection_bias=projection_bias)
     loss = config.loss if logvar is None else dataclasses.replace(config.loss, logvar_init=float(logvar))
     return dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(out_dir)),
                                loss=loss, discriminator=disc, alignment=alignment)
@@ -199,15 +190,14 @@ def export_autoencoder(
     calibration: Iterable[torch.Tensor],
     source: ExportSource,
     options: ExportOptions = ExportOptions(),
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    is_main: bool = True,
+    accelerator=None,
 ) -> dict | None:
     """Measure the latent scale, write and verify the export; returns the report (None off the main process).
 
-    Every process calls this with its own share of the calibration batches (and ``gather``, a sum
-    over processes); only the main process writes. Everything is written into a temporary folder
-    beside ``out_dir``, read back and compared, and only then renamed to ``out_dir``: a failed
-    export leaves nothing under the final name.
+    Every process calls this with its own share of the calibration batches and the ``accelerator``
+    (None for a single process), whose sum combines the measurements; only the main process writes.
+    Everything is written into a temporary folder beside ``out_dir``, read back and compared, and only
+    then renamed to ``out_dir``: a failed export leaves nothing under the final name.
     """
     out_dir = Path(out_dir)
     dtype = options.dtype
@@ -236,8 +226,8 @@ def export_autoencoder(
     # Latent scale, from every process's share of the calibration images.
     vae = vae.eval()
     check_images: list[torch.Tensor] = []  # the first few calibration images, for the checks below
-    stats = measure_latent_stats(vae, _keep_first(calibration, check_images), gather)
-    if not is_main:
+    stats = measure_latent_stats(vae, _keep_first(calibration, check_images), accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
         return None
     if not check_images:
         raise ValueError("export: the main process got no calibration image to verify the export with")
@@ -248,7 +238,9 @@ def export_autoencoder(
     bad = nonfinite_tensors(exported.state_dict())
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
-    scale = scale_fields(stats, options.latent_norm)
+    norm = LatentNormalizer.measured(options.latent_norm, stats["mean"], stats["std"], stats["channel_mean"],
+                                     stats["channel_std"])
+    scale = norm.config_entries()
     fp16 = fp16_overflow_check(vae, x)
     if fp16["overflow"]:
         verdict = (f"activations overflow (first in `{fp16['overflow'][0]}`, {len(fp16['overflow'])} modules): "
@@ -264,7 +256,8 @@ def export_autoencoder(
         "name": out_dir.resolve().name, "date": datetime.date.today().isoformat(), "source": source.source,
         "step": source.step, "weights": source.weights, "dtype": dtype, "latent_norm": options.latent_norm,
         "parameters": count_parameters(vae), "config_hash": hashed, "calibration": source.calibration,
-        "latent_stats": stats, "config_scale": scale,
+        "latent_stats": stats, "config_scale": scale, "normalisation": norm.describe(),
+        "loss_terms": source.loss_terms if source.loss_terms is not None or not hashed else card_lines(config),
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
@@ -290,7 +283,7 @@ def export_autoencoder(
             if source.projection is not None:  # never in the diffusers weights: it is a training-time head
                 _save(source.projection, tmp / BUNDLE_DIR / PROJECTION_FILE, metadata)
             bundle = bundle_config(config, out_dir, source.logvar, discriminator is not None,
-                                   source.projection is not None)
+                                   source.projection is not None, "bias" in (source.projection or {}))
             (tmp / BUNDLE_DIR / "config.yaml").write_text(to_yaml(bundle))
             report["bundle"] = sorted(p.name for p in (tmp / BUNDLE_DIR).iterdir())
 
@@ -300,9 +293,9 @@ def export_autoencoder(
         verification = {"images": x.shape[0], "tolerance": tolerance,
                         "diffusers": output_difference(exported, reloaded, x),
                         "cast_from_fp32": output_difference(vae, exported, x)}
-        for key in scale:
-            if reloaded.config[key] != exported.config[key]:
-                raise ExportError(f"config.json holds {key}={reloaded.config[key]!r}, expected {exported.config[key]!r}")
+        if LatentNormalizer.from_vae_config(reloaded.config) != norm:
+            raise ExportError(f"config.json reads as {LatentNormalizer.from_vae_config(reloaded.config)}, "
+                              f"expected {norm}")
         if single_path is not None:
             if attention_in_levels(exported.config):
                 # diffusers' from_single_file (0.3x-0.4x) reads no attention inside levels: it would
@@ -318,7 +311,8 @@ def export_autoencoder(
             else:
                 from_single = AutoencoderKL.from_single_file(str(tmp_single), config=str(tmp))
                 report["single_file_loader"] = "diffusers AutoencoderKL.from_single_file"
-            verification["single_file"] = output_difference(exported, cast(from_single, DTYPES[dtype]).to(vae.device), x)
+            from_single = cast(from_single, DTYPES[dtype]).to(vae.device)
+            verification["single_file"] = output_difference(exported, from_single, x)
         report["verification"] = verification
         failed = {k: v for k, v in verification.items() if k in ("diffusers", "single_file") and not v <= tolerance}
         if failed:

@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .latent_norm import LatentNormalizer, worst_ratio
 from .regularizers import gaussian_kl, kl_per_element
 
 LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance here
@@ -55,15 +56,14 @@ def latent_sums(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)), count], 1).cpu()
 
 
-def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
-                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor], accelerator=None) -> dict:
     """Mean and std of posterior samples ``z = μ + σ·ε`` over all images, globally and per channel.
 
     The moments of the samples are taken exactly over ε (E[z] = μ, E[z²] = μ² + σ²) instead of
     drawing ε, so the figure has no sampling noise and does not depend on how the images are split
     over batches or processes. ``scaling_factor = 1 / std`` is latent-diffusion's ``scale_by_std``
-    (there from one batch of samples). The sums stream in float64; ``gather`` (e.g. a sum over
-    processes) combines them, so every process must call this, even with no batch.
+    (there from one batch of samples). The sums stream in float64; the ``accelerator`` (None for one
+    process) sums them over processes, so every process must call this, even with no batch.
     """
     sums, images = None, 0
     for x in batches:
@@ -74,8 +74,9 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
         images += x.shape[0]
     if sums is None:
         sums = torch.zeros(vae.config.latent_channels, 4, dtype=torch.float64)
-    if gather is not None:
-        packed = gather(torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]).to(vae.device))
+    if accelerator is not None and accelerator.num_processes > 1:
+        packed = torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]).to(accelerator.device)
+        packed = accelerator.reduce(packed, "sum")
         sums, images = packed[:-1].cpu().view_as(sums), int(packed[-1].item())
     if images == 0:
         raise ValueError("measure_latent_stats: no calibration image could be read")
@@ -92,6 +93,17 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
         "channel_mean": moments["channel_mean"].tolist(),
         "channel_std": moments["channel_std_of_samples"].tolist(),
     }
+
+
+def carried_and_implied(carried: LatentNormalizer, moments: dict[str, torch.Tensor]) -> dict:
+    """The normalisation a VAE carries against the one of the same kind its measured posterior-sample
+    ``moments`` (:func:`posterior_moments`) imply: per channel, the carried
+    scale over the implied one, and the channel farthest from 1 (1 = calibrated)."""
+    implied = LatentNormalizer.measured(carried.kind, moments["mean"].item(), moments["std_of_samples"].item(),
+                                        moments["channel_mean"].tolist(), moments["channel_std_of_samples"].tolist())
+    ratios = carried.over(implied, len(moments["channel_mean"]))
+    return {"carried": carried.describe(), "implied": implied.describe(),
+            "channel_carried_over_implied": ratios.tolist(), "carried_over_implied": worst_ratio(ratios)}
 
 
 def latent_batch_stats(posterior: DiagonalGaussianDistribution, prefix: str = "val/latent") -> dict:

@@ -9,9 +9,9 @@ Generator (per image, in the ``"sum"`` reduction; see ``regularizers`` for ``"me
     d_weight = disc_weight * clamp(|grad_W nll| / (|grad_W g_loss| + 1e-4), 0, 1e4)
 
 with W the decoder's last convolution weight (the adaptive weight of taming-transformers). Under
-equivariance the pair (x, x̂) is the transformed target and the decoding of the transformed latent;
-the optional terms (alignment, scale equivariance) are in ``first_stage.alignment`` and
-``first_stage.equivariance``, their formulas in docs/training.md.
+equivariance the pair (x, x̂) is the transformed target and the decoding of the transformed latent.
+Every term after the NLL is a unit of ``first_stage.terms.TERMS`` (the KL/MMD regulariser, the
+X-regularisers, the GAN); their formulas are in their modules and docs/training.md.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import DiscriminatorConfig, EquivarianceConfig, LossConfig
-from .discriminator import discriminator_loss, generator_adversarial_loss
-from .model import AutoencoderOutput
-from .regularizers import KLRegularizer, MMDRegularizer, sum_reduce
+from .config import LossConfig
+from .discriminator import discriminator_loss
+from .loss_term import LossContext, LossTerm
+from .model import AutoencoderOutput, ForwardPlan
+from .regularizers import sum_reduce
 
 
 LPIPS_MIN_SIDE = 16  # VGG16's four 2x max-pools before relu5_3
@@ -38,42 +39,20 @@ def pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torc
     raise ValueError(f"loss.pixel_loss must be 'l1' or 'l2', got {kind!r}")
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
-    """Balance the GAN term against the NLL by their gradient norms at ``last_layer``, in fp32."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
-    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
-
-
 class GeneratorLoss(nn.Module):
-    """The autoencoder's loss: NLL (pixel + LPIPS, with log-variance), latent regulariser, and the
-    optional terms: alignment, scale equivariance, GAN.
+    """The autoencoder's loss: the NLL (pixel + LPIPS, with log-variance), then each of ``terms``
+    (``first_stage.terms.build_terms``: the latent regulariser, the X-regularisers, the GAN) in
+    registry order.
 
-    ``perceptual`` is a frozen LPIPS module, or None to train without the perceptual term;
-    ``alignment`` an :class:`~first_stage.alignment.AlignmentLoss`, or None.
+    ``perceptual`` is a frozen LPIPS module, or None to train without the perceptual term (the
+    model card then says so).
     """
 
-    def __init__(
-        self,
-        cfg: LossConfig,
-        regularizer: KLRegularizer | MMDRegularizer,
-        disc_cfg: DiscriminatorConfig,
-        perceptual: nn.Module | None = None,
-        alignment: nn.Module | None = None,
-        equivariance: EquivarianceConfig | None = None,
-    ):
+    def __init__(self, cfg: LossConfig, terms: list[LossTerm], perceptual: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.regularizer = regularizer
-        self.disc_cfg = disc_cfg
+        self.terms = nn.ModuleList(terms)
         self.perceptual = perceptual
-        self.alignment = alignment
-        self.equivariance = equivariance
-
-    def gan_active(self, step: int) -> bool:
-        """Whether the adversarial term reaches the generator at ``step``."""
-        return self.disc_cfg.enabled and step >= self.disc_cfg.start + self.disc_cfg.warmup_steps
 
     def reconstruction_loss(self, x: torch.Tensor, reconstruction: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -83,7 +62,8 @@ class GeneratorLoss(nn.Module):
         if self.perceptual is None or self.cfg.perceptual_weight == 0:
             return pixel, pixel, None
         if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
-            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIDE} pixels a side, got {tuple(x.shape[-2:])} "
+            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIDE} pixels a side, "
+                             f"got {tuple(x.shape[-2:])} "
                              "(raise data.resolution or equivariance.min_scale, or lower equivariance.scale_factors)")
         p = self.perceptual(x, reconstruction)  # (B,1,1,1), broadcast onto every pixel
         return pixel + self.cfg.perceptual_weight * p, pixel, p
@@ -95,47 +75,46 @@ class GeneratorLoss(nn.Module):
         discriminator: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
         encoder_last_layer: torch.Tensor | None = None,
+        plan: ForwardPlan | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """The total generator loss of one forward pass and its logs. ``discriminator`` must be
-        frozen by the caller; ``last_layer`` is needed once the GAN is on, ``encoder_last_layer``
-        for the adaptive alignment weight."""
-        x, reconstruction = out.target, out.reconstruction
-        rec, pixel, p = self.reconstruction_loss(x, reconstruction)
+        """The total generator loss of one forward pass (made under ``plan``) and its logs.
+        ``discriminator`` must be frozen by the caller; ``last_layer`` is needed once the GAN is on,
+        ``encoder_last_layer`` for the adaptive alignment weight."""
+        rec, pixel, p = self.reconstruction_loss(out.target, out.reconstruction)
         logs = {"train/loss/pixel": pixel.mean().item()}
         if p is not None:
             logs["train/loss/lpips"] = p.mean().item()
         logvar = out.logvar.float()
         nll = sum_reduce(rec / logvar.exp() + logvar, self.cfg.reduction)
-        reg, reg_logs = self.regularizer(out.posterior, step)
-        total = nll + reg
-        logs.update(reg_logs)
         logs.update({"train/loss/nll": nll.item(), "train/logvar": logvar.item()})
-
-        if self.alignment is not None:
-            align, align_logs = self.alignment(out.inputs, out.projected)
-            acfg = self.alignment.cfg
-            weight = acfg.weight
-            if acfg.adaptive:
-                if encoder_last_layer is None:
-                    raise ValueError("the adaptive alignment weight needs the encoder's last layer")
-                weight = weight * adaptive_weight(nll, align, encoder_last_layer, acfg.adaptive_weight_max)
-            total = total + weight * align
-            logs.update({**align_logs, "train/align_weight": float(weight)})
-        if out.scaled:
-            scale_terms = [sum_reduce(self.reconstruction_loss(xs, rs)[0], self.cfg.reduction) for xs, rs in out.scaled]
-            scale_loss = sum(scale_terms)
-            total = total + self.equivariance.scale_weight * scale_loss
-            logs["train/loss/scale_eq"] = scale_loss.item()
-
-        if self.gan_active(step):
-            if discriminator is None or last_layer is None:
-                raise ValueError("the GAN term is active: pass the discriminator and the decoder's last layer")
-            g_loss = generator_adversarial_loss(discriminator(reconstruction), self.disc_cfg.loss)
-            d_weight = self.disc_cfg.weight * adaptive_weight(nll, g_loss, last_layer, self.disc_cfg.adaptive_weight_max)
-            total = total + d_weight * g_loss
-            logs.update({"train/loss/g": g_loss.item(), "train/d_weight": d_weight.item()})
+        ctx = LossContext(step, nll, self, plan or ForwardPlan(), discriminator, last_layer, encoder_last_layer)
+        total = nll
+        for term in self.terms:
+            value, term_logs = term.loss(out, ctx)
+            if value is not None:
+                total = total + value
+            logs.update(term_logs)
         logs["train/loss/total"] = total.item()
         return total, logs
+
+    def card_lines(self) -> list[str]:
+        """What trained the weights, a line per term with its weight, for the model card."""
+        return [reconstruction_card_line(self.cfg, self.perceptual is not None)] + [t.card_line() for t in self.terms]
+
+
+def reconstruction_card_line(cfg: LossConfig, perceptual: bool | None) -> str:
+    """The model card's line for the NLL; ``perceptual``: whether LPIPS loaded (None: not recorded)."""
+    if cfg.perceptual_weight == 0:
+        base = f"{cfg.pixel_loss} (no LPIPS: loss.perceptual_weight is 0)"
+    elif perceptual is False:
+        base = (f"{cfg.pixel_loss} only: the {cfg.perceptual_weight:g} × LPIPS term was SKIPPED (no VGG16 weights; "
+                "loss.lpips_missing: warn)")
+    else:
+        base = f"{cfg.pixel_loss} + {cfg.perceptual_weight:g} × LPIPS"
+        if perceptual is None and cfg.lpips_missing == "warn":
+            base += " as configured (loss.lpips_missing: warn; whether the weights were found is not recorded)"
+    logvar = "learned" if cfg.learn_logvar else "fixed"
+    return f"reconstruction: {base}, {cfg.reduction} reduction, log-variance {logvar} (initial {cfg.logvar_init:g})"
 
 
 def discriminator_step_loss(

@@ -98,20 +98,22 @@ def count_parameters(module: nn.Module) -> int:
 
 @dataclass
 class ForwardPlan:
-    """What one forward pass does besides encode, sample, decode (first_stage.equivariance)."""
+    """What one forward pass does besides encode, sample, decode; each loss term fills in its part
+    (``LossTerm.plan``; the fields' operators are in first_stage.equivariance)."""
 
     transform: LatentTransform | None = None  # EQ-VAE: decode T(z) against the target T(x)
-    lowres: bool = False  # prior preservation: encode and reconstruct the image downsampled 2x
+    lowres: LatentTransform | None = None  # prior preservation: encode and reconstruct lowres.image(x)
     decoder_noise: torch.Tensor | None = None  # (B,C,S,S) ε for the decoder's input, cropped to the latent
     noise_levels: torch.Tensor | None = None  # (B,) u·tau per image (0: clean)
     reference_std: float | None = None  # latent_noise.reference_std
     scale_factors: tuple[int, ...] = ()  # 2502.14831: also decode down_s(z) for each s
+    antialias: bool = False  # equivariance.antialias, for the scale term's resizes
 
 
 class AutoencoderOutput(NamedTuple):
     """One forward pass. ``target`` is what ``reconstruction`` should equal: the input, or its
-    transform under ``plan.transform``; ``inputs`` is what the encoder saw (the image, or its 2x
-    downsampled version under ``plan.lowres``)."""
+    transform under ``plan.transform``; ``inputs`` is what the encoder saw (the image, or its
+    low-resolution version under ``plan.lowres``)."""
 
     reconstruction: torch.Tensor  # (B,3,H',W')
     posterior: DiagonalGaussianDistribution  # over (B,C,h,w)
@@ -145,16 +147,16 @@ class AutoencoderWrapper(nn.Module):
         """(B,3,H,W) images in [-1,1] → :class:`AutoencoderOutput`.
 
         The latent is ``mean + std * noise``; ``noise`` (B,C,h,w) defaults to fresh N(0, I) draws
-        (under ``plan.lowres`` its top-left (h/2, w/2) corner is used).
+        (under ``plan.lowres`` its top-left corner the size of the smaller latent is used).
         """
         plan = plan or ForwardPlan()
-        if plan.lowres:
-            x = resize(x, (x.shape[-2] // 2, x.shape[-1] // 2))
+        if plan.lowres is not None:
+            x = plan.lowres.image(x, self.factor)
         posterior = self.vae.encode(x).latent_dist
         if noise is None:
             z = posterior.sample()
         else:
-            noise = noise[..., :posterior.mean.shape[-2], :posterior.mean.shape[-1]] if plan.lowres else noise
+            noise = noise[..., :posterior.mean.shape[-2], :posterior.mean.shape[-1]]  # smaller under plan.lowres
             z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         z_decoded, target = z, x
         if plan.transform is not None:
@@ -166,8 +168,10 @@ class AutoencoderWrapper(nn.Module):
         for s in plan.scale_factors:
             side = (z.shape[-2] // s, z.shape[-1] // s)
             if min(side) < 1:
-                raise ValueError(f"equivariance.scale_factors: a {tuple(z.shape[-2:])} latent cannot be downsampled {s}x")
-            scaled.append((resize(x, (side[0] * self.factor, side[1] * self.factor)), self.vae.decode(resize(z, side)).sample))
+                raise ValueError(f"equivariance.scale_factors: a {tuple(z.shape[-2:])} latent cannot be "
+                                 f"downsampled {s}x")
+            x_scaled = resize(x, (side[0] * self.factor, side[1] * self.factor), plan.antialias)
+            scaled.append((x_scaled, self.vae.decode(resize(z, side, plan.antialias)).sample))
         projected = self.projection(z) if self.projection is not None else None
         return AutoencoderOutput(reconstruction, posterior, self.logvar, target, x, z, projected, tuple(scaled))
 

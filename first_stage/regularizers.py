@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .config import RegularizerConfig
+from .config import Config, ConfigError, RegularizerConfig
+from .loss_term import LossContext, LossTerm, refuse_below
 
 
 # WAE's inverse multiquadratic kernel scales: c = 2·C·s, where 2·C = E|x - y|² for x, y ~ N(0, I_C).
@@ -121,8 +122,6 @@ class MMDRegularizer:
     """
 
     def __init__(self, cfg: RegularizerConfig, reduction: str = "sum"):
-        if cfg.mmd_samples < 2:
-            raise ValueError(f"regularizer.mmd_samples must be at least 2 (a U-statistic), got {cfg.mmd_samples}")
         self.cfg = cfg
         self.reduction = reduction
 
@@ -150,3 +149,37 @@ REGULARIZERS = {"kl": KLRegularizer, "mmd": MMDRegularizer}
 def build_regularizer(cfg: RegularizerConfig, reduction: str = "sum") -> KLRegularizer | MMDRegularizer:
     """The regulariser that ``cfg.kind`` names, in the loss's ``reduction``."""
     return REGULARIZERS[cfg.kind](cfg, reduction)
+
+
+class RegularizerTerm(LossTerm):
+    """The latent regulariser of ``regularizer.kind`` (KL or MMD), always on (a weight of 0 is
+    still logged)."""
+
+    name, section = "regularizer", "regularizer"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.regularizer = build_regularizer(config.regularizer, config.loss.reduction)
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        r = config.regularizer
+        refuse_below(config, 0, "regularizer.kl_weight", "regularizer.mmd_weight", "regularizer.free_bits",
+                     "regularizer.warmup_steps")
+        if r.kind == "mmd" and r.mmd_samples < 2:
+            raise ConfigError(f"regularizer.mmd_samples must be at least 2 (a U-statistic), got {r.mmd_samples}")
+
+    def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor, dict]:
+        return self.regularizer(out.posterior, ctx.step)
+
+    def card_line(self) -> str:
+        r = self.config.regularizer
+        schedule = f", linear warm-up over {r.warmup_steps} steps" if r.schedule == "linear" and r.warmup_steps else ""
+        if r.kind == "mmd":
+            return f"MMD² to N(0, I) on the aggregate posterior (WAE), weight {r.mmd_weight:g}{schedule}"
+        floor = f", free bits {r.free_bits:g} nat per element and channel" if r.free_bits > 0 else ""
+        return f"KL to N(0, I), weight {r.kl_weight:g} ({self.config.loss.reduction} reduction){floor}{schedule}"

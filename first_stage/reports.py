@@ -8,23 +8,23 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+# Figures are made without pyplot, so importing this module (the trainer, the export) leaves a
+# notebook's plotting backend alone; savefig renders PNGs with Agg whatever the backend.
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.ticker  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from . import __version__  # noqa: E402
-from .checkpoint import BUNDLE_DIR  # noqa: E402
-from .config import Config, DataConfig  # noqa: E402
-from .data import describe, preprocessing  # noqa: E402
-from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance  # noqa: E402
-from .model import downsampling_factor  # noqa: E402
+from . import __version__
+from .checkpoint import BUNDLE_DIR
+from .config import Config, DataConfig
+from .data import describe, preprocessing
+from .latent_norm import LatentNormalizer
+from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
+from .model import downsampling_factor
 
 SCHEMA_VERSION = 2  # 2: preprocessing, images_asked, images_available, skipped_files
 
@@ -42,11 +42,13 @@ _LATENT_RESULTS = {
     "properties": {
         "images": {"type": "integer", "minimum": 1},
         "scale": {"type": "object", "required": ["std_of_means", "std_of_samples", "implied_scaling_factor",
-                                                 "carried_over_implied", "channel_std"]},
+                                                 "carried", "implied", "carried_over_implied",
+                                                 "channel_carried_over_implied", "channel_std"]},
         "tails": {"type": "object", "required": ["p_abs_gt_3", "p_abs_gt_4", "p_abs_gt_6", "gaussian",
                                                  "channel_excess_kurtosis"]},
         "peaks": {"type": "object", "required": ["median", "p99", "gaussian"]},
-        "spots": {"type": "object", "required": ["concentration_median", "modal_peak_position", "peak_position_counts"]},
+        "spots": {"type": "object", "required": ["concentration_median", "modal_peak_position",
+                                                 "peak_position_counts"]},
         "posterior": {"type": "object", "required": ["fraction_at_clamp", "channel_kl", "active_units",
                                                      "logvar_histogram"]},
         "spectrum": {"type": "object", "required": ["high_band_share"]},
@@ -68,7 +70,8 @@ _DIFFUSABILITY_RESULTS = {
         "held_out_loss": {"type": "object", "required": ["timesteps", "per_timestep", "mean", "gaussian_reference",
                                                          "gaussian_reference_mean"]},
         "curve": {"type": "array", "items": {"type": "object", "required": ["step", "mean", "per_timestep"]}},
-        "samples": {"type": "object", "required": ["file", "count", "std", "p_abs_gt_4", "real_std", "real_p_abs_gt_4"]},
+        "samples": {"type": "object", "required": ["file", "count", "std", "p_abs_gt_4", "real_std",
+                                                   "real_p_abs_gt_4"]},
         "cost": {"type": "object", "required": ["steps_per_s", "train_seconds", "encode_seconds", "wall_seconds"]},
     },
 }
@@ -143,7 +146,8 @@ def markdown_table(rows: list[tuple[str, list, object]], names: list[str], refer
     """``rows`` of (label, one value per VAE, reference value or None)."""
     lines = ["| statistic | " + " | ".join(names) + f" | {reference} |",
              "|---" * (len(names) + 2) + "|"]
-    lines += [f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ref)} |" for label, values, ref in rows]
+    lines += [f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ref)} |"
+              for label, values, ref in rows]
     return "\n".join(lines)
 
 
@@ -157,7 +161,8 @@ def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
         ("std of posterior samples", [x["scale"]["std_of_samples"] for x in r], 1.0),
         ("implied scaling_factor (1/std)", [x["scale"]["implied_scaling_factor"] for x in r], None),
         ("carried scaling_factor", [v["scaling_factor"] for v in vaes], None),
-        ("carried / implied (1 = calibrated)", [x["scale"]["carried_over_implied"] for x in r], 1.0),
+        # The carried normaliser's scale over the one these images imply, per channel for a per-channel one.
+        ("carried / implied, worst channel (1 = calibrated)", [x["scale"]["carried_over_implied"] for x in r], 1.0),
         ("channel std max/min", [x["scale"]["channel_std_ratio_max_min"] for x in r], 1.0),
         ("P(\\|ẑ\\| > 3)", [x["tails"]["p_abs_gt_3"] for x in r], g["p_abs_gt_3"]),
         ("P(\\|ẑ\\| > 4)", [x["tails"]["p_abs_gt_4"] for x in r], g["p_abs_gt_4"]),
@@ -217,11 +222,17 @@ def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     return rows
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True):
+    """A figure and its axes (as ``pyplot.subplots`` makes them) outside pyplot's figure manager."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
+
+
 def diffusability_plots(vaes: list[dict], out: Path) -> list[Path]:
     """The held-out loss during training (mean over t) and at the end per timestep, against each
     VAE's Gaussian reference (dashed); several VAEs overlaid."""
     names, results = _label(vaes), [v["results"] for v in vaes]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _subplots(1, 2, figsize=(11, 4))
     for i, (name, x) in enumerate(zip(names, results)):
         colour = f"C{i}"
         steps = [c["step"] for c in x["curve"]]
@@ -240,7 +251,6 @@ def diffusability_plots(vaes: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     path = out / "diffusability_loss.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return [path]
 
 
@@ -267,7 +277,7 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     channels = min(max(x["latent_shape"][0] for x in results), 16)
     cols = min(channels + 1, 4)
     rows = math.ceil((channels + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     grid = np.linspace(0, 12, 400)
     gaussian = np.array([math.erfc(k / math.sqrt(2)) for k in grid])
     for panel, ax in enumerate(list(axes.flat)[:channels + 1]):
@@ -290,13 +300,12 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "zhat_tails.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
     # Energy peaks: the share of images whose peak falls on each latent cell, the modal cell
     # circled, against the modal share chance alone would give.
     cols = min(len(results), 4)
     rows = math.ceil(len(results) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
     for ax in list(axes.flat)[len(results):]:
         ax.axis("off")
     for ax, name, x in zip(axes.flat, names, results):
@@ -318,9 +327,8 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "peak_positions.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     for name, x in zip(names, results):
         counts = np.array(x["posterior"]["logvar_histogram"])
         edges = np.linspace(*x["posterior"]["logvar_range"], len(counts) + 1)
@@ -333,9 +341,8 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "logvar_histogram.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = _subplots(1, 2, figsize=(10, 3.5))
     width = 0.8 / len(results)
     for i, (name, x) in enumerate(zip(names, results)):
         for ax, values in zip(axes, (x["scale"]["channel_std"], x["posterior"]["channel_kl"])):
@@ -349,7 +356,6 @@ def latent_plots(vaes: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "channel_std_kl.png")
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
     return paths
 
 
@@ -381,7 +387,8 @@ def evaluation_summary(reports: list[dict]) -> dict | None:
         else:
             out[f"std of latent samples, {where}"] = r["scale"]["std_of_samples"]
             out[f"P(abs(ẑ) > 4) (Gaussian {GAUSSIAN_TAIL[4]:.2g}), {where}"] = r["tails"]["p_abs_gt_4"]
-            out[f"median per-image peak abs(ẑ) (Gaussian {r['peaks']['gaussian']['median']:.2f}), {where}"] = r["peaks"]["median"]
+            gaussian_peak = r["peaks"]["gaussian"]["median"]
+            out[f"median per-image peak abs(ẑ) (Gaussian {gaussian_peak:.2f}), {where}"] = r["peaks"]["median"]
             out[f"log-variances at the {LOGVAR_CLAMP[0]:g} clamp, {where}"] = r["posterior"]["fraction_at_clamp"]
     return out or None
 
@@ -403,6 +410,7 @@ def save_rows(rows: list[torch.Tensor], path: Path) -> np.ndarray:
 def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluation: dict | None) -> str:
     """``README.md`` of the export folder."""
     c, stats, scale = vae.config, report["latent_stats"], report["config_scale"]
+    verification = report["verification"]
     down = downsampling_factor(c)
     lines = [
         f"# {report['name']}: a KL autoencoder for latent diffusion",
@@ -412,7 +420,8 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         "",
         "## Architecture",
         "",
-        "| downsampling | latent channels | block_out_channels | layers_per_block | quant convs | mid attention | GroupNorm groups | parameters |",
+        "| downsampling | latent channels | block_out_channels | layers_per_block | quant convs | mid attention "
+        "| GroupNorm groups | parameters |",
         "|---|---|---|---|---|---|---|---|",
         f"| f{down} | {c.latent_channels} | {list(c.block_out_channels)} | {c.layers_per_block} | "
         f"{'yes' if c.use_quant_conv else 'no'} | {'yes' if c.mid_block_add_attention else 'no'} | "
@@ -422,17 +431,17 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         "",
     ]
     if config is not None:
-        d, r = config.data, config.regularizer
-        penalty = f"KL weight {r.kl_weight:g}, free bits {r.free_bits:g}" if r.kind == "kl" else f"MMD weight {r.mmd_weight:g}"
+        d, t = config.data, config.train
+        terms = report.get("loss_terms")
+        trained = [f"  - {line}" for line in terms] if terms else ["  - not recorded (weights not trained by this run)"]
         lines += [
             "## Training",
             "",
             f"- data: `{d.source}` {d.path or ''} (split `{d.split}`), {d.resolution}² crops",
-            f"- steps: {report['step']}, batch {config.train.batch_size} × accumulation {config.train.grad_accum} per process, "
-            f"mixed precision `{config.train.mixed_precision}`",
-            f"- loss: {config.loss.pixel_loss} + {config.loss.perceptual_weight} × LPIPS, {penalty} "
-            f"({config.loss.reduction} reduction, {r.schedule} schedule), "
-            + (f"PatchGAN from step {config.discriminator.start}" if config.discriminator.enabled else "no discriminator"),
+            f"- steps: {report['step']}, batch {t.batch_size} × accumulation {t.grad_accum} per process, "
+            f"mixed precision `{t.mixed_precision}`",
+            "- loss, every term that trained these weights:",
+            *trained,
             f"- config hash `{report['config_hash']}` (the full config is `{BUNDLE_DIR}/config.yaml`)",
             "",
         ]
@@ -444,33 +453,35 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         "",
         "| scaling_factor = 1/std | shift_factor = mean | std | std of posterior means |",
         "|---|---|---|---|",
-        f"| {stats['scaling_factor']:.5f} | {stats['shift_factor']:.5f} | {stats['std']:.5f} | {stats['std_of_means']:.5f} |",
+        f"| {stats['scaling_factor']:.5f} | {stats['shift_factor']:.5f} | {stats['std']:.5f} "
+        f"| {stats['std_of_means']:.5f} |",
         "",
         "Per channel: mean " + ", ".join(f"{v:.3f}" for v in stats["channel_mean"])
         + "; std " + ", ".join(f"{v:.3f}" for v in stats["channel_std"]) + ".",
         "",
         f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
-        + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}" for k, v in scale.items()) + ".",
-        "SD 1.x/2.x pipelines decode `latents / scaling_factor`; SD3/FLUX pipelines `latents / scaling_factor + shift_factor`;",
-        "the SDXL pipeline, when `latents_mean`/`latents_std` are set, `latents * latents_std / scaling_factor + latents_mean`.",
+        + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
+                    for k, v in scale.items()) + ".",
+        f"How pipelines read it: {LatentNormalizer.from_vae_config(vae.config).describe()}; they decode the inverse.",
         "",
         "## fp16",
         "",
-        f"Calibration batch in fp16: {report['fp16']['verdict']} `force_upcast` = {str(vae.config.force_upcast).lower()}.",
+        f"Calibration batch in fp16: {report['fp16']['verdict']} "
+        f"`force_upcast` = {str(vae.config.force_upcast).lower()}.",
         "",
         "## Verification",
         "",
-        f"Read back from disk and compared with the model in memory on {report['verification']['images']} calibration images "
-        f"(latents and reconstructions, max abs difference): diffusers folder {report['verification']['diffusers']:.3g}"
-        + (f", single file {report['verification']['single_file']:.3g}" if "single_file" in report["verification"] else "")
-        + f" (tolerance {report['verification']['tolerance']:g}).",
+        f"Read back from disk and compared with the model in memory on {verification['images']} calibration images "
+        f"(latents and reconstructions, max abs difference): diffusers folder {verification['diffusers']:.3g}"
+        + (f", single file {verification['single_file']:.3g}" if "single_file" in verification else "")
+        + f" (tolerance {verification['tolerance']:g}).",
         "",
         "## Evaluation",
         "",
     ]
     if evaluation:
-        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                                                     for k, v in evaluation.items()]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.items()]
     else:
         lines += ["Not evaluated at export time."]
     single = report.get("single_file")
@@ -500,7 +511,8 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
             "resolved training config pointing at this folder:",
             "",
             "```bash",
-            f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune --set train.max_steps=...",
+            f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune "
+            "--set train.max_steps=...",
             "```",
             "",
         ]

@@ -33,20 +33,19 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from .checkpoint import (TRAINER_STATES, TRAINING_STATE, build_autoencoder, check_checkpoint, read_state,
-                         trainer_state_file)
-from .alignment import AlignmentLoss, build_projection, check_alignment, load_foundation_model
-from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig
-from .discriminator import build_discriminator, load_discriminator
+from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
+                         build_autoencoder, check_architecture, check_checkpoint, read_state, trainer_state_file)
+from .config import Config, LossConfig, OptimizerConfig, TrainConfig, to_yaml
+from .discriminator import build_discriminator, discriminator_side, load_discriminator
 from .latent_stats import latent_batch_stats
-from .equivariance import check_equivariance, check_latent_noise, decoder_noise, draw_transform
+from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import DTYPES, AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
+from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
-from .regularizers import build_regularizer
 from .reports import save_grid
+from .terms import build_terms, check_config, shapes_vary
 
 
 def accelerator_options(cfg: TrainConfig) -> dict:
@@ -55,7 +54,8 @@ def accelerator_options(cfg: TrainConfig) -> dict:
         "mixed_precision": cfg.mixed_precision,
         # sync_with_dataloader=False: accumulation windows run across epoch ends, so one optimiser
         # step is always exactly grad_accum batches and the data position is step * grad_accum.
-        "gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
+        "gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=cfg.grad_accum,
+                                                                   sync_with_dataloader=False),
         # The shuffle order of epoch e depends on (seed, e) only, so a resumed run sees the same order.
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     }
@@ -155,79 +155,48 @@ def build_perceptual(cfg: LossConfig, accelerator) -> nn.Module | None:
         return None
 
 
-def build_alignment(config: Config, vae, accelerator) -> tuple[AlignmentLoss | None, nn.Module | None]:
-    """The frozen vision model's alignment loss and the trained projection, or (None, None)."""
-    acfg = config.alignment
-    if not acfg.enabled:
-        return None, None
-    if config.model.trainable != "all":
-        raise ConfigError("alignment.enabled needs model.trainable: all (it trains the encoder's latents)")
-    check_alignment(acfg)
-    autocast = DTYPES.get(config.train.mixed_precision)  # None for "no"
-    features = load_foundation_model(acfg.model, acfg.grid, autocast).to(accelerator.device)
-    projection = build_projection(vae.config.latent_channels, features.dim, acfg.projection_init)
-    return AlignmentLoss(acfg, features), projection.to(accelerator.device)
-
-
-def shapes_vary(config: Config) -> bool:
-    """Whether the decoder, LPIPS and the discriminator see images of changing sizes (EQ-VAE's
-    transformed and low-resolution steps; the scale-equivariance decodes have fixed sizes)."""
-    ecfg = config.equivariance
-    return ecfg.enabled and (ecfg.probability > 0 or ecfg.lowres_probability > 0)
-
-
 def compile_step(config: Config, vae, perceptual: nn.Module | None, discriminator: nn.Module | None) -> None:
     """``torch.compile`` the step's networks in place: encoder, decoder, LPIPS, discriminator (static
-    shapes, or automatic dynamic ones where :func:`shapes_vary`)."""
-    compile_in_place(compiled_parts(vae) + [perceptual, discriminator], config.performance, static=not shapes_vary(config))
+    shapes, or automatic dynamic ones where a term makes sizes vary)."""
+    compile_in_place(compiled_parts(vae) + [perceptual, discriminator], config.performance,
+                     static=not shapes_vary(config))
 
 
-def check_regularizers(config: Config, perceptual: bool, factor: int) -> None:
-    """Refuse equivariance and latent-noise settings out of range, and image sizes the terms would
-    shrink below what LPIPS (16 pixels) or the discriminator (3·2^n_layers) takes, before the
-    first step."""
-    ecfg, dcfg, res = config.equivariance, config.discriminator, config.data.resolution
-    if config.latent_noise.enabled:
-        check_latent_noise(config.latent_noise)
-    if not ecfg.enabled:
-        return
-    check_equivariance(ecfg)
-    lpips = LPIPS_MIN_SIDE if perceptual and config.loss.perceptual_weight > 0 else 1
-    gan = 3 * 2 ** dcfg.n_layers if dcfg.enabled else 1
-    sides = []  # (key, smallest image side it makes, smallest side its consumers take)
-    if ecfg.probability > 0:
-        sides.append(("equivariance.min_scale", max(1, round(res // factor * ecfg.min_scale)) * factor, max(lpips, gan)))
-    if ecfg.lowres_probability > 0:
-        if res % (2 * factor):  # the half-size image must be whole latent cells, or its reconstruction is smaller
-            raise ConfigError(f"equivariance.lowres_probability: data.resolution={res} must be a multiple of "
-                              f"{2 * factor} (twice the downsampling factor) for the half-resolution steps")
-        sides.append(("equivariance.lowres_probability", res // 2, max(lpips, gan, factor)))
-    if ecfg.scale_weight > 0:
-        lowest = res // 2 if ecfg.lowres_probability > 0 else res  # the scale term also runs on half-size steps
-        sides.append(("equivariance.scale_factors", lowest // factor // max(ecfg.scale_factors) * factor, max(lpips, factor)))
-    takes = ", ".join([f"LPIPS {lpips}"] * (lpips > 1) + [f"the discriminator {gan}"] * (gan > 1) +
-                      [f"the latent grid {factor}"])
-    for key, side, needed in sides:
-        if side < needed:
-            raise ConfigError(f"{key}: at data.resolution={res} it makes {side}-pixel images; the smallest sides taken "
-                              f"are: {takes} (raise data.resolution or change {key})")
+def check_sizes(config: Config, perceptual: bool, factor: int) -> None:
+    """Every term's size checks, before the first step: the images a term makes must be at least what
+    LPIPS (when ``perceptual`` loaded), the discriminator and the latent grid (``factor``) take."""
+    dcfg = config.discriminator
+    lpips_on = perceptual and config.loss.perceptual_weight > 0
+    sizes = BuiltSizes(factor=factor, lpips_side=LPIPS_MIN_SIDE if lpips_on else 1,
+                       discriminator_side=discriminator_side(dcfg) if dcfg.enabled else 1)
+    for term in build_terms(config):
+        term.check_sizes(sizes)
+
+
+def build_loss(config: Config, vae, accelerator) -> tuple[GeneratorLoss, list[nn.Module]]:
+    """The generator loss with the run's terms (``first_stage.terms``) built and their size checks
+    passed, and the trained modules the terms add to the forward pass (the alignment projection)."""
+    perceptual = build_perceptual(config.loss, accelerator)
+    check_sizes(config, perceptual is not None, downsampling_factor(vae.config))
+    terms = build_terms(config)
+    modules = [term.build(vae, accelerator.device) for term in terms]
+    return GeneratorLoss(config.loss, terms, perceptual), [m for m in modules if m is not None]
 
 
 def build_parts(config: Config, accelerator) -> TrainingParts:
     """The autoencoder (in its wrapper), EMA, loss, discriminator and optimisers, with the
     performance switches applied, prepared by ``accelerator``."""
     pcfg, tcfg, dcfg, ocfg = config.performance, config.train, config.discriminator, config.optimizer
+    check_config(config)  # done at load too; a config built in code is checked here
     set_tf32(pcfg.tf32)
     vae = build_autoencoder(config.model)
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
-    alignment, projection = build_alignment(config, vae, accelerator)
-    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, projection)
+    loss_fn, trained = build_loss(config, vae, accelerator)
+    perceptual = loss_fn.perceptual
+    # The one trained module a term adds today is the alignment projection.
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, *trained)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
-    perceptual = build_perceptual(config.loss, accelerator)
-    check_regularizers(config, perceptual is not None, downsampling_factor(vae.config))
-    loss_fn = GeneratorLoss(config.loss, build_regularizer(config.regularizer, config.loss.reduction),
-                            config.discriminator, perceptual, alignment, config.equivariance)
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
     if discriminator is not None and dcfg.init_from is not None:
         load_discriminator(discriminator, dcfg.init_from)
@@ -235,7 +204,8 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
         if accelerator.device.type == "cuda":
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         else:  # torch's SyncBatchNorm runs on GPUs only
-            accelerator.print("note: BatchNorm statistics of the discriminator are per process (no SyncBatchNorm off GPU)")
+            accelerator.print("note: BatchNorm statistics of the discriminator are per process "
+                              "(no SyncBatchNorm off GPU)")
     set_memory_format([model, perceptual, discriminator], pcfg)
     if pcfg.compile:
         compile_step(config, vae, perceptual, discriminator)
@@ -269,6 +239,13 @@ def note_layout(accelerator, state: TrainingState) -> None:
     state.threads, state.world_size = now["threads"], now["world_size"]
 
 
+def run_files(config: Config, parts: TrainingParts) -> dict[str, str]:
+    """The text files every checkpoint of the run holds beside its state: the resolved config, the
+    autoencoder's config, and what trains the weights (the model card's lines, LPIPS skipped or not)."""
+    return {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
+            LOSS_TERMS: json.dumps(parts.loss_fn.card_lines(), indent=1, ensure_ascii=False)}
+
+
 def trainer_states(parts: TrainingParts) -> dict[str, object]:
     """The state a checkpoint holds beside Accelerate's (file name → object with ``state_dict``):
     ``first_stage.checkpoint.save_checkpoint`` writes it, :func:`restore` reads it back."""
@@ -277,9 +254,11 @@ def trainer_states(parts: TrainingParts) -> dict[str, object]:
 
 def restore(accelerator, parts: TrainingParts, path: Path) -> TrainingState:
     """Resume from checkpoint folder ``path``: every file is checked first (nothing restored from a
-    folder with a corrupt file or a pickle that would run code), then Accelerate's state (models,
-    optimiser, RNG) and the trainer's own. Returns the run's counters."""
+    folder with a corrupt file, a pickle that would run code, or weights of another architecture),
+    then Accelerate's state (models, optimiser, RNG) and the trainer's own. Returns the run's counters."""
     check_checkpoint(path)
+    models = [parts.raw_model] + ([parts.raw_discriminator] if parts.raw_discriminator is not None else [])
+    check_architecture(path, json.loads(parts.raw_model.vae.to_json_string()), models)
     legacy = sorted(path.glob("custom_checkpoint_*.pkl"))  # first-stage 0.1: Accelerate would unpickle them
     with tempfile.TemporaryDirectory() as view:
         if legacy:  # Accelerate refuses a folder with more custom_checkpoint files than registered objects
@@ -308,19 +287,13 @@ def first_image(micro: int, accelerator, batch: int) -> int:
     return (micro * accelerator.num_processes + accelerator.process_index) * batch
 
 
-def forward_plan(config: Config, accelerator, step: int, micro: int, n: int, latent_shape) -> ForwardPlan:
-    """What this step's forward passes do besides encode, sample, decode: EQ-VAE's transform (the
-    same on every process and micro-batch of the step), the scale-equivariance decodes, and the
-    decoder noise of this process's ``n`` images (per image, like :func:`posterior_noise`)."""
-    ecfg, ncfg = config.equivariance, config.latent_noise
-    transform, lowres = draw_transform(ecfg, config.train.seed, step)
-    plan = ForwardPlan(transform=transform, lowres=lowres,
-                       scale_factors=ecfg.scale_factors if ecfg.enabled and ecfg.scale_weight > 0 else ())
-    if ncfg.enabled:
-        first = first_image(micro, accelerator, config.train.batch_size)
-        plan.decoder_noise, plan.noise_levels = decoder_noise(ncfg, config.train.seed, step, first, n, latent_shape,
-                                                              accelerator.device)
-        plan.reference_std = ncfg.reference_std
+def forward_plan(parts: TrainingParts, draw: StepDraw) -> ForwardPlan:
+    """What this micro-batch's forward pass does besides encode, sample, decode: each term's part
+    (EQ-VAE's transform, the same on every process and micro-batch of the step; the
+    scale-equivariance decodes; the decoder noise of this process's images, per image)."""
+    plan = ForwardPlan()
+    for term in parts.loss_fn.terms:
+        term.plan(plan, draw)
     return plan
 
 
@@ -351,11 +324,7 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     x = to_memory_format(x, config.performance)
     out = parts.model(x, noise, plan)
     loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
-                               parts.raw_model.encoder_last_layer())
-    if plan is not None and config.equivariance.enabled:
-        logs.update({"train/eq/transformed": float(plan.transform is not None), "train/eq/lowres": float(plan.lowres)})
-    if plan is not None and plan.noise_levels is not None:
-        logs["train/latent_noise/level"] = plan.noise_levels.mean().item()  # u·tau, in latent stds
+                               parts.raw_model.encoder_last_layer(), plan)
     if inject_nonfinite:
         loss = loss * float("nan")
     finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
@@ -433,7 +402,8 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
         if meter is not None:
             meter.data_wait += time.time() - wait
             meter.images += x.shape[0] * accelerator.num_processes
-        skipped, upsized, no_image = sum_over_processes(accelerator, batch["skipped"], batch["upsized"], x.shape[0] == 0)
+        skipped, upsized, no_image = sum_over_processes(accelerator, batch["skipped"], batch["upsized"],
+                                                        x.shape[0] == 0)
         state.skipped_images += int(skipped)
         state.upsized_images += int(upsized)
         empty |= no_image > 0
@@ -442,7 +412,9 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                 latent_shape = parts.latent_shape(x.shape[-1])
                 noise = posterior_noise(tcfg.seed, state.step, micro, accelerator, tcfg.batch_size, x.shape[0],
                                         latent_shape)
-                plan = forward_plan(config, accelerator, state.step, micro, x.shape[0], latent_shape)
+                draw = StepDraw(tcfg.seed, state.step, first_image(micro, accelerator, tcfg.batch_size), x.shape[0],
+                                latent_shape, accelerator.device)
+                plan = forward_plan(parts, draw)
                 micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config,
                                                       inject_nonfinite, plan)
                 finite &= micro_finite

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from first_stage.checkpoint import load_vae
 from first_stage.config import ModelConfig, PerformanceConfig
 from first_stage.data import load_image_dataset, make_dataloader
 from first_stage.evaluation import data_from_spec
+from first_stage.lifecycle import run_main
 from first_stage.model import DTYPES, PRESETS, cast, new_autoencoder
 from first_stage.performance import (compile_in_place, compiled_parts, seconds_per_call, set_memory_format, synchronize,
                                      to_memory_format)
@@ -148,4 +148,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -12,8 +12,9 @@ LPIPS + KL + hinge GAN with the adaptive weight, then the discriminator step) an
 optimisations. Prints one JSON line a result and a table. FLOPs are counted with
 ``torch.utils.flop_counter`` on one eager step of each; MFU = FLOPs of our step x images/s / the
 device's peak (with gradient checkpointing the count includes the recomputed forward). The naive
-step counts more FLOPs: its generator backward also computes the discriminator's weight gradients. Without LPIPS weights on disk the VGG16 trunk gets
-random weights: the same cost, so the timing holds (the output says so). ``--loss full`` (default)
+step counts more FLOPs: its generator backward also computes the discriminator's weight gradients.
+Without LPIPS weights on disk the VGG16 trunk gets random weights: the same cost, so the timing holds
+(the output says so). ``--loss full`` (default)
 switches the discriminator on from step 0, so every term is in the step. With ``train.grad_accum`` > 1
 each timed step is a whole accumulation window, and the figures are per micro-batch of ``--batch`` images.
 """
@@ -38,9 +39,11 @@ from first_stage.alignment import DINOV2_SIZES, AlignmentModelError, load_founda
 from first_stage.config import load_config, with_overrides
 from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
-from first_stage.losses import adaptive_weight
+from first_stage.loss_term import adaptive_weight
+from first_stage.lifecycle import run_main
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
 from first_stage.performance import seconds_per_call, synchronize
+from first_stage.terms import bench_rows
 from first_stage.trainer import TrainingState, accelerator_options, build_parts, compile_step, train_step
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
@@ -51,16 +54,8 @@ GPU_PEAK_TFLOPS = {
     "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
     "L40S": {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6},
 }
-# Each X-regulariser alone, added to the recipe (--terms): equivariance as the EQ-VAE recipe sets it
-# (half the steps transformed, a quarter of the others at half resolution), the scale-equivariance
-# term of 2502.14831 at factors 2 and 4, decoder noise on every image, DINOv2 alignment.
-TERMS = {
-    "alignment": ["alignment.enabled=true"],
-    "alignment_fixed_weight": ["alignment.enabled=true", "alignment.adaptive=false"],  # without the extra backward
-    "equivariance": ["equivariance.enabled=true", "equivariance.lowres_probability=0.25"],
-    "scale_eq": ["equivariance.enabled=true", "equivariance.probability=0", "equivariance.scale_weight=1"],
-    "latent_noise": ["latent_noise.enabled=true"],
-}
+# Each loss term alone, added to the recipe (--terms): the rows the terms declare (first_stage.terms).
+TERMS = bench_rows()
 # The random DINOv2 of --alignment-standin: the real sizes, and a toy one for the CPU smoke run.
 STANDINS = {**DINOV2_SIZES, "test": (64, 2, 2)}
 # CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
@@ -175,7 +170,8 @@ class NaiveStep:
         loss = nll + cfg.regularizer.kl_weight * posterior.kl().mean()
         if self.disc is not None:
             g_loss = -self.disc(reconstruction).mean()
-            weight = adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight, cfg.discriminator.adaptive_weight_max)
+            last_layer = self.vae.decoder.conv_out.weight
+            weight = adaptive_weight(nll, g_loss, last_layer, cfg.discriminator.adaptive_weight_max)
             loss = loss + cfg.discriminator.weight * weight * g_loss
         self.opt.zero_grad()
         loss.backward()
@@ -191,6 +187,12 @@ class _GlobalOnly(contextlib.nullcontext):
     ``torch.autograd.grad`` (the adaptive GAN weight): every count goes to the total."""
 
     parents = ("Global",)
+
+
+def real_steps(accelerator, parts, config, state: TrainingState, images: torch.Tensor, count: int) -> None:
+    """``count`` consecutive real steps on ``images``."""
+    for _ in range(count):
+        real_step(accelerator, parts, config, state, images)
 
 
 def count_flops(step, *args) -> float:
@@ -268,8 +270,8 @@ def measure(accelerator, config, images: torch.Tensor, args) -> dict:
     torch.manual_seed(tcfg.seed)
     parts = build_parts(eager, accelerator)
     state = TrainingState()  # the step advances, so the lr schedule (and any per-step draw) runs as in training
-    steps = lambda: [real_step(accelerator, parts, config, state, images) for _ in range(args.flop_steps)]
-    flops = count_flops(steps) / args.flop_steps / tcfg.grad_accum
+    flops = count_flops(real_steps, accelerator, parts, config, state, images, args.flop_steps)
+    flops = flops / args.flop_steps / tcfg.grad_accum
     if pcfg.compile:
         compile_step(config, parts.raw_model.vae, parts.loss_fn.perceptual, parts.raw_discriminator)
     counters = torch._dynamo.utils.counters["stats"]
@@ -346,10 +348,11 @@ def main():
             # The CPU figure is the process's peak resident set, which our step already set.
             naive_memory = peak_memory_gib(device)[0] if device.type == "cuda" else None
         model_flops = real_flops / images.shape[0]
-        rows = [(real, seconds)] + ([] if args.no_naive else [({**common, "step": "naive", "precision": "no",
-                                                               "seconds_per_step": naive_seconds,
-                                                               "gflop_per_image_counted": naive_flops / images.shape[0] / 1e9,
-                                                               "peak_mem_gib": naive_memory}, naive_seconds)])
+        rows = [(real, seconds)]
+        if not args.no_naive:
+            rows.append(({**common, "step": "naive", "precision": "no", "seconds_per_step": naive_seconds,
+                          "gflop_per_image_counted": naive_flops / images.shape[0] / 1e9,
+                          "peak_mem_gib": naive_memory}, naive_seconds))
         for row, secs in rows:
             results.append(with_rates(row, secs, images.shape[0], model_flops, peak))
         if naive_seconds is not None:
@@ -394,4 +397,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

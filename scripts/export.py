@@ -21,24 +21,28 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from first_stage.checkpoint import SINGLE_FILE_NAME, LoadedVAE, load_vae
-from first_stage.config import Config, ConfigError, DataConfig, DiscriminatorConfig, ExportConfig
+from first_stage.config import AlignmentConfig, Config, ConfigError, DataConfig, DiscriminatorConfig, ExportConfig
 from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, export_autoencoder
 from first_stage.reports import evaluation_summary
+from first_stage.lifecycle import run_main
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="run folder, checkpoint folder, diffusers folder or latent-diffusion weight file")
+    parser.add_argument("source",
+                        help="run folder, checkpoint folder, diffusers folder or latent-diffusion weight file")
     parser.add_argument("--out", required=True, help="the diffusers folder to write")
     parser.add_argument("--weights", choices=["ema", "raw"], default=None,
                         help="checkpoints: EMA or raw weights (default: the run's export.weights; raw without EMA)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help=f"default: the run's export.dtype, else {ExportConfig.dtype}")
-    parser.add_argument("--calibrate", default=None, metavar="DATA_SPEC", help="calibration data (default: the run's data)")
-    parser.add_argument("--num-images", type=int, default=None, help="calibration images (default: export.calibration_images)")
+    parser.add_argument("--calibrate", default=None, metavar="DATA_SPEC",
+                        help="calibration data (default: the run's data)")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="calibration images (default: export.calibration_images)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which images are picked for calibration")
     parser.add_argument("--latent-norm", choices=["global", "per_channel"], default=None,
@@ -69,12 +73,14 @@ def calibration_config(spec: str | None, config: Config | None) -> DataConfig:
 
 
 def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
-    """For a released VAE that comes with a discriminator: a training config to fine-tune it with
-    (on the calibration data; edit its data section)."""
-    if found.discriminator is None:
+    """For a released VAE that comes with a discriminator or a VA-VAE alignment projection: a training
+    config to fine-tune it with (on the calibration data; edit its data section), VA-VAE's alignment
+    on where its projection came along."""
+    if found.discriminator is None and found.projection is None:
         return None
-    disc = DiscriminatorConfig(enabled=True, **infer_discriminator_config(found.discriminator))
-    return Config(data=data, discriminator=disc)
+    disc = DiscriminatorConfig() if found.discriminator is None else \
+        DiscriminatorConfig(enabled=True, **infer_discriminator_config(found.discriminator))
+    return Config(data=data, discriminator=disc, alignment=AlignmentConfig(enabled=found.projection is not None))
 
 
 def main():
@@ -96,7 +102,7 @@ def main():
     source = ExportSource(source=str(found.path), calibration=describe(data),
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
-                          logvar=found.logvar, projection=found.projection,
+                          logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(
@@ -106,9 +112,8 @@ def main():
     if args.no_single_file:
         options = dataclasses.replace(options, single_file=None)
     try:
-        report = export_autoencoder(found.vae.to(accelerator.device), args.out, (b["pixel_values"] for b in calibration),
-                                    source, options, gather=lambda t: accelerator.reduce(t, "sum"),
-                                    is_main=accelerator.is_main_process)
+        report = export_autoencoder(found.vae.to(accelerator.device), args.out,
+                                    (b["pixel_values"] for b in calibration), source, options, accelerator)
     except (ExportError, FileExistsError) as err:
         sys.exit(f"export failed: {err}")  # the launcher then stops the other processes
     if report is not None:
@@ -117,6 +122,7 @@ def main():
         print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor {stats['shift_factor']:.5f} "
               f"(std {stats['std']:.5f}) from {stats['num_images']} images of {report['calibration']}")
         print(f"  config.json: {report['config_scale']}")
+        print(f"  pipelines normalise {report['normalisation']}")
         print(f"  fp16: {report['fp16']['verdict']} force_upcast={report['fp16']['force_upcast']}")
         print(f"  verified: max abs difference after reload {check['diffusers']:.3g}"
               + (f", single file {check['single_file']:.3g}" if "single_file" in check else "")
@@ -131,4 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

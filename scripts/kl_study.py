@@ -32,6 +32,8 @@ import torch
 from first_stage.config import load_config, to_dict
 from first_stage.data import SAMPLE_IMAGES, describe, to_rgb
 from first_stage.evaluation import evaluation_data
+from first_stage.lifecycle import run_main
+from first_stage.terms import study_variants
 from first_stage.reports import (diffusability_plots, latent_plots, latent_rows, markdown_table, reconstruction_rows,
                                  write_json)
 
@@ -66,10 +68,6 @@ FREE_BITS = 1.0
 # near 1; unit-variance heavy tails (Laplace, MMD² ≈ 0.015) cost ~60, a few % of the NLL. Measured
 # at 200 CPU steps: MMD² 0.045 (9 % of the NLL), std of latent samples 1.10 on the held-out tiles.
 MMD_WEIGHT = 1.0
-# The downsampled reconstructions count per pixel as the full one does (sum reduction): the 2x term
-# weighs a quarter of the NLL, the 4x term a sixteenth.
-SCALE_EQ_WEIGHT = 1.0
-NOISE_TAU = 0.8  # RAE's noise_tau
 NOT_RUN_ALIGNMENT = ("needs a DINOv2 on disk (`--alignment-model FOLDER`, e.g. `huggingface-cli download "
                      "facebook/dinov2-small` where there is network); none is available here")
 INTERPRETATION = ("<!-- kl_study: interpretation (hand-written; kept when the report is regenerated) -->",
@@ -118,18 +116,13 @@ def variants(steps: int, alignment_model: str | None = None) -> dict[str, tuple[
     table["kl1e-6-gan"] = (["regularizer.kl_weight=1e-6", "discriminator.enabled=true",
                             f"discriminator.start={steps // 3}"],
                            f"the SD default with the PatchGAN from step {steps // 3}, a third of the budget")
-    # The X-regularisers, each on the SD default (docs/training.md).
-    table["eq-vae"] = (["equivariance.enabled=true", "equivariance.lowres_probability=0.25"],
-                       "EQ-VAE: half the steps decode a scaled (0.25-1, per axis) and rotated latent against the "
-                       "same transform of the image; a quarter of the others at half resolution")
-    table["scale-eq"] = (["equivariance.enabled=true", "equivariance.probability=0", f"equivariance.scale_weight={SCALE_EQ_WEIGHT}",
-                          "equivariance.scale_factors=[2,4]"],
-                         "2502.14831: + rec(down(x), D(down(z))) for 2x and 4x downsampling, every step")
-    table["latent-noise"] = (["latent_noise.enabled=true", f"latent_noise.tau={NOISE_TAU}"],
-                             f"RAE: the decoder reconstructs from z + σε, σ ~ U(0, {NOISE_TAU}) x each image's latent std")
-    if alignment_model:
-        table["align"] = (["alignment.enabled=true", f"alignment.model={alignment_model}"],
-                          "VA-VAE: DINOv2 patch features through a trained 1x1 projection, margins 0.5 / 0.25, adaptive")
+    # Every loss term's own variant (first_stage.terms), each on the SD default (docs/training.md); the
+    # alignment variant needs a vision model on disk.
+    for name, (term, sets, why) in study_variants().items():
+        if term != "alignment":
+            table[name] = (sets, why)
+        elif alignment_model:
+            table[name] = (sets + [f"alignment.model={alignment_model}"], why)
     return table
 
 
@@ -330,9 +323,10 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
                   f"every variant, on the latents of {q['images']} non-overlapping tiles of the same held-out pictures "
                   f"(`{q['data']}`), normalised by each export's scaling factor; its held-out loss on "
                   f"{q['held_out']} tiles it never trained on"]
-    lines += ["- LPIPS: " + (f"VGG16 weights `{meta['lpips']}`, in training (weight 1) and evaluation" if meta["lpips"] else
-              "not measured and not trained: its VGG16 weights (`vgg16-397923af.pth`) are not available offline; "
-              "pass `--lpips-weights FILE`"), "", "## Variants", "",
+    lpips = (f"VGG16 weights `{meta['lpips']}`, in training (weight 1) and evaluation" if meta["lpips"] else
+             "not measured and not trained: its VGG16 weights (`vgg16-397923af.pth`) are not available offline; "
+             "pass `--lpips-weights FILE`")
+    lines += ["- LPIPS: " + lpips, "", "## Variants", "",
               "| variant | overrides | why | training (s) |", "|---|---|---|---|"]
     for name, v in study.items():
         seconds = "reused" if v["reused"] else f"{v['train_seconds']:.0f}"
@@ -352,7 +346,8 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
         if all("diffusability" in study[n] for n in done):
             probe = [study[n]["diffusability"] for n in done]
             rows += [("probe: held-out flow loss ↓", [x["held_out_loss"]["mean"] for x in probe], None),
-                     ("probe: Gaussian reference", [x["held_out_loss"]["gaussian_reference_mean"] for x in probe], None),
+                     ("probe: Gaussian reference",
+                      [x["held_out_loss"]["gaussian_reference_mean"] for x in probe], None),
                      ("probe: loss / Gaussian reference ↓", [probe_ratio(study[n]) for n in done], 1.0),
                      ("probe: std of sampled latents", [x["samples"]["std"] for x in probe], None),
                      ("probe: std of real held-out latents", [x["samples"]["real_std"] for x in probe], None),
@@ -378,7 +373,8 @@ def markdown(meta: dict, study: dict, done: list[str], figures: list[Path], fold
 def main():
     args = parse_args()
     # The code the study runs: the commit at its start (later commits during a long run do not count).
-    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
     config_path = CONFIGS["gpu" if args.gpu else "cpu"]
     out, work = Path(args.out), Path(args.work).resolve()
     sets = common_overrides(args, work)
@@ -465,4 +461,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

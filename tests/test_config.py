@@ -100,3 +100,24 @@ def test_variable_length_lists_are_checked_per_item():
     assert load_config(None, ["equivariance.scale_factors=[2, 4, 8]"]).equivariance.scale_factors == (2, 4, 8)
     with pytest.raises(ConfigError, match=r"equivariance.scale_factors\[1\]"):
         load_config(None, ["equivariance.scale_factors=[2, x]"])
+
+
+def test_every_override_example_in_train_help_is_accepted(capsys, monkeypatch):
+    """``train.py --help`` shows how to override: its example must be a key the config takes
+    (it once showed loss.kl_weight, a key test_unknown_key_names_key_file_and_closest refuses)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_script", script)
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    with pytest.raises(SystemExit):
+        train_script.parse_args()
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    examples = re.findall(r"e\.g\. ([\w.]+=[^\s)]+)", help_text)
+    assert examples == ["regularizer.kl_weight=1e-6"]
+    for example in examples:
+        load_config(train_script.DEFAULT_CONFIG, [example])

@@ -1,8 +1,8 @@
 """The diffusability probe against known answers: the Gaussian optimum of flow matching, spatial
-structure, and the script's process-count independence and held-out split. CPU, tiny probes."""
+structure, per-channel normalisation of a per_channel export, and the script's process-count
+independence, held-out split and refusals. CPU, tiny probes."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +12,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from conftest import cpu_env, launch_command
 from safetensors.torch import load_file
+from test_latent_norm import spread_vae
 
-from first_stage.diffusability import build_probe, gaussian_reference, held_out_loss, timestep_grid, train_probe
-from first_stage.export import ExportSource, export_autoencoder
+from first_stage.data import calibration_batches
+from first_stage.diffusability import (ProbeSettings, build_probe, gaussian_reference, held_out_loss, probe_vae,
+                                       timestep_grid, train_probe)
+from first_stage.evaluation import evaluation_autoencoder, evaluation_data
+from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.reports import REPORT_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +88,66 @@ def test_spatial_structure_is_easier_to_learn(accelerator):
     assert easy < 0.8 * hard, (easy, hard)
 
 
+DATA = "source=sample,split=all,resolution=32"
+SPREAD = [1.0, 30.0, 0.03, 1.0]  # latent channel scales 1000× apart
+
+
+def spread_export(vae, out: Path) -> Path:
+    """A ``per_channel`` export of ``vae`` with its channels spread by :data:`SPREAD`, calibrated on the
+    nine sample photos the probe tests encode."""
+    calibration = [b["pixel_values"] for b in calibration_batches(evaluation_data(DATA), 9, 4)]
+    export_autoencoder(spread_vae(vae, SPREAD), out, calibration, ExportSource("test", "sample photos"),
+                       ExportOptions(latent_norm="per_channel", single_file=None))
+    return out
+
+
+def assert_channels_normalised(cache: Path) -> None:
+    """The probe's cached training latents have comparable scales in every channel (unnormalised they
+    would be 1000× apart): it trained on them normalised per channel, as a pipeline reads the export."""
+    std = load_file(cache)["train"].std(dim=(0, 2, 3))
+    assert std.max() / std.min() < 3, std
+
+
+def test_probe_normalises_a_per_channel_export_per_channel(accelerator, tiny_vae, tmp_path):
+    """An export that carries latents_mean/latents_std (scaling_factor 1): the probe must use them."""
+    vae = evaluation_autoencoder(spread_export(tiny_vae, tmp_path / "vae"), accelerator.device)
+    settings = ProbeSettings(num_images=9, held_out=3, steps=2, batch_size=4, timesteps=2, samples=2, sample_steps=2,
+                             encode_batch_size=4)
+    cache = tmp_path / "cache.safetensors"
+    result, shown = probe_vae(vae, accelerator, evaluation_data(DATA), 9, settings, cache=cache)
+    assert_channels_normalised(cache)
+    assert result["normalisation"]["pipeline"].startswith("per channel")
+    assert result["normalisation"]["config"]["latents_std"] == pytest.approx(vae.config.latents_std)
+    assert shown.shape == (2, 3, 32, 32) and result["train_images"] == 6
+
+
+def test_probe_settings_and_sampling_refuse_zero_steps():
+    with pytest.raises(ValueError, match="timesteps"):
+        ProbeSettings(timesteps=0)
+    with pytest.raises(ValueError, match="sample_steps"):
+        ProbeSettings(sample_steps=0)
+
+
 @pytest.mark.slow
-def test_script_two_processes_equal_one_and_never_trains_on_held_out(tiny_vae, images, tmp_path):
-    export_autoencoder(tiny_vae, tmp_path / "vae", [images], ExportSource("test", "test"))
-    common = [str(REPO / "eval" / "diffusability.py"), "--vae", str(tmp_path / "vae"), "--data",
-              "source=sample,split=all,resolution=32", "--num-images", "9", "--held-out", "3", "--steps", "6",
-              "--batch-size", "4", "--eval-every", "3", "--samples", "2", "--sample-steps", "3"]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29525"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+@pytest.mark.parametrize("flag", ["--timesteps", "--sample-steps"])
+def test_script_refuses_zero_timesteps_and_sample_steps(flag, tmp_path):
+    """--timesteps 0 gave NaN figures and exit 0; --sample-steps 0 reported the initial noise as samples."""
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "diffusability.py"), "--vae", str(tmp_path),
+                           "--out", str(tmp_path / "out"), flag, "0"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 2 and f"{flag} must be at least 1" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_script_two_processes_equal_one_and_never_trains_on_held_out(tiny_vae, tmp_path):
+    spread_export(tiny_vae, tmp_path / "vae")
+    common = [str(REPO / "eval" / "diffusability.py"), "--vae", str(tmp_path / "vae"), "--data", DATA,
+              "--num-images", "9", "--held-out", "3", "--steps", "6", "--batch-size", "4", "--eval-every", "3",
+              "--samples", "2", "--sample-steps", "3"]
     results = {}
-    for name, cmd in (("one", [sys.executable, *common]), ("two", [*launch, *common])):
-        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+    for name, cmd in (("one", [sys.executable, *common]), ("two", [*launch_command(2), *common])):
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=cpu_env(),
+                              timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((tmp_path / name / "report.json").read_text())
         jsonschema.validate(report, REPORT_SCHEMA)
@@ -102,10 +155,12 @@ def test_script_two_processes_equal_one_and_never_trains_on_held_out(tiny_vae, i
         cache = load_file(tmp_path / name / "latents" / "vae1.safetensors")
         train_ids, held_ids = set(cache["train_ids"].tolist()), set(cache["held_out_ids"].tolist())
         assert len(train_ids) == 6 and len(held_ids) == 3 and not train_ids & held_ids
-        assert (tmp_path / name / "samples_vae1.png").is_file() and (tmp_path / name / "diffusability_loss.png").is_file()
+        assert_channels_normalised(tmp_path / name / "latents" / "vae1.safetensors")
+        assert all((tmp_path / name / png).is_file() for png in ("samples_vae1.png", "diffusability_loss.png"))
     one, two = results["one"], results["two"]
     assert [c["step"] for c in one["curve"]] == [0, 3, 6]
     for a, b in zip(one["curve"], two["curve"]):
         assert a["per_timestep"] == pytest.approx(b["per_timestep"], rel=1e-4), a["step"]
     assert one["samples"]["std"] == pytest.approx(two["samples"]["std"], rel=1e-3)
     assert one["gfid"] is None and "not measured" in one["gfid_note"]
+    assert one["normalisation"]["pipeline"] == two["normalisation"]["pipeline"]

@@ -4,7 +4,7 @@ the two evaluation commands end to end on tiny exports."""
 
 import json
 import math
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import cpu_env, launch_command
 from PIL import Image
 
-from first_stage.data import describe
-from first_stage.evaluation import build_fid, evaluation_data, nonlocality, reconstruction_metrics, summarize
+from first_stage.checkpoint import EXPORT_WEIGHTS, UnreadableWeightsError, load_vae
+from first_stage.data import calibration_batches, describe
+from first_stage.evaluation import (build_fid, evaluation_autoencoder, evaluation_data, latent_statistics, nonlocality,
+                                    reconstruction_metrics, stream_images, summarize)
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.latent_stats import GAUSSIAN_TAIL, LatentStatistics, dct_matrix, modal_share_by_chance
 from first_stage.perceptual import load_lpips
@@ -39,7 +44,8 @@ def run_stats(batches) -> dict:
 
 def gaussian_latents(n=64, c=4, h=16, w=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.full((n, c, h, w), -5.0, dtype=torch.float64)
+    z = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    return z, torch.full((n, c, h, w), -5.0, dtype=torch.float64)
 
 
 def test_gaussian_latents_match_reference_and_numpy():
@@ -160,11 +166,31 @@ def test_evaluation_crops_follow_the_standard_protocol_unless_told():
     assert "after resizing the short side to 64" in describe(evaluation_data("resolution=64"))
 
 
+def share_outside_block(vae, z: torch.Tensor, delta: torch.Tensor, row: int, col: int, margin: int) -> float:
+    """For one latent (C, h, w): the share of the decoded absolute change, after adding ``delta`` at (row, col),
+    that lies outside the (1 + 2 margin)² block of latent cells around it, computed image by image."""
+    with torch.no_grad():
+        base = vae.decode(z[None]).sample.float()
+        perturbed = z.clone()
+        perturbed[:, row, col] += delta
+        change = (vae.decode(perturbed[None]).sample.float() - base).abs().sum(1)[0]  # (H, W)
+    factor = change.shape[-1] // z.shape[-1]
+    cells = torch.zeros(z.shape[1:], dtype=torch.bool)
+    cells[max(row - margin, 0):row + margin + 1, max(col - margin, 0):col + margin + 1] = True
+    inside = cells.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    return (change[~inside].sum() / change.sum()).item()
+
+
 def test_nonlocality_shares(tiny_vae):
     z = torch.randn(2, 4, 16, 16)
     shares = nonlocality(tiny_vae, z, torch.ones(4), [5, 6], margin=1)
     assert len(shares["peak"]) == len(shares["random"]) == 2
-    assert all(0 <= s <= 1 for s in shares["peak"] + shares["random"])
+    # the peak share against an independent computation: the latent cell of largest energy, one image at a time
+    for i in range(2):
+        row, col = divmod(int(z[i].pow(2).sum(0).argmax()), z.shape[-1])
+        expected = share_outside_block(tiny_vae, z[i], torch.ones(4), row, col, margin=1)
+        assert 0 < expected < 1  # the decoder spreads a cell's change beyond its neighbours, but not all of it
+        assert shares["peak"][i] == pytest.approx(expected, rel=1e-4)
     # an image's random position is its seed's, whatever else is in the batch
     alone = nonlocality(tiny_vae, z[1:], torch.ones(4), [6], margin=1)
     assert alone["random"] == pytest.approx(shares["random"][1:], rel=1e-5)
@@ -186,7 +212,7 @@ def test_psnr_closed_form_identical_images_and_lpips_of_self(images, vgg_file):
 
 def run_eval(script, *args):
     proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -230,21 +256,24 @@ def test_missing_inception_weights_are_named(tmp_path):
         build_fid(str(tmp_path / "inception.pth"), "cpu")
 
 
+def one_and_two_processes(tmp_path, script: str, *args: str) -> tuple[dict, dict]:
+    """Run eval/``script`` with ``args`` in one process and in two (gloo); each run's first VAE results."""
+    common = [str(REPO / "eval" / script), *args]
+    results = {}
+    for name, cmd in (("one", [sys.executable, *common]), ("two", [*launch_command(2), *common])):
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=cpu_env(),
+                              timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]
+    return results["one"], results["two"]
+
+
 @pytest.mark.slow
 def test_latent_stats_two_processes_equal_one(tiny_vae, images, tmp_path):
     export_autoencoder(tiny_vae, tmp_path / "a", [images], ExportSource("test", "test"))
-    common = [str(REPO / "eval" / "latent_stats.py"), "--vae", str(tmp_path / "a"), "--data",
-              "source=sample,split=all,resolution=32", "--num-images", "9", "--batch-size", "2",
-              "--nonlocality-images", "2"]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    results = {}
-    for name, cmd in (("one", [sys.executable, *common]), ("two", [*launch, *common])):
-        proc = subprocess.run([*cmd, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads((tmp_path / name / "report.json").read_text())["vaes"][0]["results"]
-    one, two = results["one"], results["two"]
+    one, two = one_and_two_processes(tmp_path, "latent_stats.py", "--vae", str(tmp_path / "a"), "--data",
+                                     "source=sample,split=all,resolution=32", "--num-images", "9", "--batch-size", "2",
+                                     "--nonlocality-images", "2")
     assert one["images"] == two["images"] == 9 and two["nonlocality"]["images"] == 2
     # the same two images, each perturbed at the same random position
     assert one["nonlocality"]["files"] == two["nonlocality"]["files"]
@@ -272,18 +301,19 @@ def test_eval_scripts_survive_undecodable_images_and_idle_processes(tiny_vae, im
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     spec = f"source=imagefolder,path={folder},resolution=32"
     common = ["--vae", str(tmp_path / "vae"), "--batch-size", "1", "--num-images", "2"]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    for name, cmd in (("one", [sys.executable]), ("two", launch)):  # "two": one process gets only the corrupt file
-        proc = subprocess.run([*cmd, str(REPO / "eval" / "latent_stats.py"), *common, "--nonlocality-images", "1", "--data", spec,
-                               "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+    env = cpu_env()
+    # "two": one process gets only the corrupt file
+    for name, cmd in (("one", [sys.executable]), ("two", launch_command(2))):
+        proc = subprocess.run([*cmd, str(REPO / "eval" / "latent_stats.py"), *common, "--nonlocality-images", "1",
+                               "--data", spec, "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, env=env, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((tmp_path / name / "report.json").read_text())
         jsonschema.validate(report, REPORT_SCHEMA)
         assert report["vaes"][0]["results"]["images"] == 1
         assert report["skipped_files"] == {"count": 1, "files": [str(folder / "corrupt.jpg")]}
-        assert f"Skipped 1 undecodable file(s): `{folder / 'corrupt.jpg'}`" in (tmp_path / name / "report.md").read_text()
+        skipped_line = f"Skipped 1 undecodable file(s): `{folder / 'corrupt.jpg'}`"
+        assert skipped_line in (tmp_path / name / "report.md").read_text()
     # More images asked for than there are: said, and measured on what there is.
     proc = run_eval("reconstruction.py", *common[:-2], "--num-images", "5", "--no-lpips", "--data", spec,
                     "--out", tmp_path / "rec")
@@ -297,5 +327,77 @@ def test_eval_scripts_survive_undecodable_images_and_idle_processes(tiny_vae, im
     (folder / "good.png").unlink()
     for script, extra in (("latent_stats.py", ["--nonlocality-images", "1"]), ("reconstruction.py", ["--no-lpips"])):
         proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *common, *extra, "--data", spec,
-                               "--out", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=600)
+                               "--out", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=1800)
         assert proc.returncode == 1 and "error: no decodable image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def accelerator():
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+DATA = "source=sample,split=all,resolution=32"
+
+
+def test_driver_streams_every_image_once_in_id_order(accelerator):
+    """The driver hands each batch to the measurement and returns its items sorted by image id."""
+    seen = []
+    measure = lambda batch: seen.append(len(batch["ids"])) or list(zip(batch["ids"], batch["names"]))  # noqa: E731
+    items, skipped = stream_images(accelerator, evaluation_data(DATA), 7, 3, 0, measure)
+    assert [i for i, _ in items] == list(range(7)) and seen == [3, 3, 1] and skipped == []
+    assert len({name for _, name in items}) == 7
+
+
+def test_latent_stats_of_a_per_channel_export_compare_per_channel(accelerator, tiny_vae, tmp_path):
+    """"carried / implied" of an export calibrated on the same images is 1 in every channel, for
+    per_channel as for global (it used to read scaling_factor = 1 alone and report 1/std)."""
+    data = evaluation_data(DATA)
+    calibration = [b["pixel_values"] for b in calibration_batches(data, 5, 2)]
+    for kind in ("global", "per_channel"):
+        export_autoencoder(tiny_vae, tmp_path / kind, calibration, ExportSource("test", "sample photos"),
+                           ExportOptions(latent_norm=kind, single_file=None))
+        vae = evaluation_autoencoder(tmp_path / kind, accelerator.device)
+        scale = latent_statistics(vae, accelerator, data, 5, 2, nonlocality_images=0)["scale"]
+        assert scale["channel_carried_over_implied"] == pytest.approx([1.0] * 4, rel=1e-4), kind
+        assert scale["carried_over_implied"] == pytest.approx(1.0, rel=1e-4)
+        assert scale["carried"].startswith("per channel" if kind == "per_channel" else "global")
+
+
+def truncated_export(vae, images, out: Path) -> Path:
+    """An export of ``vae`` whose weight file lost its second half (an interrupted copy); returns that file."""
+    export_autoencoder(vae, out, [images], ExportSource("test", "test"))
+    weights = out / EXPORT_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return weights
+
+
+def test_truncated_export_raises_a_checkpoint_error_naming_the_file(tiny_vae, images, tmp_path):
+    """diffusers raised three chained errors (safetensors, a UTF-8 decode, its OSError), none of them ours."""
+    weights = truncated_export(tiny_vae, images, tmp_path / "vae")
+    with pytest.raises(UnreadableWeightsError, match=re.escape(str(weights.resolve()))):
+        load_vae(tmp_path / "vae")
+
+
+@pytest.mark.slow
+def test_truncated_export_is_one_error_line_naming_the_file(tiny_vae, images, tmp_path):
+    """It printed three tracebacks."""
+    weights = truncated_export(tiny_vae, images, tmp_path / "vae")
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "reconstruction.py"), "--vae", str(tmp_path / "vae"),
+                           "--no-lpips", "--num-images", "1", "--data", DATA, "--out", str(tmp_path / "rec")],
+                          capture_output=True, text=True, timeout=1800)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and str(weights.resolve()) in errors[0] and "truncated" in errors[0]
+
+
+@pytest.mark.slow
+def test_reconstruction_two_processes_equal_one(tiny_vae, images, tmp_path):
+    """The driver splits the images over processes and gathers them back in the same order."""
+    export_autoencoder(tiny_vae, tmp_path / "vae", [images], ExportSource("test", "test"))
+    one, two = one_and_two_processes(tmp_path, "reconstruction.py", "--vae", str(tmp_path / "vae"), "--data", DATA,
+                                     "--num-images", "7", "--batch-size", "2", "--no-lpips", "--worst", "3")
+    assert one["images"] == two["images"] == 7 and one["per_image"]["file"] == two["per_image"]["file"]
+    assert two["per_image"]["psnr"] == pytest.approx(one["per_image"]["psnr"], rel=1e-5)
+    assert two["worst"]["images"] == one["worst"]["images"]

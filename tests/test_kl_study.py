@@ -68,7 +68,7 @@ def test_study_end_to_end(tmp_path):
            "--variants", "mmd", "kl1e-6-gan", "eq-vae", "--out", str(out), "--work", str(work),
            "--set", "export.single_file=false", "--set", "export.calibration_images=4", "--set", "train.log_every=1",
            "--probe-steps", "2", "--probe-batch-size", "2", "--probe-held-out", "2", "--probe-tiles-per-image", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)  # a loaded machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     study = json.loads((out / "kl_study.json").read_text())
     assert list(study["variants"]) == ["mmd", "kl1e-6-gan", "eq-vae"]
@@ -80,7 +80,9 @@ def test_study_end_to_end(tmp_path):
                    lat["tails"]["excess_kurtosis"], lat["peaks"]["median"], lat["spots"]["concentration_median"],
                    lat["posterior"]["fraction_at_clamp"], *lat["posterior"]["channel_kl"]]
         assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), name
-        assert "lpips" not in rec and 0 <= lat["posterior"]["active_units"] <= 4
+        assert "lpips" not in rec
+        posterior = lat["posterior"]  # the count agrees with the per-channel verdicts of the 4 channels
+        assert len(posterior["channel_active"]) == 4 and posterior["active_units"] == sum(posterior["channel_active"])
     text = out.with_suffix(".md").read_text()
     assert "| statistic | mmd | kl1e-6-gan | eq-vae | reference |" in text
     assert "| align | `alignment.enabled=true` | VA-VAE alignment: **not run**, needs a DINOv2" in text

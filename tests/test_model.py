@@ -26,7 +26,8 @@ def test_encode_decode_shapes(tiny_vae, images):
 
 
 def test_sd_layout_downsamples_by_8():
-    vae = build_autoencoder(ModelConfig(preset="sd-f8c4", overrides={"block_out_channels": [32, 32, 64, 64], "norm_num_groups": 8}))
+    narrow = {"block_out_channels": [32, 32, 64, 64], "norm_num_groups": 8}
+    vae = build_autoencoder(ModelConfig(preset="sd-f8c4", overrides=narrow))
     assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 4, 4)
 
 

@@ -250,7 +250,8 @@ def test_load_from_hub_cache(hub_checkpoints, vgg_file):
     hub_checkpoints.mkdir(parents=True)
     (hub_checkpoints / VGG16_FILENAME).symlink_to(vgg_file)
     model = load_lpips(download=False)
-    assert torch.equal(model.features[0].weight, torch.load(vgg_file, map_location="cpu", weights_only=True)["features.0.weight"])
+    saved = torch.load(vgg_file, map_location="cpu", weights_only=True)
+    assert torch.equal(model.features[0].weight, saved["features.0.weight"])
 
 
 def test_incomplete_checkpoint_is_a_clear_error(vgg_state, tmp_path):

@@ -24,8 +24,9 @@ def tokenizer(tmp_path) -> CLIPTokenizer:
 
 
 def text_config(**extra) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=54, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
-                          max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
+    return CLIPTextConfig(vocab_size=54, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=1, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **extra)
 
 
 @pytest.fixture
@@ -47,9 +48,9 @@ def test_stable_diffusion_pipeline_decodes_with_our_scaling_factor(exported, tmp
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 norm_num_groups=8, attention_head_dim=4)
-    pipe = StableDiffusionPipeline(vae=exported, text_encoder=CLIPTextModel(text_config()), tokenizer=tokenizer(tmp_path),
-                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae=exported, text_encoder=CLIPTextModel(text_config()),
+                                   tokenizer=tokenizer(tmp_path), unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     call = dict(prompt="a cat", height=16, width=16, num_inference_steps=2)
     latents = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
     image = pipe(**call, output_type="np", generator=torch.Generator().manual_seed(0)).images

@@ -67,8 +67,8 @@ def test_mmd_weight_scale_and_schedule(reduction, elements):
     loss, logs = reg(post, 5)
     assert logs["train/mmd_weight"] == pytest.approx(0.25)
     assert loss.item() == pytest.approx(0.25 * elements * logs["train/loss/mmd"], rel=1e-5)
-    with pytest.raises(ValueError, match="mmd_samples"):
-        MMDRegularizer(RegularizerConfig(kind="mmd", mmd_samples=1))
+    with pytest.raises(ConfigError, match="regularizer.mmd_samples"):  # refused at load
+        load_config(None, ["regularizer.kind=mmd", "regularizer.mmd_samples=1"])
 
 
 def test_factory_and_config_kind():

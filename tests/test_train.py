@@ -1,6 +1,7 @@
 """Subprocess runs of train/train.py: smoke, exact resume, distributed and accumulation
 equivalence, faults. Tiny preset, 32² crops, a few steps each; nothing is downloaded."""
 
+import contextlib
 import json
 import os
 import signal
@@ -16,9 +17,13 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS, STATUS_FILE,
-                                   TRAINER_STATES, TRAINING_STATE, build_autoencoder, checkpoint_dirs, load_vae)
+from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, DISCRIMINATOR_WEIGHTS, EXPORT_WEIGHTS,
+                                    STATUS_FILE, TRAINER_STATES, TRAINING_STATE, build_autoencoder, checkpoint_dirs,
+                                    checkpoint_step, load_vae)
 from first_stage.config import ModelConfig, load_config
+from first_stage.lifecycle import LOCK_FILE
+
+from conftest import cpu_env, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train" / "train.py")
@@ -50,7 +55,7 @@ def run_train(tmp_path, name, *overrides, vgg_file=None, launch=None, env=None, 
     args = [a for s in sets for a in ("--set", s)] + (["--resume", resume] if resume else [])
     cmd = (launch or [sys.executable]) + [TRAIN] + args
     full_env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=1800)  # a loaded machine
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc, tmp_path / name
@@ -72,10 +77,38 @@ def weights(run_dir, step):
     return load_file(run_dir / "checkpoints" / f"checkpoint-{step}" / AUTOENCODER_WEIGHTS)
 
 
+def start_train(tmp_path, name, *overrides, launch=None, resume=None) -> subprocess.Popen:
+    """Start a long run (no GAN, no LPIPS) in its own process group; its output goes to <tmp>/<name>.log."""
+    sets = [*BASE, f"train.output_dir={tmp_path}", f"train.run_name={name}", "train.max_steps=100000",
+            "discriminator.enabled=false", "loss.perceptual_weight=0", *overrides]
+    cmd = (launch or [sys.executable]) + [TRAIN] + [a for s in sets for a in ("--set", s)]
+    with open(tmp_path / f"{name}.log", "w") as log:  # the child keeps its own copy of the file
+        return subprocess.Popen(cmd + (["--resume", resume] if resume else []), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TORCH_HOME": str(tmp_path / "th")}, start_new_session=True)
+
+
+def wait_until(condition, proc: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 900) -> None:
+    """Poll ``condition`` until it holds; fail at once, with the run's ``log``, if ``proc`` ends first.
+    The timeout is generous: a loaded machine is slow, and nothing here measures speed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group of ``proc`` (a launcher and its trainer); a group that has
+    already left is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
 def test_smoke_accelerate_launch(tmp_path, vgg_file):
-    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    _, run = run_train(tmp_path, "smoke", "train.max_steps=4", vgg_file=vgg_file, launch=launch)
+    _, run = run_train(tmp_path, "smoke", "train.max_steps=4", vgg_file=vgg_file, launch=launch_command(1))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     for ckpt in (run / "checkpoints").iterdir():
         assert {AUTOENCODER_WEIGHTS, "optimizer.bin", CONFIG_FILE, TRAINING_STATE} <= {p.name for p in ckpt.iterdir()}
@@ -134,6 +167,17 @@ def test_exact_resume(tmp_path, vgg_file):
         else:
             da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
             assert str(da) == str(db), extra
+    # Resuming with a config of another architecture is refused before anything is loaded, naming
+    # what differs and the run's own config.
+    refused, _ = run_train(tmp_path, "resumed", "train.max_steps=8", "model.preset=sd-f8c4", vgg_file=vgg_file,
+                           resume="latest", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "holds another architecture than this config builds" in refused.stderr
+    assert "block_out_channels: [32, 64] in the checkpoint, [128, 256, 512, 512] in this config" in refused.stderr
+    assert "vae.encoder.conv_in.weight: (32, 3, 3, 3) in the checkpoint, (128, 3, 3, 3) in this config" \
+        in refused.stderr
+    assert f"--config {resumed / CONFIG_FILE}" in refused.stderr
+    assert train_losses(resumed) == losses_a  # nothing was trained or logged
 
 
 def assert_same_training(run_a, run_b, extra_keys=()):
@@ -150,7 +194,10 @@ def assert_same_training(run_a, run_b, extra_keys=()):
         assert [m[key] for m in logged_a if key in m] == pytest.approx([m[key] for m in logged_b if key in m],
                                                                        rel=1e-5), key
     a, b, b1 = weights(run_a, 2), weights(run_b, 2), weights(run_b, 1)
-    flat = lambda w: torch.cat([w[k].flatten() for k in sorted(w) if k.startswith("vae.")])
+
+    def flat(w):
+        return torch.cat([w[k].flatten() for k in sorted(w) if k.startswith("vae.")])
+
     update = (flat(b) - flat(b1)).norm()
     assert update > 0
     assert (flat(a) - flat(b)).norm() < 0.01 * update
@@ -163,7 +210,7 @@ def assert_same_training(run_a, run_b, extra_keys=()):
 X_REGULARISERS = ["equivariance.enabled=true", "equivariance.min_scale=0.5", "equivariance.scale_weight=0.5",
                   "equivariance.scale_factors=[2]", "latent_noise.enabled=true", "latent_noise.probability=0.75",
                   "alignment.enabled=true", "discriminator.n_layers=2"]
-LOWRES = ["equivariance.lowres_probability=1.0"]  # with seed 0: step 0 transformed, step 1 at half resolution
+LOWRES = ["equivariance.lowres_probability=1.0"]  # with seed 0: step 0 transformed, step 1 at low resolution
 
 
 def test_x_regularisers_resume_exactly_and_ship_the_projection(tmp_path, vgg_file, dinov2_folder):
@@ -187,14 +234,20 @@ def test_x_regularisers_resume_exactly_and_ship_the_projection(tmp_path, vgg_fil
     assert not any("projection" in k for k in load_file(straight / "export" / EXPORT_WEIGHTS))
     continued = load_config(bundle / "config.yaml")
     assert Path(continued.alignment.projection_init) == (bundle / "alignment_projection.safetensors").resolve()
+    # Every term that trained the export is in its checkpoints and its model card, with its weight.
+    recorded = json.loads((straight / "checkpoints" / "checkpoint-4" / "loss_terms.json").read_text())
+    card = (straight / "export" / "README.md").read_text()
+    for start in ("reconstruction: l1 + 1 × LPIPS", "KL to N(0, I), weight 1e-06", "alignment to ",
+                  "equivariance (EQ-VAE): 0.5 of the steps", "scale equivariance (arXiv 2502.14831), weight 0.5",
+                  "decoder noise (RAE): on 0.75 of the images", "PatchGAN (2 layers"):
+        assert any(line.startswith(start) for line in recorded), start
+        assert f"  - {start}" in card, start
 
 
 def test_x_regularisers_two_processes_equal_one_with_double_batch(tmp_path, dinov2_folder):
     # The adaptive alignment weight is per process (like the GAN's): off for this comparison.
     x = [*X_REGULARISERS, *LOWRES, f"alignment.model={dinov2_folder}", "alignment.adaptive=false"]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"]
-    _, two = run_train(tmp_path, "two", *EQUIVALENCE, *x, launch=launch, env={"ACCELERATE_USE_CPU": "1"})
+    _, two = run_train(tmp_path, "two", *EQUIVALENCE, *x, launch=launch_command(2), env=cpu_env())
     _, one = run_train(tmp_path, "one", *EQUIVALENCE, *x, "train.batch_size=4")
     assert_same_training(two, one, extra_keys=("train/loss/align_cos", "train/loss/scale_eq"))
     for run in (two, one):
@@ -203,11 +256,10 @@ def test_x_regularisers_two_processes_equal_one_with_double_batch(tmp_path, dino
 
 
 def test_two_processes_equal_one_with_double_batch(tmp_path):
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    _, two = run_train(tmp_path, "two", *EQUIVALENCE, launch=launch, env={"ACCELERATE_USE_CPU": "1"})
+    _, two = run_train(tmp_path, "two", *EQUIVALENCE, launch=launch_command(2), env=cpu_env())
     _, one = run_train(tmp_path, "one", *EQUIVALENCE, "train.batch_size=4")
     assert_same_training(two, one)
+    assert (two / LOCK_FILE).read_text() == (one / LOCK_FILE).read_text() == ""  # released (os._exit or not)
 
 
 def test_accumulation_equals_larger_batch(tmp_path):
@@ -261,17 +313,16 @@ def test_too_many_nonfinite_stops_with_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_resumable_checkpoint(tmp_path):
-    sets = [*BASE, f"train.output_dir={tmp_path}", "train.run_name=preempt", "train.max_steps=100000",
-            "train.checkpoint_every=100000", "discriminator.enabled=false", "loss.perceptual_weight=0"]
-    cmd = [sys.executable, TRAIN] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TORCH_HOME": str(tmp_path / "th")}, start_new_session=True)
+    proc = start_train(tmp_path, "preempt", "train.checkpoint_every=100000")
     run = tmp_path / "preempt"
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        wait_until(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3, proc, "3 logged steps",
+                   tmp_path / "preempt.log")
+        kill_group(proc, signal.SIGTERM)
+        proc.wait(timeout=1800)
+    finally:
+        kill_group(proc)
+    out = (tmp_path / "preempt.log").read_text()
     assert proc.returncode == 143, out[-2000:]
     (ckpt,) = (run / "checkpoints").iterdir()
     step = int(ckpt.name.split("-")[1])
@@ -293,28 +344,22 @@ def test_sigterm_saves_resumable_checkpoint(tmp_path):
 
 def test_sigterm_to_a_single_process_launcher_stops_the_trainer_with_a_checkpoint(tmp_path):
     """`accelerate launch` with one process does not forward SIGTERM: the trainer must not train on."""
-    sets = [*BASE, f"train.output_dir={tmp_path}", "train.run_name=orphan", "train.max_steps=100000",
-            "train.checkpoint_every=100000", "discriminator.enabled=false", "loss.perceptual_weight=0"]
-    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    launcher = subprocess.Popen(launch + [TRAIN] + [a for s in sets for a in ("--set", s)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")},
-                                start_new_session=True)
+    launcher = start_train(tmp_path, "orphan", "train.checkpoint_every=100000", launch=launch_command(1))
     run = tmp_path / "orphan"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
-            time.sleep(0.2)
+        wait_until(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3, launcher, "3 logged steps",
+                   tmp_path / "orphan.log")
         launcher.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler or `kill PID` does
-        launcher.wait(timeout=30)
-        deadline = time.time() + 60
-        while time.time() < deadline and not (run / STATUS_FILE).exists():
+        launcher.wait(timeout=1800)
+        # The trainer outlives its launcher by the time it takes to save its checkpoint.
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not (run / STATUS_FILE).exists():
             time.sleep(0.2)
         assert status(run)["state"] == "stopped" and status(run)["exit_code"] == 143
         (ckpt,) = (run / "checkpoints").iterdir()
         assert status(run)["last_checkpoint"] == str(ckpt)
     finally:
-        os.killpg(launcher.pid, signal.SIGKILL)  # the trainer is still in the launcher's process group
+        kill_group(launcher)  # the trainer, were it still there, is in the launcher's process group
 
 
 def test_empty_batches_skip_the_step(tmp_path):
@@ -375,7 +420,8 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)], capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("running as root without the right to mount a read-only tmpfs: no read-only folder to try")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
@@ -392,3 +438,44 @@ def test_unusable_output_folder_and_too_few_images_are_named_before_training(tmp
     assert "its 7 images make no full batch of 16 on each of 1 process(es)" in proc.stderr
     assert status(run)["state"] == "failed"
 
+
+
+def test_missing_lpips_or_dinov2_weights_are_one_error_line(tmp_path, dinov2_folder):
+    """Both errors are FileNotFoundErrors without an errno: still one ``error:`` line, no traceback."""
+    absent = tmp_path / "absent" / "vgg16-397923af.pth"
+    proc, _ = run_train(tmp_path, "no_vgg", "train.max_steps=2", vgg_file=absent, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and str(absent) in proc.stderr
+    proc, _ = run_train(tmp_path, "no_dinov2", "train.max_steps=2", "alignment.enabled=true",
+                        f"alignment.model={tmp_path / 'no_dinov2_here'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and str(tmp_path / "no_dinov2_here") in proc.stderr
+
+
+def test_second_trainer_of_a_live_run_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    first = start_train(tmp_path, "shared", "train.checkpoint_every=2")
+    run = tmp_path / "shared"
+    try:
+        wait_until(lambda: checkpoint_dirs(run / "checkpoints"), first, "a checkpoint", tmp_path / "shared.log")
+        before = {name: (run / name).read_bytes() for name in (CONFIG_FILE, LOCK_FILE)}
+        assert json.loads(before[LOCK_FILE])["pid"] == first.pid
+        second, _ = run_train(tmp_path, "shared", "train.max_steps=100000", "discriminator.enabled=false",
+                              resume="latest", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"is in use by a live trainer (pid {first.pid} on host" in second.stderr
+        assert {name: (run / name).read_bytes() for name in before} == before
+        assert not (run / STATUS_FILE).exists() and first.poll() is None  # the first trains on, undisturbed
+        # The same refusal from a two-process run: both processes leave, none trains alone.
+        second, _ = run_train(tmp_path, "shared", "train.max_steps=100000", "discriminator.enabled=false",
+                              launch=launch_command(2), env=cpu_env(), resume="latest", check=False)
+        assert second.returncode != 0 and f"in use by a live trainer (pid {first.pid}" in second.stderr
+        assert {name: (run / name).read_bytes() for name in before} == before
+    finally:
+        kill_group(first)  # SIGKILL: no handler runs, the lock is left to the kernel
+    first.wait(timeout=1800)
+    step = checkpoint_step(checkpoint_dirs(run / "checkpoints")[-1])
+    third, _ = run_train(tmp_path, "shared", f"train.max_steps={step + 1}", "discriminator.enabled=false",
+                         resume="latest")
+    assert f"taking over the lock of {run} left by a trainer that ended without releasing it (pid {first.pid}" \
+        in third.stderr
+    assert status(run)["state"] == "finished" and (run / LOCK_FILE).read_text() == ""  # released cleanly

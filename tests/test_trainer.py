@@ -15,8 +15,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES, TRAINING_STATE,
-                                    CheckpointError, check_checkpoint, legacy_state_files, save_checkpoint)
+from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
+                                    TRAINING_STATE, CheckpointError, check_checkpoint, legacy_state_files,
+                                    save_checkpoint)
 from first_stage.config import load_config, to_yaml
 from first_stage.losses import discriminator_step_loss
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
@@ -89,8 +90,9 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
     before = [p.detach().clone() for p in parts.raw_model.parameters()]
     train_step(accelerator, parts, config, state, batches)
     assert state.step == 1 and state.skipped_steps == 0 and state.upsized_images == 1
-    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * lr_factor(0, config.optimizer, 1000))
-    assert parts.disc_optimizer.param_groups[0]["lr"] == pytest.approx(parts.disc_lr * lr_factor(0, config.optimizer, 1000))
+    factor = lr_factor(0, config.optimizer, 1000)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * factor)
+    assert parts.disc_optimizer.param_groups[0]["lr"] == pytest.approx(parts.disc_lr * factor)
     trained = [p.detach().clone() for p in parts.raw_model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(before, trained))
     shadow = [s.clone() for s in parts.ema.shadow_params]
@@ -108,7 +110,8 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
 
     train_step(accelerator, parts, config, state, batches)
     assert state.consecutive_nonfinite == 0 and state.last_finite_step == 2
-    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * lr_factor(2, config.optimizer, 1000))
+    factor = lr_factor(2, config.optimizer, 1000)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * factor)
 
 
 class RunsCode:

@@ -9,36 +9,25 @@ saved); 143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (resume 
 """
 
 import argparse
-import ctypes
-import errno
 import json
 import math
 import os
-import signal
-import sys
 from pathlib import Path
 
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from first_stage.checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, TRAINING_STATE, CheckpointError, resolve_resume,
-                                   save_checkpoint, write_status)
-from first_stage.config import ConfigError, exported_weights, load_config, save_config, to_yaml
+from first_stage.checkpoint import CONFIG_FILE, TRAINING_STATE, resolve_resume, save_checkpoint
+from first_stage.config import exported_weights, load_config, save_config
 from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
+from first_stage.lifecycle import EXIT_NONFINITE, catch_stop_signals, claim_run, finish_run, run_main, stop_reason
 from first_stage.model import count_parameters
-from first_stage.perceptual import LPIPSWeightsError
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
-                                 sum_over_processes, train_step, trainer_states, validate)
+                                 run_files, sum_over_processes, train_step, trainer_states, validate)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-EXIT_NONFINITE = 2
-STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-FILE_SYSTEM_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
-                      errno.EDQUOT}
-RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", 143: "stopped", 130: "stopped"}  # status.json, by exit code
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
 INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
 
@@ -46,7 +35,8 @@ INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: quickstart)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. loss.kl_weight=1e-6")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override, e.g. regularizer.kl_weight=1e-6")
     parser.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from a checkpoint")
     parser.add_argument("--print-run-dir", action="store_true", help="print the run folder and exit (job scripts)")
     return parser.parse_args()
@@ -86,39 +76,6 @@ def infinite_batches(dataloader, accelerator, micro_batches_done: int, streaming
         epoch, skip = epoch + 1, 0
 
 
-def stop_with_launcher() -> None:
-    """Have the kernel send this process SIGTERM when its ``accelerate launch`` goes (Linux).
-
-    A single-process ``accelerate launch`` neither forwards SIGTERM to the trainer nor takes it along
-    when it dies: a pre-empted run would train on, orphaned, with no stop checkpoint. With the
-    parent-death signal it stops at the next step with a checkpoint, as on a direct SIGTERM. Only
-    under the launcher: a trainer started by a shell (``nohup python train/train.py &``) outlives it.
-    """
-    parent = os.getppid()
-    try:
-        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[:3]
-    except OSError:  # not Linux
-        return
-    if not any(Path(arg.decode(errors="replace")).name.startswith("accelerate") for arg in argv):
-        return
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        print(f"warning: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): the run will not stop "
-              "by itself if its launcher is killed", file=sys.stderr)
-    if os.getppid() != parent:  # the launcher went before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def leave_now(exit_code: int) -> None:
-    """End a process of a multi-process run here, without tearing down its DDP reducer and gloo
-    process group: their destructors join gloo's worker threads while holding the GIL, and a worker
-    still freeing its last work item needs the GIL — a deadlock at exit (torch issue #56297; it hung
-    one two-process test run here after the run had finished and written its status). Everything
-    the run writes is closed by now (checkpoints, export, status, trackers)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
-
-
 def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
     """Send to the Accelerate trackers and append to metrics.jsonl (main process)."""
     accelerator.log(logs, step=step)
@@ -127,21 +84,12 @@ def log(accelerator, logs: dict, step: int, run_dir: Path) -> None:
             f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
-def train(args: argparse.Namespace, config, run_dir: Path) -> int:
+def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
     """The run, ending with its status.json; returns the exit code."""
-    # Setup the accelerator:
     tcfg = config.train
-    accelerator = Accelerator(**accelerator_options(tcfg), log_with=trackers(tcfg.tracker),
-                              project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                                                  logging_dir=str(run_dir / "logs")))
     set_seed(tcfg.seed)
     if accelerator.is_main_process:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / CONFIG_FILE)
-        except OSError as err:
-            raise ConfigError(f"train.output_dir: cannot write the run folder {run_dir} ({err.strerror or err}); "
-                              "set train.output_dir to a writable folder") from None
+        save_config(config, run_dir / CONFIG_FILE)
     ckpt_root = run_dir / "checkpoints"
 
     # Setup data (a data error is reported here, before any step):
@@ -153,7 +101,7 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
                                           drop_last=False)))
     val_images = val_batch["pixel_values"].to(accelerator.device)
     if val_images.shape[0] == 0:
-        raise ValueError(f"no decodable validation image in {val_cfg}")
+        raise DataError(f"no decodable validation image in {describe(val_cfg)}")
     check_decodable(dataloader.dataset)
 
     # Setup model, losses, discriminator and optimisers:
@@ -173,16 +121,13 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
         accelerator.init_trackers(tcfg.run_name)
         accelerator.print(f"run {run_dir}: {count_parameters(parts.raw_model.vae) / 1e6:.2f} M parameters, "
                           f"{accelerator.num_processes} process(es), {accelerator.device}, {tcfg.mixed_precision}")
-    stop_signal = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-    stop_with_launcher()
+    stop_signal = catch_stop_signals()
 
     # Training loop: one optimiser step per iteration, then logging, validation, checkpoints, stopping.
     batches = infinite_batches(dataloader, accelerator, state.step * tcfg.grad_accum, config.data.streaming)
     progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     meter = StepMeter()
-    checkpoint_files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string()}
+    checkpoint_files = run_files(config, parts)
     exit_code, reason = 0, f"reached train.max_steps={tcfg.max_steps}"
     while state.step < tcfg.max_steps:
         logs = train_step(accelerator, parts, config, state, batches, meter, state.step in INJECT_NONFINITE)
@@ -214,8 +159,7 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
             exit_code = EXIT_NONFINITE
             break
         if stop:
-            received = stop_signal[0] if stop_signal else signal.SIGTERM  # another process's signal
-            exit_code, reason = STOP_SIGNALS[received], f"{signal.Signals(received).name} (resume with --resume latest)"
+            exit_code, reason = stop_reason(stop_signal)
             accelerator.print(f"stopping on signal at step {state.step}; resume with --resume latest")
             break
     progress.close()
@@ -234,50 +178,33 @@ def train(args: argparse.Namespace, config, run_dir: Path) -> int:
                               step=state.step, config=config, discriminator=parts.raw_discriminator,
                               logvar=parts.raw_model.logvar.item(),
                               projection=None if parts.raw_model.projection is None else
-                              parts.raw_model.projection.state_dict())
+                              parts.raw_model.projection.state_dict(), loss_terms=parts.loss_fn.card_lines())
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
-                                    gather=lambda t: accelerator.reduce(t, "sum"), is_main=accelerator.is_main_process)
+                                    accelerator)
         if report is not None:
-            accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {report['latent_stats']['scaling_factor']:.5f} "
-                              f"from {report['latent_stats']['num_images']} images; {report['fp16']['verdict']}")
-    if accelerator.is_main_process:
-        write_status(run_dir, RUN_STATES[exit_code], state.step, exit_code, reason)
-    # The other processes wait for the main one's export and status: a process that leaves early
-    # tears down the process group under it (gloo aborts with "terminate called without an active
-    # exception"), so nothing but leaving comes after this barrier.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.num_processes > 1:
-        leave_now(exit_code)
+            stats = report["latent_stats"]
+            accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {stats['scaling_factor']:.5f} "
+                              f"from {stats['num_images']} images; {report['fp16']['verdict']}")
+    finish_run(accelerator, run_dir, exit_code, state.step, reason)  # several processes leave here
     return exit_code
 
 
-def main():
+def main() -> int:
     args = parse_args()
     config = load_config(args.config, args.set)
     run_dir = Path(config.train.output_dir) / config.train.run_name
     if args.print_run_dir:
         print(run_dir)
-        return
-    try:
-        exit_code = train(args, config, run_dir)
-    except BaseException as err:  # the status names the failure; the traceback still follows
-        if PartialState().is_main_process:  # the state train()'s Accelerator set up
-            try:
-                write_status(run_dir, "failed", None, 1, f"{type(err).__name__}: {err}")
-            except OSError as status_err:  # a read-only or full run folder
-                print(f"could not write {run_dir / 'status.json'}: {status_err}", file=sys.stderr)
-        raise
-    sys.exit(exit_code)
+        return 0
+
+    # Setup the accelerator, and claim the run folder: a second trainer of the same run refuses here.
+    accelerator = Accelerator(**accelerator_options(config.train), log_with=trackers(config.train.tracker),
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(run_dir / "logs")))
+    with claim_run(accelerator, run_dir):  # an error inside marks the run failed in its status.json
+        return train(args, config, accelerator, run_dir)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, DataError, LPIPSWeightsError) as err:  # they name the file
-        sys.exit(f"error: {err}")
-    except OSError as err:  # a file-system error names its file; any other keeps its traceback
-        if err.errno not in FILE_SYSTEM_ERRORS:
-            raise
-        sys.exit(f"error: {err}")
+    run_main(main)
