@@ -132,7 +132,8 @@ class LossTerm(nn.Module):
         """Refuse image sizes the term would make too small for their consumers (needs the model)."""
 
     def build(self, vae, device: torch.device) -> nn.Module | None:
-        """A trained module the forward pass needs (placed in the DDP wrapper), or None."""
+        """A trained module the forward pass needs, or None. It is placed in the DDP wrapper's one slot for
+        it, ``AutoencoderWrapper.projection`` (checkpoints and exports know its weights as ``projection.*``)."""
         return None
 
     def plan(self, plan: ForwardPlan, draw: StepDraw) -> None:

@@ -173,14 +173,16 @@ def check_sizes(config: Config, perceptual: bool, factor: int) -> None:
         term.check_sizes(sizes)
 
 
-def build_loss(config: Config, vae, accelerator) -> tuple[GeneratorLoss, list[nn.Module]]:
+def build_loss(config: Config, vae, accelerator) -> tuple[GeneratorLoss, nn.Module | None]:
     """The generator loss with the run's terms (``first_stage.terms``) built and their size checks
-    passed, and the trained modules the terms add to the forward pass (the alignment projection)."""
+    passed, and the trained module a term adds to the forward pass (the alignment projection), or None."""
     perceptual = build_perceptual(config.loss, accelerator)
     check_sizes(config, perceptual is not None, downsampling_factor(vae.config))
     terms = build_terms(config)
-    modules = [term.build(vae, accelerator.device) for term in terms]
-    return GeneratorLoss(config.loss, terms, perceptual), [m for m in modules if m is not None]
+    heads = {term.name: head for term in terms if (head := term.build(vae, accelerator.device)) is not None}
+    if len(heads) > 1:  # the wrapper's one slot, whose weights checkpoints and exports know as projection.*
+        raise NotImplementedError(f"terms {sorted(heads)} each add a trained module; the training wrapper holds one")
+    return GeneratorLoss(config.loss, terms, perceptual), next(iter(heads.values()), None)
 
 
 def build_parts(config: Config, accelerator) -> TrainingParts:
@@ -192,10 +194,9 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     vae = build_autoencoder(config.model)
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
-    loss_fn, trained = build_loss(config, vae, accelerator)
+    loss_fn, projection = build_loss(config, vae, accelerator)
     perceptual = loss_fn.perceptual
-    # The one trained module a term adds today is the alignment projection.
-    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, *trained)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, projection)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
     if discriminator is not None and dcfg.init_from is not None:

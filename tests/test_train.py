@@ -205,8 +205,8 @@ def assert_same_training(run_a, run_b, extra_keys=()):
 
 # Every X-regulariser on at once: alignment (the tiny DINOv2), EQ-VAE transforms, the
 # scale-equivariance term and decoder noise. 32² crops keep every image at least 16 pixels (LPIPS)
-# and 12 (a two-layer discriminator); half-resolution steps (LOWRES) would make the scale term's
-# images 8 pixels, so they run where LPIPS is off.
+# and 12 (a two-layer discriminator); low-resolution steps (LOWRES, down to 0.5x) would make the
+# scale term's images 8 pixels, so they run where LPIPS is off.
 X_REGULARISERS = ["equivariance.enabled=true", "equivariance.min_scale=0.5", "equivariance.scale_weight=0.5",
                   "equivariance.scale_factors=[2]", "latent_noise.enabled=true", "latent_noise.probability=0.75",
                   "alignment.enabled=true", "discriminator.n_layers=2"]
