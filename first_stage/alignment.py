@@ -219,6 +219,7 @@ class AlignmentTerm(LossTerm):
     terms, ``a`` the adaptive weight at the encoder's last layer (or 1)."""
 
     name, section = "alignment", "alignment"
+    needs_vision_model = True
     bench_rows = {"alignment": ["alignment.enabled=true"],
                   # without the adaptive weight's extra backward
                   "alignment_fixed_weight": ["alignment.enabled=true", "alignment.adaptive=false"]}

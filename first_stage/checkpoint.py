@@ -255,7 +255,7 @@ def check_architecture(path: Path, autoencoder_config: dict, models: list[torch.
         found = [f"{AUTOENCODER_CONFIG}: {line}" for line in _differences(
             {k: v for k, v in saved.items() if k not in ignored},
             {k: v for k, v in autoencoder_config.items() if k not in ignored})] + found
-    run_config = path.parent.parent / CONFIG_FILE
+    run_config = path / CONFIG_FILE  # the config the checkpoint was written under (the run's own copy is the same)
     # Alignment projections had a bias before they followed VA-VAE's bias-free linear_proj.
     bias = ("\nThe checkpoint's alignment projection has a bias: add --set alignment.projection_bias=true"
             if any(line.split(": ", 1)[-1].startswith("projection.bias: (") for line in found) else "")

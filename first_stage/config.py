@@ -399,6 +399,26 @@ def checked(config: Config, source: str) -> Config:
     return config
 
 
+# Keys added after runs were saved with the behaviour they now switch off, and the value that keeps it
+# (alignment and equivariance followed VA-VAE and EQ-VAE by default from first-stage 0.3). A saved
+# config is the whole resolved config, so a key it lacks was not there when the run started.
+FORMER_DEFAULTS = {"alignment.normalize": True, "alignment.interpolation": "bicubic", "alignment.antialias": True,
+                   "alignment.projection_bias": True, "equivariance.antialias": True, "equivariance.lowres_half": True}
+
+
+def changed_since(saved: dict, config: Config) -> list[str]:
+    """``--set`` assignments that keep what a run saved as ``saved`` (its config.yaml, as a dict) trained
+    with, for each key of :data:`FORMER_DEFAULTS` it lacks whose value in ``config`` differs, in an
+    enabled section."""
+    keep = []
+    for key, former in FORMER_DEFAULTS.items():
+        section, name = key.split(".")
+        current = getattr(getattr(config, section), name)
+        if getattr(config, section).enabled and name not in (saved.get(section) or {}) and current != former:
+            keep.append(f"{key}={str(former).lower() if isinstance(former, bool) else former}")
+    return keep
+
+
 def exported_weights(config: Config) -> str:
     """The weights a run's export takes: ``export.weights``, or the raw ones when it kept no EMA."""
     return config.export.weights if config.train.ema else "raw"

@@ -258,7 +258,9 @@ class ScaleEquivarianceTerm(EquivarianceSectionTerm):
         plan.scale_factors = self.config.equivariance.scale_factors
         plan.antialias = self.config.equivariance.antialias
 
-    def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor, dict]:
+    def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor | None, dict]:
+        if not out.scaled:  # a forward pass made without this term's plan
+            return None, {}
         reduction = self.config.loss.reduction
         scale_loss = sum(sum_reduce(ctx.base.reconstruction_loss(xs, rs)[0], reduction) for xs, rs in out.scaled)
         return self.config.equivariance.scale_weight * scale_loss, {"train/loss/scale_eq": scale_loss.item()}

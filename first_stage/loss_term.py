@@ -114,6 +114,7 @@ class LossTerm(nn.Module):
     shapes_vary: ClassVar[bool] = False
     bench_rows: ClassVar[dict[str, list[str]]] = {}
     study_variant: ClassVar[tuple[str, list[str], str] | None] = None  # (name, overrides, why)
+    needs_vision_model: ClassVar[bool] = False  # a frozen vision model on disk (alignment.model)
 
     def __init__(self, config: Config):
         super().__init__()

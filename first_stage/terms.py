@@ -28,10 +28,10 @@ def check_config(config: Config) -> None:
     """Range and cross-section checks of a loaded config, naming the key: the run's own sections,
     then every registered term's (what needs the built model is checked by ``build_parts``)."""
     refuse_below(config, 1, "train.batch_size", "train.grad_accum", "train.log_every", "train.image_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite", "data.resolution",
-                 "export.calibration_images", "data.prefetch_factor")
+                 "train.checkpoint_every", "train.max_nonfinite", "data.resolution", "export.calibration_images",
+                 "data.prefetch_factor")
     refuse_below(config, 0, "train.max_steps", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.lr",
-                 "loss.perceptual_weight", "data.num_workers")
+                 "loss.perceptual_weight", "data.num_workers")  # train.keep_checkpoints <= 0 keeps them all
     if not 0 <= config.train.ema_decay <= 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1], got {config.train.ema_decay}")
     if not 0 <= config.optimizer.final_lr_ratio <= 1:
@@ -57,9 +57,10 @@ def bench_rows() -> dict[str, list[str]]:
     return {row: sets for term in TERMS.values() for row, sets in term.bench_rows.items()}
 
 
-def study_variants() -> dict[str, tuple[str, list[str], str]]:
-    """The KL study's term variants: variant name → (term name, ``--set`` overrides, why)."""
-    return {t.study_variant[0]: (name, *t.study_variant[1:]) for name, t in TERMS.items() if t.study_variant}
+def study_variants() -> dict[str, tuple[list[str], str, bool]]:
+    """The KL study's term variants: variant name → (``--set`` overrides, why, whether it needs a vision
+    model on disk: ``LossTerm.needs_vision_model``)."""
+    return {t.study_variant[0]: (*t.study_variant[1:], t.needs_vision_model) for t in TERMS.values() if t.study_variant}
 
 
 def card_lines(config: Config) -> list[str]:

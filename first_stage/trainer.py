@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
                          build_autoencoder, check_architecture, check_checkpoint, read_state, trainer_state_file)
-from .config import Config, LossConfig, OptimizerConfig, TrainConfig, to_yaml
+from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
@@ -253,13 +254,20 @@ def trainer_states(parts: TrainingParts) -> dict[str, object]:
     return {file: getattr(parts, name) for name, file in TRAINER_STATES.items() if getattr(parts, name) is not None}
 
 
-def restore(accelerator, parts: TrainingParts, path: Path) -> TrainingState:
+def restore(accelerator, parts: TrainingParts, path: Path, config: Config | None = None) -> TrainingState:
     """Resume from checkpoint folder ``path``: every file is checked first (nothing restored from a
     folder with a corrupt file, a pickle that would run code, or weights of another architecture),
-    then Accelerate's state (models, optimiser, RNG) and the trainer's own. Returns the run's counters."""
+    then Accelerate's state (models, optimiser, RNG) and the trainer's own. Returns the run's counters.
+    With the run's ``config``, a checkpoint saved before a key that changes its objective existed is
+    resumed with a warning that gives the ``--set`` to keep what it trained with."""
     check_checkpoint(path)
     models = [parts.raw_model] + ([parts.raw_discriminator] if parts.raw_discriminator is not None else [])
     check_architecture(path, json.loads(parts.raw_model.vae.to_json_string()), models)
+    keep = changed_since(yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, config) if config else []
+    if keep:
+        accelerator.print(f"warning: {path} was trained before " + ", ".join(k.split("=")[0] for k in keep)
+                          + " existed; this config switches what it trained with. To keep it, resume with "
+                          + " ".join(f"--set {k}" for k in keep))
     legacy = sorted(path.glob("custom_checkpoint_*.pkl"))  # first-stage 0.1: Accelerate would unpickle them
     with tempfile.TemporaryDirectory() as view:
         if legacy:  # Accelerate refuses a folder with more custom_checkpoint files than registered objects

@@ -118,8 +118,8 @@ def variants(steps: int, alignment_model: str | None = None) -> dict[str, tuple[
                            f"the SD default with the PatchGAN from step {steps // 3}, a third of the budget")
     # Every loss term's own variant (first_stage.terms), each on the SD default (docs/training.md); the
     # alignment variant needs a vision model on disk.
-    for name, (term, sets, why) in study_variants().items():
-        if term != "alignment":
+    for name, (sets, why, needs_vision_model) in study_variants().items():
+        if not needs_vision_model:
             table[name] = (sets, why)
         elif alignment_model:
             table[name] = (sets + [f"alignment.model={alignment_model}"], why)

@@ -52,7 +52,7 @@ def test_resume_errors_name_the_problem(tmp_path):
 
 def test_resume_into_another_architecture_names_what_differs(tmp_path, tiny_vae):
     """A checkpoint of the tiny preset, resumed into 8 latent channels: refused with the setting, the
-    weights and shapes that differ, and the run's own config (outputs/<run>/config.yaml)."""
+    weights and shapes that differ, and the config the checkpoint was written under."""
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-4"
     ckpt.mkdir(parents=True)
     (ckpt / AUTOENCODER_CONFIG).write_text(tiny_vae.to_json_string())
@@ -65,7 +65,7 @@ def test_resume_into_another_architecture_names_what_differs(tmp_path, tiny_vae)
     message = str(refused.value)
     assert "latent_channels: 4 in the checkpoint, 8 in this config" in message
     assert "model.safetensors: encoder.conv_out.weight: (8, 64, 3, 3) in the checkpoint, (16, 64, 3, 3)" in message
-    assert f"--config {tmp_path / 'run' / CONFIG_FILE}" in message
+    assert f"--config {ckpt / CONFIG_FILE}" in message
 
 
 def test_resume_of_a_projection_with_a_bias_says_which_key_to_set(tmp_path, tiny_vae):

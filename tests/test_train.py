@@ -168,7 +168,8 @@ def test_exact_resume(tmp_path, vgg_file):
             da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
             assert str(da) == str(db), extra
     # Resuming with a config of another architecture is refused before anything is loaded, naming
-    # what differs and the run's own config.
+    # what differs and the config the checkpoint was written under; the run's config.yaml is kept.
+    run_config = (resumed / CONFIG_FILE).read_text()
     refused, _ = run_train(tmp_path, "resumed", "train.max_steps=8", "model.preset=sd-f8c4", vgg_file=vgg_file,
                            resume="latest", check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
@@ -176,8 +177,10 @@ def test_exact_resume(tmp_path, vgg_file):
     assert "block_out_channels: [32, 64] in the checkpoint, [128, 256, 512, 512] in this config" in refused.stderr
     assert "vae.encoder.conv_in.weight: (32, 3, 3, 3) in the checkpoint, (128, 3, 3, 3) in this config" \
         in refused.stderr
-    assert f"--config {resumed / CONFIG_FILE}" in refused.stderr
+    latest = max((resumed / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert f"--config {latest / CONFIG_FILE}" in refused.stderr
     assert train_losses(resumed) == losses_a  # nothing was trained or logged
+    assert (resumed / CONFIG_FILE).read_text() == run_config
 
 
 def assert_same_training(run_a, run_b, extra_keys=()):

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from first_stage.checkpoint import (AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
+from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
                                     TRAINING_STATE, CheckpointError, check_checkpoint, legacy_state_files,
                                     save_checkpoint)
-from first_stage.config import load_config, to_yaml
+from first_stage.config import changed_since, load_config, to_dict, with_overrides
 from first_stage.losses import discriminator_step_loss
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
-                                 note_layout, posterior_noise, restore, train_step, trainer_states)
+                                 note_layout, posterior_noise, restore, run_files, train_step, trainer_states)
 
 TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "discriminator.enabled=true",
         "discriminator.start=0", "discriminator.channels=16", "optimizer.warmup_steps=4"]
@@ -128,9 +129,27 @@ def trained_checkpoint(parts, config, accelerator, images, root: Path) -> Path:
     """A real checkpoint of one training step, as train/train.py writes it."""
     state = TrainingState()
     train_step(accelerator, parts, config, state, iter([{"pixel_values": images, "skipped": 0, "upsized": 0}]))
-    files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
-             TRAINING_STATE: json.dumps(state.state_dict())}
+    files = {**run_files(config, parts), TRAINING_STATE: json.dumps(state.state_dict())}
     return save_checkpoint(accelerator, root, state.step, files, 0, trainer_states(parts))
+
+
+def test_a_checkpoint_saved_before_the_anchors_defaults_is_resumed_with_how_to_keep_its_objective(
+        parts_and_accelerator, images, tmp_path, capsys):
+    config, parts, accelerator = parts_and_accelerator
+    ckpt = trained_checkpoint(parts, config, accelerator, images, tmp_path / "run" / "checkpoints")
+    saved = to_dict(config)
+    for key in ("antialias", "lowres_half"):  # the keys a config of first-stage 0.2 lacks
+        del saved["equivariance"][key]
+    (ckpt / CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    eq = with_overrides(config, ["equivariance.enabled=true"])
+    assert changed_since(saved, config) == []  # equivariance off: nothing it trained with changes
+    assert changed_since(saved, eq) == ["equivariance.antialias=true", "equivariance.lowres_half=true"]
+    assert restore(accelerator, parts, ckpt, eq).step == 1
+    assert ("trained before equivariance.antialias, equivariance.lowres_half existed; this config switches what it "
+            "trained with. To keep it, resume with --set equivariance.antialias=true --set equivariance.lowres_half"
+            "=true") in capsys.readouterr().out
+    kept = with_overrides(eq, ["equivariance.antialias=true", "equivariance.lowres_half=true"])
+    assert changed_since(saved, kept) == [] and changed_since(to_dict(eq), eq) == []
 
 
 def test_resume_refuses_any_file_that_would_run_code(parts_and_accelerator, images, tmp_path):

@@ -88,8 +88,6 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
     """The run, ending with its status.json; returns the exit code."""
     tcfg = config.train
     set_seed(tcfg.seed)
-    if accelerator.is_main_process:
-        save_config(config, run_dir / CONFIG_FILE)
     ckpt_root = run_dir / "checkpoints"
 
     # Setup data (a data error is reported here, before any step):
@@ -113,11 +111,12 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
     state = TrainingState()
     if args.resume:
         resume_dir = resolve_resume(args.resume, ckpt_root)
-        state = restore(accelerator, parts, resume_dir)
+        state = restore(accelerator, parts, resume_dir, config)
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     note_layout(accelerator, state)
     parts.ema.to(accelerator.device)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # after a resume was accepted: a refused one keeps the run's config
+        save_config(config, run_dir / CONFIG_FILE)
         accelerator.init_trackers(tcfg.run_name)
         accelerator.print(f"run {run_dir}: {count_parameters(parts.raw_model.vae) / 1e6:.2f} M parameters, "
                           f"{accelerator.num_processes} process(es), {accelerator.device}, {tcfg.mixed_precision}")
