@@ -38,7 +38,7 @@ from .config import DataConfig
 from .data import DataError, describe
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
-from .latent_stats import GAUSSIAN_TAIL
+from .latent_stats import GAUSSIAN_TAIL, reduce_sum
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
 # s does not halve that often exactly), so the lowest resolution is at least 4×4 (f8 latents get a level
@@ -116,9 +116,7 @@ def held_out_loss(model, latents: torch.Tensor, ids: list[int], grid: torch.Tens
             with accelerator.autocast():
                 sums[k] += flow_loss(model, x0, noise.to(accelerator.device), tt).double().sum().cpu()
     model.train()
-    if world > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-    return sums / len(latents)
+    return reduce_sum(accelerator, sums) / len(latents)
 
 
 def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, batch_size: int, seed: int,

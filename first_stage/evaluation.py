@@ -27,7 +27,7 @@ from .checkpoint import load_vae
 from .config import Config, DataConfig, with_overrides
 from .data import DataError, available_images, calibration_batches, describe
 from .latent_norm import LatentNormalizer
-from .latent_stats import LatentStatistics, carried_and_implied
+from .latent_stats import LatentStatistics, carried_and_implied, reduce_sum
 from .model import cast, downsampling_factor
 
 
@@ -68,11 +68,6 @@ def stream_images(accelerator, data: DataConfig, num_images: int, batch_size: in
             if batch["pixel_values"].shape[0]:  # every image of a batch may be undecodable
                 items += measure({**batch, "pixel_values": batch["pixel_values"].to(accelerator.device)})
     return sorted(gather_object(items), key=lambda item: item[0]), gather_object(skipped)
-
-
-def reduce_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over processes, on the CPU."""
-    return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
 
 
 def build_fid(path: str | None, device):

@@ -293,9 +293,9 @@ def export_autoencoder(
         verification = {"images": x.shape[0], "tolerance": tolerance,
                         "diffusers": output_difference(exported, reloaded, x),
                         "cast_from_fp32": output_difference(vae, exported, x)}
-        if LatentNormalizer.from_vae_config(reloaded.config) != norm:
-            raise ExportError(f"config.json reads as {LatentNormalizer.from_vae_config(reloaded.config)}, "
-                              f"expected {norm}")
+        read_back = LatentNormalizer.from_vae_config(reloaded.config)
+        if read_back != norm:
+            raise ExportError(f"config.json reads as {read_back}, expected {norm}")
         if single_path is not None:
             if attention_in_levels(exported.config):
                 # diffusers' from_single_file (0.3x-0.4x) reads no attention inside levels: it would

@@ -56,6 +56,13 @@ def latent_sums(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)), count], 1).cpu()
 
 
+def reduce_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the accelerator's processes, on the CPU (``t`` itself with one process or none)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return t
+    return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
+
+
 def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor], accelerator=None) -> dict:
     """Mean and std of posterior samples ``z = μ + σ·ε`` over all images, globally and per channel.
 
@@ -74,10 +81,8 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor], ac
         images += x.shape[0]
     if sums is None:
         sums = torch.zeros(vae.config.latent_channels, 4, dtype=torch.float64)
-    if accelerator is not None and accelerator.num_processes > 1:
-        packed = torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]).to(accelerator.device)
-        packed = accelerator.reduce(packed, "sum")
-        sums, images = packed[:-1].cpu().view_as(sums), int(packed[-1].item())
+    packed = reduce_sum(accelerator, torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]))
+    sums, images = packed[:-1].view_as(sums), int(packed[-1].item())
     if images == 0:
         raise ValueError("measure_latent_stats: no calibration image could be read")
     sum_mu, sum_mu2, sum_var, count = sums.unbind(1)  # each (C,)

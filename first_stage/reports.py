@@ -22,7 +22,6 @@ from . import __version__
 from .checkpoint import BUNDLE_DIR
 from .config import Config, DataConfig
 from .data import describe, preprocessing
-from .latent_norm import LatentNormalizer
 from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
 from .model import downsampling_factor
 
@@ -462,7 +461,7 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
         + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
                     for k, v in scale.items()) + ".",
-        f"How pipelines read it: {LatentNormalizer.from_vae_config(vae.config).describe()}; they decode the inverse.",
+        f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
         "",
         "## fp16",
         "",

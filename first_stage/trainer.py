@@ -163,14 +163,15 @@ def compile_step(config: Config, vae, perceptual: nn.Module | None, discriminato
                      static=not shapes_vary(config))
 
 
-def check_sizes(config: Config, perceptual: bool, factor: int) -> None:
-    """Every term's size checks, before the first step: the images a term makes must be at least what
-    LPIPS (when ``perceptual`` loaded), the discriminator and the latent grid (``factor``) take."""
+def check_sizes(config: Config, perceptual: bool, factor: int, terms: list | None = None) -> None:
+    """Every term's size checks (of ``terms``, default the config's), before the first step: the images a
+    term makes must be at least what LPIPS (when ``perceptual`` loaded), the discriminator and the latent
+    grid (``factor``) take."""
     dcfg = config.discriminator
     lpips_on = perceptual and config.loss.perceptual_weight > 0
     sizes = BuiltSizes(factor=factor, lpips_side=LPIPS_MIN_SIDE if lpips_on else 1,
                        discriminator_side=discriminator_side(dcfg) if dcfg.enabled else 1)
-    for term in build_terms(config):
+    for term in build_terms(config) if terms is None else terms:
         term.check_sizes(sizes)
 
 
@@ -178,8 +179,8 @@ def build_loss(config: Config, vae, accelerator) -> tuple[GeneratorLoss, nn.Modu
     """The generator loss with the run's terms (``first_stage.terms``) built and their size checks
     passed, and the trained module a term adds to the forward pass (the alignment projection), or None."""
     perceptual = build_perceptual(config.loss, accelerator)
-    check_sizes(config, perceptual is not None, downsampling_factor(vae.config))
     terms = build_terms(config)
+    check_sizes(config, perceptual is not None, downsampling_factor(vae.config), terms)
     heads = {term.name: head for term in terms if (head := term.build(vae, accelerator.device)) is not None}
     if len(heads) > 1:  # the wrapper's one slot, whose weights checkpoints and exports know as projection.*
         raise NotImplementedError(f"terms {sorted(heads)} each add a trained module; the training wrapper holds one")
