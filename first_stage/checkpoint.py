@@ -4,9 +4,10 @@
   complete). The Accelerator is handed in, never constructed here.
 - Discovery and resume: :func:`checkpoint_dirs`, :func:`resolve_resume`.
 - Reading: :func:`load_vae` takes any source — a training run folder (its newest checkpoint), a
-  checkpoint folder, a diffusers ``AutoencoderKL`` folder, or a latent-diffusion single file
-  (``.safetensors``/``.ckpt``, with its discriminator and log-variance when it holds them) — and is
-  what ``model.init_from``, ``scripts/export.py`` and both ``eval/`` scripts call.
+  checkpoint folder, a diffusers ``AutoencoderKL`` or ``AutoencoderKLFlux2`` folder, a latent-diffusion
+  single file (``.safetensors``/``.ckpt``, with its discriminator and log-variance when it holds them), or
+  a FLUX.2 VAE in Black Forest Labs' layout (``ae.safetensors``) — and is what ``model.init_from``,
+  ``scripts/export.py`` and the ``eval/`` scripts call.
 
 A checkpoint folder ``checkpoint-<step>/`` holds Accelerate's files (prepared models as
 ``model.safetensors``, ``model_1.safetensors``; the optimiser, RNG states) and this package's:
@@ -34,8 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .config import Config, ModelConfig, exported_weights, load_config
-from .convert import autoencoder_from_ldm, read_weights, split_ldm_checkpoint, vavae_projection
-from .model import new_autoencoder
+from .convert import (autoencoder_from_bfl, autoencoder_from_ldm, check_batch_norm, is_bfl_layout, read_weights,
+                      split_ldm_checkpoint, vavae_projection)
+from .model import Autoencoder, autoencoder_from_config, class_of_config, new_autoencoder
 
 
 def accelerate_model_file(index: int) -> str:
@@ -68,6 +70,9 @@ DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
 CONFIG_FILE = "config.yaml"  # the resolved training config
 AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config
 TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
+# A FLUX.2-class run started from released weights: {"source", "fingerprint"} of its encoder and BatchNorm at
+# the start (first_stage.model.encoder_fingerprint), so the export can tell whether they still hold.
+ENCODER_ORIGIN = "encoder_origin.json"
 LOSS_TERMS = "loss_terms.json"  # what trained the weights, a model-card line per term (GeneratorLoss.card_lines)
 STATUS_FILE = "status.json"  # <run>/status.json: how the run's last process ended (write_status)
 
@@ -301,7 +306,7 @@ class LoadedVAE:
     """
 
     path: Path
-    vae: AutoencoderKL
+    vae: Autoencoder
     weights: str = "as stored"  # of a checkpoint: "ema" or "raw"
     config: Config | None = None
     step: int | None = None
@@ -309,6 +314,7 @@ class LoadedVAE:
     logvar: float | None = None
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection of a checkpoint
     loss_terms: list[str] | None = None  # of a checkpoint: what trained the weights (LOSS_TERMS)
+    encoder_origin: dict | None = None  # of a FLUX.2-class checkpoint started from released weights (ENCODER_ORIGIN)
 
 
 def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
@@ -319,7 +325,7 @@ def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
     return legacy if not file.is_file() and legacy.is_file() else file
 
 
-def _read_ema(path: Path, vae: AutoencoderKL, discriminator: bool) -> None:
+def _read_ema(path: Path, vae: Autoencoder, discriminator: bool) -> None:
     """Copy the EMA weights of checkpoint ``path`` into ``vae``, through diffusers' ``EMAModel`` (the
     class training saved them from)."""
     file = trainer_state_file(path, "ema", discriminator)
@@ -350,7 +356,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         weights = exported_weights(config)
     arch = path / AUTOENCODER_CONFIG
     if arch.is_file():
-        vae = AutoencoderKL.from_config(json.loads(arch.read_text()))
+        vae = autoencoder_from_config(json.loads(arch.read_text()), str(arch))
     elif config.model.init_from is None:
         vae = new_autoencoder(config.model)
     else:
@@ -372,6 +378,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         logvar=float(state["logvar"]) if "logvar" in state else None,
         projection={k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")} or None,
         loss_terms=json.loads((path / LOSS_TERMS).read_text()) if (path / LOSS_TERMS).is_file() else None,
+        encoder_origin=json.loads((path / ENCODER_ORIGIN).read_text()) if (path / ENCODER_ORIGIN).is_file() else None,
     )
 
 
@@ -410,24 +417,50 @@ def load_vae(source: str | Path, weights: str | None = "ema", single_file_config
         if path.suffix == ".safetensors":
             check_weights_readable(path)
         if single_file_config is not None:
-            return LoadedVAE(path, AutoencoderKL.from_single_file(str(path), config=str(single_file_config)).eval())
+            return LoadedVAE(path, _single_file_with_config(path, Path(single_file_config)).eval())
         state, metadata = read_weights(path)
         vae_state, discriminator, logvar = split_ldm_checkpoint(state)
-        vae = autoencoder_from_ldm(vae_state, metadata, overrides).eval()
+        if is_bfl_layout(vae_state):  # FLUX.2's ae.safetensors
+            vae = autoencoder_from_bfl(vae_state, str(path.resolve()), metadata, overrides).eval()
+        else:
+            vae = autoencoder_from_ldm(vae_state, metadata, overrides, str(path.resolve())).eval()
         return LoadedVAE(path, vae, discriminator=discriminator or None,
                          logvar=None if logvar is None else float(logvar),
                          projection=vavae_projection(state, vae.config.latent_channels))  # a VA-VAE's linear_proj
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no VAE at {path.resolve()}: expected a training run (checkpoints/), a checkpoint "
-            f"({TRAINING_STATE}), a diffusers AutoencoderKL folder ({path.resolve() / 'config.json'}) "
-            "or a latent-diffusion weight file")
-    for file in sorted(path.glob("diffusion_pytorch_model*.safetensors")):  # the diffusers weights, sharded or not
+            f"({TRAINING_STATE}), a diffusers AutoencoderKL or AutoencoderKLFlux2 folder "
+            f"({path.resolve() / 'config.json'}) or a latent-diffusion or BFL weight file")
+    config = json.loads((path / "config.json").read_text())
+    cls = class_of_config(config, str(path.resolve() / "config.json"))
+    files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))  # the diffusers weights, sharded or not
+    for file in files:
         check_weights_readable(file)
-    return LoadedVAE(path, AutoencoderKL.from_pretrained(path).eval())
+    if cls.__name__ == "AutoencoderKLFlux2":
+        # from_pretrained only warns when the BatchNorm statistics are missing, and goes on with mean 0, var 1
+        stored = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                stored.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("bn.")})
+        where = str(files[0].resolve()) if len(files) == 1 else f"{path.resolve()} (its weight shards)"
+        patches = config.get("patch_size", [2, 2])
+        check_batch_norm(stored, config.get("latent_channels", 32) * patches[0] * patches[1], where)
+    return LoadedVAE(path, cls.from_pretrained(path).eval())
 
 
-def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+def _single_file_with_config(path: Path, config_dir: Path) -> Autoencoder:
+    """A single file whose architecture a diffusers folder's config.json gives (``from_single_file(config=)``;
+    diffusers' from_single_file refuses AutoencoderKLFlux2, so this package's import reads a BFL file)."""
+    config = json.loads((config_dir / "config.json").read_text())
+    if class_of_config(config, str(config_dir / "config.json")).__name__ == "AutoencoderKLFlux2":
+        state, _ = read_weights(path)
+        return autoencoder_from_bfl(split_ldm_checkpoint(state)[0], str(path.resolve()),
+                                    {"autoencoder_config": json.dumps(config)})
+    return AutoencoderKL.from_single_file(str(path), config=str(config_dir))
+
+
+def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
     """The autoencoder a training config asks for: loaded from ``cfg.init_from`` (any source
     :func:`load_vae` takes; the EMA weights of a run) or freshly initialised from the preset."""
     if cfg.init_from is None:

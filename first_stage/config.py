@@ -237,8 +237,12 @@ class ExportConfig:
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     # "global": scaling_factor = 1/std and shift_factor = mean (SD 1.x/2.x, SD3, FLUX pipelines);
     # "per_channel": latents_mean/latents_std per channel and scaling_factor 1 (SDXL-style pipelines).
-    latent_norm: Literal["global", "per_channel"] = "global"
-    single_file: bool = True  # also write vae_ldm.safetensors in the latent-diffusion key layout
+    # "batch_norm": the BatchNorm over 2x2 patches of an AutoencoderKLFlux2, which exports it whatever this says
+    # ("global" included) except "per_channel", which it refuses.
+    latent_norm: Literal["global", "per_channel", "batch_norm"] = "global"
+    # also write the single file: vae_ldm.safetensors in the latent-diffusion key layout, or for an
+    # AutoencoderKLFlux2 ae.safetensors in Black Forest Labs' layout
+    single_file: bool = True
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,27 @@ as 1x1 convolutions, ``nin_shortcut``, ``norm_out``. The map below is written as
 diffusers' key names, so it covers every architecture ``AutoencoderKL`` can express (any number of
 levels and layers per block, any widths, attention in levels or not, with or without the quant
 convs), and the same rules run backwards for the import.
+
+Black Forest Labs' layout of FLUX.2's VAE (``black-forest-labs/flux2`` ``src/flux2/autoencoder.py``,
+``ae.safetensors``, loaded with ``strict=True``) is the same layout with ``quant_conv`` under ``encoder.``,
+``post_quant_conv`` under ``decoder.``, and the BatchNorm's ``bn.running_mean``, ``bn.running_var`` (and,
+optionally, ``bn.num_batches_tracked``): :func:`to_bfl_state_dict` and :func:`from_bfl_state_dict` move
+those keys and use the latent-diffusion rules for the rest.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKLFlux2
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .model import AUTOENCODER_ARGS
+from .model import CLASS_ARGS, Autoencoder, class_of_config
 
 # Prefixes under which whole-model checkpoints hold the autoencoder (SD 1.x/2.x/XL checkpoints,
 # some VAE-only files). A latent-diffusion autoencoder checkpoint has no prefix.
@@ -92,7 +99,7 @@ def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
     return _map_levels(key, num_levels, to_ldm=False)
 
 
-def to_ldm_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+def to_ldm_state_dict(vae: Autoencoder) -> dict[str, torch.Tensor]:
     """The autoencoder's weights under latent-diffusion names; attention projections become
     (C, C, 1, 1) convolutions as in latent-diffusion's ``AttnBlock``."""
     levels = len(vae.config.block_out_channels)
@@ -143,7 +150,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def split_ldm_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor | None]:
     """(VAE weights without prefix, discriminator weights, log-variance or None) of a checkpoint."""
     prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in state)), "")
-    parts = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+    parts = ("encoder", "decoder", "quant_conv", "post_quant_conv", "bn")
     vae = {k[len(prefix):]: v for k, v in state.items()
            if k.startswith(prefix) and k[len(prefix):].split(".")[0] in parts}
     if not vae:
@@ -175,6 +182,7 @@ def infer_autoencoder_config(state: dict[str, torch.Tensor], norm_num_groups: in
     levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
     channels = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels))
+    decoder = tuple(state[f"decoder.up.{i}.block.0.conv1.weight"].shape[0] for i in range(levels))
     return {
         "in_channels": state["encoder.conv_in.weight"].shape[1],
         "out_channels": state["decoder.conv_out.weight"].shape[0],
@@ -190,12 +198,15 @@ def infer_autoencoder_config(state: dict[str, torch.Tensor], norm_num_groups: in
         "use_quant_conv": "quant_conv.weight" in state,
         "use_post_quant_conv": "post_quant_conv.weight" in state,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state,
+        # a narrower decoder (AutoencoderKLFlux2 only: AutoencoderKL builds the decoder with the encoder's widths)
+        "decoder_block_out_channels": decoder if decoder != channels else None,
     }
 
 
 def autoencoder_from_ldm(vae_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                         overrides: dict | None = None) -> AutoencoderKL:
-    """An ``AutoencoderKL`` holding latent-diffusion VAE weights (no prefix); every key must match.
+                         overrides: dict | None = None, where: str = "the weights") -> Autoencoder:
+    """An ``AutoencoderKL`` holding latent-diffusion VAE weights (no prefix), or an ``AutoencoderKLFlux2``
+    when they hold a BatchNorm (``bn.*``); every key must match.
 
     The architecture comes from the file's metadata (files written by this package carry
     ``autoencoder_config``) or from the weight shapes (:func:`infer_autoencoder_config`), then ``overrides``.
@@ -204,8 +215,14 @@ def autoencoder_from_ldm(vae_state: dict[str, torch.Tensor], metadata: dict[str,
         config = json.loads(metadata["autoencoder_config"])
     else:
         config = infer_autoencoder_config(vae_state)
-    config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in AUTOENCODER_ARGS}
-    vae = AutoencoderKL(**config)
+        if any(k.startswith("bn.") for k in vae_state):
+            config["_class_name"] = "AutoencoderKLFlux2"
+    cls = class_of_config(config, where)
+    if cls is AutoencoderKLFlux2:
+        patches = math.prod((overrides or {}).get("patch_size", config.get("patch_size", BFL_PATCH)))
+        check_batch_norm(vae_state, config.get("latent_channels", 32) * patches, where)
+    config = {k: v for k, v in {**config, **(overrides or {})}.items() if k in CLASS_ARGS[cls.__name__]}
+    vae = cls(**config)
     converted = from_ldm_state_dict(vae_state, len(vae.config.block_out_channels))
     missing, unexpected = vae.load_state_dict(converted, strict=False)
     if missing or unexpected:
@@ -213,3 +230,93 @@ def autoencoder_from_ldm(vae_state: dict[str, torch.Tensor], metadata: dict[str,
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     return vae
+
+
+# BFL's FLUX.2 AutoEncoder keeps the quant convs inside the encoder and decoder.
+_BFL_MOVES = (("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv."))
+BFL_BATCH_NORM = ("bn.running_mean", "bn.running_var")  # required; bn.num_batches_tracked is optional
+BFL_EPS, BFL_PATCH = 1e-4, (2, 2)  # hard-coded in BFL's AutoEncoder (bn_eps, ps), so no file carries them
+BFL_FILE_NAME = "ae.safetensors"  # as BFL names theirs
+
+
+def is_bfl_layout(state: dict[str, torch.Tensor]) -> bool:
+    """Whether weights are in BFL's FLUX.2 layout: quant convs under ``encoder.``/``decoder.``, or a ``bn``."""
+    return any(k.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.", "bn.")) for k in state)
+
+
+def check_batch_norm(state: dict[str, torch.Tensor], channels: int, where: str) -> None:
+    """Refuse FLUX.2-class weights whose BatchNorm statistics are missing or misshapen, naming the key:
+    diffusers would go on with mean 0 and variance 1, a normalisation nobody trained a diffusion model on."""
+    for key in BFL_BATCH_NORM:
+        if key not in state:
+            raise ValueError(f"{where}: no {key}: the FLUX.2 BatchNorm statistics that normalise its latents are "
+                             "missing")
+        if tuple(state[key].shape) != (channels,):
+            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected ({channels},) "
+                             "(4 patch channels per latent channel)")
+        if not torch.isfinite(state[key]).all() or (key.endswith("var") and (state[key] < 0).any()):
+            raise ValueError(f"{where}: {key} holds non-finite or negative values")
+
+
+def to_bfl_state_dict(vae: AutoencoderKLFlux2) -> dict[str, torch.Tensor]:
+    """An ``AutoencoderKLFlux2``'s weights in BFL's ``AutoEncoder`` layout, the BatchNorm statistics in float32."""
+    out = {}
+    for key, value in to_ldm_state_dict(vae).items():
+        for ours, theirs in _BFL_MOVES:
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+        out[key] = value.float() if key in BFL_BATCH_NORM else value
+    return out
+
+
+def from_bfl_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL-layout weights → the latent-diffusion layout this module imports (quant convs at the top)."""
+    out = {}
+    for key, value in state.items():
+        for ours, theirs in _BFL_MOVES:
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+        out[key] = value
+    return out
+
+
+def autoencoder_from_bfl(state: dict[str, torch.Tensor], where: str, metadata: dict[str, str] | None = None,
+                         overrides: dict | None = None) -> AutoencoderKLFlux2:
+    """An ``AutoencoderKLFlux2`` holding BFL-layout weights (``ae.safetensors``); its BatchNorm must be there.
+    eps and the patch size are BFL's hard-coded ones unless the file's metadata (written by this package) says."""
+    state = from_bfl_state_dict(state)
+    if not (metadata and "autoencoder_config" in metadata):
+        overrides = {"batch_norm_eps": BFL_EPS, "patch_size": BFL_PATCH, **(overrides or {})}
+        metadata = {"autoencoder_config": json.dumps({**infer_autoencoder_config(state),
+                                                      "_class_name": "AutoencoderKLFlux2"})}
+    vae = autoencoder_from_ldm(state, metadata, overrides, where)
+    if not isinstance(vae, AutoencoderKLFlux2):
+        raise ValueError(f"{where}: BFL's layout holds an AutoencoderKLFlux2, but its metadata names another class")
+    return vae
+
+
+def bfl_obstacles(config) -> list[str]:
+    """Why an ``AutoencoderKLFlux2`` config cannot be written in BFL's layout (empty when it can): BFL's
+    ``AutoEncoder`` hard-codes what these name."""
+    widths = tuple(config.block_out_channels)
+    checks = [
+        (config.norm_num_groups == 32, "32 GroupNorm groups"),
+        (all(w % widths[0] == 0 for w in widths), "widths that are multiples of the first (ch · ch_mult)"),
+        (config.decoder_block_out_channels in (None, widths, list(widths)), "the encoder's widths in the decoder"),
+        (not any(t.startswith("Attn") for t in (*config.down_block_types, *config.up_block_types)),
+         "no attention inside levels"),
+        (config.mid_block_add_attention, "attention in the mid blocks"),
+        (config.use_quant_conv and config.use_post_quant_conv, "quant_conv and post_quant_conv"),
+        (config.act_fn == "silu", "the SiLU (swish) activation"),
+        (tuple(config.patch_size) == BFL_PATCH, "2×2 patches"),
+        (config.batch_norm_eps == BFL_EPS, "BatchNorm eps 1e-4"),
+    ]
+    return [f"BFL's AutoEncoder hard-codes {what}" for ok, what in checks if not ok]
+
+
+def bfl_params(config) -> dict:
+    """BFL's ``AutoEncoderParams`` that build the ``AutoEncoder`` an ``AutoencoderKLFlux2`` config's file loads into."""
+    widths = list(config.block_out_channels)
+    return {"in_channels": config.in_channels, "ch": widths[0], "out_ch": config.out_channels,
+            "ch_mult": [w // widths[0] for w in widths], "num_res_blocks": config.layers_per_block,
+            "z_channels": config.latent_channels}

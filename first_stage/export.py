@@ -1,5 +1,10 @@
-"""Export a trained autoencoder: a diffusers folder and a latent-diffusion single file, with a measured
-latent scale, a fine-tuning bundle and a model card, verified by loading them back.
+"""Export a trained autoencoder: a diffusers folder and a single file, with a measured latent
+normalisation, a fine-tuning bundle and a model card, verified by loading them back.
+
+An ``AutoencoderKL`` gets a latent-diffusion single file and its scale in ``config.json``; a FLUX.2-class
+``AutoencoderKLFlux2`` gets BFL's ``ae.safetensors`` and its normalisation in its BatchNorm buffers,
+the same float32 values in both files: kept bit for bit when the encoder is that of the released VAE it
+started from, else measured on the calibration images (:func:`batch_norm_origin`).
 
 The one entry point is :func:`export_autoencoder`; ``scripts/export.py`` and the end of
 ``train/train.py`` both call it. The scale is measured by ``latent_stats.measure_latent_stats``
@@ -14,6 +19,7 @@ import datetime
 import functools
 import json
 import shutil
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +34,11 @@ from . import __version__
 from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
 from .config import Config, ExportConfig, config_hash, to_yaml
-from .convert import autoencoder_from_ldm, infer_autoencoder_config, read_weights, to_ldm_state_dict
-from .latent_norm import LatentNormalizer
+from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoencoder_from_ldm, bfl_obstacles,
+                      bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
+from .latent_norm import PATCH_ORDER, LatentNormalizer
 from .latent_stats import measure_latent_stats
-from .model import DTYPES, cast, count_parameters
+from .model import DTYPES, Autoencoder, cast, count_parameters, encoder_fingerprint, has_batch_norm
 from .reports import model_card
 from .terms import card_lines
 
@@ -92,6 +99,9 @@ class ExportSource:
     # What trained the weights, a model-card line per loss term (GeneratorLoss.card_lines, recorded by the
     # run); None: derived from ``config`` when it is the training config, else not known (an import).
     loss_terms: list[str] | None = None
+    # FLUX.2 class: {"source", "fingerprint"} of the released VAE whose encoder and BatchNorm these weights
+    # started from (first_stage.model.encoder_fingerprint); None: nothing released to keep (trained from scratch).
+    encoder_origin: dict | None = None
 
 
 class ExportError(RuntimeError):
@@ -184,8 +194,61 @@ def bundle_config(config: Config, out_dir: Path, logvar: float | None, has_discr
                                loss=loss, discriminator=disc, alignment=alignment)
 
 
+# Pipelines known to read an AutoencoderKLFlux2's bn other than BFL's code and diffusers' Flux2Pipeline do.
+ERNIE_EPS = 1e-5  # diffusers pipelines/ernie_image/pipeline_ernie_image.py hard-codes it
+
+
+def normalisation_kind(requested: str, vae: Autoencoder) -> str:
+    """The normalisation an export writes: ``batch_norm`` for the FLUX.2 class (its one normalisation; the
+    ``global`` default means it too), ``global`` or ``per_channel`` for ``AutoencoderKL``."""
+    if has_batch_norm(vae):
+        if requested == "per_channel":
+            raise ValueError("latent_norm per_channel: an AutoencoderKLFlux2 carries its normalisation in its "
+                             "BatchNorm over patches (latent_norm batch_norm); per_channel is for AutoencoderKL")
+        return "batch_norm"
+    if requested == "batch_norm":
+        raise ValueError("latent_norm batch_norm: only an AutoencoderKLFlux2 (model.preset flux2) has a BatchNorm; "
+                         "an AutoencoderKL exports global or per_channel")
+    return requested
+
+
+def batch_norm_origin(vae: Autoencoder, origin: dict | None) -> tuple[bool, str]:
+    """Whether a FLUX.2-class export keeps the BatchNorm the VAE carries (its encoder, quant_conv and
+    BatchNorm are bit-identical to those of the released VAE it started from), and the sentence that says so."""
+    if origin is None:
+        return False, "measured at export on the calibration images (not started from a released VAE)"
+    source = origin["source"]
+    if origin["fingerprint"] == encoder_fingerprint(vae):
+        return True, (f"kept from {source}: the encoder, quant_conv and BatchNorm are bit-identical to it, so the "
+                      f"latents are those of {source}")
+    return False, (f"re-measured at export: the encoder moved from {source}, so the latents of this VAE are NOT "
+                   f"those of {source}; a diffusion model trained on that VAE's latents needs training on these")
+
+
+def pipeline_notes(norm: LatentNormalizer) -> list[str]:
+    """Where a known pipeline would read this BatchNorm normalisation otherwise than the export wrote it."""
+    var = torch.tensor(norm.running_var, dtype=torch.float64)
+    off = ((var + norm.eps) / (var + ERNIE_EPS)).sqrt().sub(1).abs().max().item()
+    notes = [f"diffusers' Ideogram4 pipeline reads the patch channels in order (pi pj c); these statistics are in "
+             f"{PATCH_ORDER} (BFL, Flux2Pipeline), so it would normalise channels with other channels' statistics"]
+    if norm.eps != ERNIE_EPS:
+        notes.append(f"diffusers' ERNIE-Image pipeline hard-codes eps {ERNIE_EPS:g}, not batch_norm_eps {norm.eps:g}: "
+                     f"its latents differ from these by up to {100 * off:.3g}% (smallest running_var {var.min():.4g})")
+    return notes
+
+
+def stored_normaliser(file: Path, like: LatentNormalizer) -> LatentNormalizer:
+    """The BatchNorm normalisation stored in weight ``file`` (its ``bn.running_mean``/``bn.running_var``), with
+    ``like``'s eps and patch size; :class:`ExportError` naming the key when one is missing."""
+    with safe_open(str(file), "pt") as f:
+        missing = [k for k in BFL_BATCH_NORM if k not in f.keys()]
+        if missing:
+            raise ExportError(f"{file}: no {missing[0]}: the BatchNorm statistics were not written")
+        return like.with_statistics(f.get_tensor(BFL_BATCH_NORM[0]), f.get_tensor(BFL_BATCH_NORM[1]))
+
+
 def export_autoencoder(
-    vae: AutoencoderKL,
+    vae: Autoencoder,
     out_dir: str | Path,
     calibration: Iterable[torch.Tensor],
     source: ExportSource,
@@ -203,7 +266,15 @@ def export_autoencoder(
     dtype = options.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    flux2 = has_batch_norm(vae)
+    kind = normalisation_kind(options.latent_norm, vae)
     single_path = None if options.single_file is None else Path(options.single_file)
+    skipped = bfl_obstacles(vae.config) if flux2 and single_path is not None else []
+    if skipped:  # said in the report and the model card
+        warnings.warn(f"export: no {BFL_FILE_NAME}: {'; '.join(skipped)}")
+        single_path = None
+    if flux2 and single_path is not None and single_path.name == SINGLE_FILE_NAME:
+        single_path = single_path.with_name(BFL_FILE_NAME)  # BFL's layout under BFL's name
     outside = single_path is not None and str(single_path) != single_path.name  # not a bare name
     for target in [out_dir] + ([single_path] if outside else []):
         if target.exists() and not options.overwrite:
@@ -238,8 +309,16 @@ def export_autoencoder(
     bad = nonfinite_tensors(exported.state_dict())
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
-    norm = LatentNormalizer.measured(options.latent_norm, stats["mean"], stats["std"], stats["channel_mean"],
-                                     stats["channel_std"])
+    if flux2:
+        keep, origin = batch_norm_origin(vae, source.encoder_origin)
+        norm = LatentNormalizer.of(vae)
+        if not keep:
+            norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
+        exported.bn.float()  # the statistics stay float32 in every dtype, the same values in both files
+        norm.write_to(exported)
+    else:
+        norm = LatentNormalizer.measured(kind, stats["mean"], stats["std"], stats["channel_mean"],
+                                         stats["channel_std"])
     scale = norm.config_entries()
     fp16 = fp16_overflow_check(vae, x)
     if fp16["overflow"]:
@@ -247,22 +326,36 @@ def export_autoencoder(
                    "pipelines must run this VAE in fp32 or bf16.")
     else:
         verdict = f"no overflow (peak |activation| {fp16['peak']:.4g}, fp16 max {FP16_MAX:.0f}) at {x.shape[-1]}²."
-    force_upcast = bool(fp16["overflow"]) if dtype == "fp16" else bool(vae.config.force_upcast)
-    exported.register_to_config(**scale, force_upcast=force_upcast)
+    force_upcast = bool(fp16["overflow"]) if dtype == "fp16" else bool(vae.config.get("force_upcast", False))
+    exported.register_to_config(**scale)
+    if "force_upcast" in exported.config:  # AutoencoderKLFlux2 has no such field
+        exported.register_to_config(force_upcast=force_upcast)
     if options.sample_size is not None:
         exported.register_to_config(sample_size=options.sample_size)
     hashed = config_hash(config) if config is not None and source.hash_config else None
     report = {
         "name": out_dir.resolve().name, "date": datetime.date.today().isoformat(), "source": source.source,
-        "step": source.step, "weights": source.weights, "dtype": dtype, "latent_norm": options.latent_norm,
+        "step": source.step, "weights": source.weights, "dtype": dtype, "latent_norm": kind,
+        "class": type(vae).__name__,
         "parameters": count_parameters(vae), "config_hash": hashed, "calibration": source.calibration,
         "latent_stats": stats, "config_scale": scale, "normalisation": norm.describe(),
         "loss_terms": source.loss_terms if source.loss_terms is not None or not hashed else card_lines(config),
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
+    if flux2:
+        report["batch_norm"] = {
+            "origin": origin, "kept": keep, "patch_size": list(norm.patch_size), "patch_order": PATCH_ORDER,
+            "eps": norm.eps, "running_mean": list(norm.running_mean), "running_var": list(norm.running_var),
+            "variance": "as the source carries it" if keep else stats["batch_norm"]["variance"],
+            "stored": "float32 bn.running_mean / bn.running_var, the same values in both files",
+            "pipelines": pipeline_notes(norm)}
+    if skipped:
+        report["single_file_skipped"] = skipped
     metadata = {"format": "pt", "producer": f"first-stage {__version__}", "step": str(source.step),
                 "config_hash": str(hashed), "autoencoder_config": exported.to_json_string()}
+    if flux2:
+        metadata["bfl_autoencoder_params"] = json.dumps(bfl_params(exported.config))
 
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -272,7 +365,7 @@ def export_autoencoder(
         _save(exported.state_dict(), tmp / EXPORT_WEIGHTS, metadata)
         if single_path is not None:
             tmp_single = tmp / single_path.name
-            _save(to_ldm_state_dict(exported), tmp_single, metadata)
+            _save(to_bfl_state_dict(exported) if flux2 else to_ldm_state_dict(exported), tmp_single, metadata)
             report["single_file"] = str(single_path if outside else out_dir / single_path)
         if config is not None:
             (tmp / BUNDLE_DIR).mkdir()
@@ -289,15 +382,27 @@ def export_autoencoder(
 
         # Verification: read the files back the way users do and compare with the model in memory.
         tolerance = RELOAD_TOLERANCE[dtype]
-        reloaded = AutoencoderKL.from_pretrained(tmp, torch_dtype=DTYPES[dtype]).to(vae.device)
+        reloaded = type(vae).from_pretrained(tmp, torch_dtype=DTYPES[dtype]).to(vae.device)
         verification = {"images": x.shape[0], "tolerance": tolerance,
                         "diffusers": output_difference(exported, reloaded, x),
                         "cast_from_fp32": output_difference(vae, exported, x)}
-        read_back = LatentNormalizer.from_vae_config(reloaded.config)
+        # diffusers' from_pretrained would go on with mean 0 / variance 1 were the statistics missing: read the file
+        read_back = stored_normaliser(tmp / EXPORT_WEIGHTS, norm) if flux2 else LatentNormalizer.from_vae_config(
+            reloaded.config)
         if read_back != norm:
-            raise ExportError(f"config.json reads as {read_back}, expected {norm}")
+            raise ExportError(f"{EXPORT_WEIGHTS if flux2 else 'config.json'} reads as {read_back.describe()}, "
+                              f"expected {norm.describe()}")
         if single_path is not None:
-            if attention_in_levels(exported.config):
+            if flux2:
+                # BFL's AutoEncoder(AutoEncoderParams(...)).load_state_dict(..., strict=True) reads this layout;
+                # this package's import reads it back with the architecture inferred from its keys and shapes.
+                if stored_normaliser(tmp_single, norm) != norm:
+                    raise ExportError(f"{single_path.name}: its BatchNorm statistics differ from the diffusers "
+                                      "folder's")
+                from_single = autoencoder_from_bfl(read_weights(tmp_single)[0], str(tmp_single))
+                report["single_file_loader"] = (f"BFL's AutoEncoder(AutoEncoderParams(**{bfl_params(exported.config)})"
+                                                ").load_state_dict(..., strict=True); first_stage.checkpoint.load_vae")
+            elif attention_in_levels(exported.config):
                 # diffusers' from_single_file (0.3x-0.4x) reads no attention inside levels: it would
                 # leave those weights unset. The file is latent-diffusion's layout (attn_resolutions),
                 # read back by this package's import with the architecture inferred from the keys and

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
 
 from .latent_norm import LatentNormalizer, worst_ratio
 from .regularizers import gaussian_kl, kl_per_element
@@ -48,10 +48,13 @@ def posterior_moments(count: torch.Tensor, sum_mu: torch.Tensor, sum_mu2: torch.
 
 
 @torch.inference_mode()
-def latent_sums(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-    """Per-channel float64 sums over a batch's posteriors: (C, 4) = (Σμ, Σμ², Σσ², count)."""
+def latent_sums(vae: nn.Module, x: torch.Tensor, layout: LatentNormalizer | None = None) -> torch.Tensor:
+    """Per-channel float64 sums over a batch's posteriors: (C, 4) = (Σμ, Σμ², Σσ², count); with ``layout``, per
+    channel of ``layout.layout`` (the patches of a FLUX.2-class VAE, (4C, 4))."""
     posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     mu, var = posterior.mean.double(), posterior.var.double()  # (B, C, h, w)
+    if layout is not None:
+        mu, var = layout.layout(mu), layout.layout(var)  # (B, C', h', w')
     count = torch.full_like(mu[0, :, 0, 0], mu[:, 0].numel())
     return torch.stack([mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)), count], 1).cpu()
 
@@ -63,31 +66,50 @@ def reduce_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(t.to(accelerator.device), "sum").cpu()
 
 
-def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor], accelerator=None) -> dict:
-    """Mean and std of posterior samples ``z = μ + σ·ε`` over all images, globally and per channel.
+def measure_latent_stats(vae: nn.Module, batches: Iterable[torch.Tensor], accelerator=None) -> dict:
+    """Mean and std of posterior samples ``z = μ + σ·ε`` over all images, globally and per channel; for a
+    FLUX.2-class VAE also ``batch_norm``: the mean and variance of the posterior means per patch channel,
+    what its ``bn`` normalises (BFL's ``encode`` takes the mean).
 
     The moments of the samples are taken exactly over ε (E[z] = μ, E[z²] = μ² + σ²) instead of
     drawing ε, so the figure has no sampling noise and does not depend on how the images are split
     over batches or processes. ``scaling_factor = 1 / std`` is latent-diffusion's ``scale_by_std``
     (there from one batch of samples). The sums stream in float64; the ``accelerator`` (None for one
     process) sums them over processes, so every process must call this, even with no batch.
+
+    The BatchNorm's variance is the biased (population) variance of the posterior means over every
+    calibration image and position, Σ(μ − m)²/n: the figure that gives the calibration latents variance
+    var/(var + eps) after the BatchNorm. torch's own running_var is an exponential average of unbiased
+    per-batch variances; over n ≥ thousands of elements the two differ by a factor n/(n − 1).
     """
+    carried = LatentNormalizer.of(vae)
+    layout = carried if carried.kind == "batch_norm" else None
+    channels = vae.config.latent_channels
     sums, images = None, 0
     for x in batches:
         if x.shape[0] == 0:  # every image of the batch was undecodable
             continue
-        batch_sums = latent_sums(vae, x)
+        batch_sums = latent_sums(vae, x, layout)
         sums = batch_sums if sums is None else sums + batch_sums
         images += x.shape[0]
     if sums is None:
-        sums = torch.zeros(vae.config.latent_channels, 4, dtype=torch.float64)
+        sums = torch.zeros(channels * math.prod(carried.patch_size), 4, dtype=torch.float64)
     packed = reduce_sum(accelerator, torch.cat([sums.flatten(), torch.tensor([float(images)], dtype=torch.float64)]))
     sums, images = packed[:-1].view_as(sums), int(packed[-1].item())
     if images == 0:
         raise ValueError("measure_latent_stats: no calibration image could be read")
+    patch_sums = sums
+    sums = sums.view(channels, -1, 4).sum(1)  # patch channel k = c·p + i (PATCH_ORDER) back to channel c
     sum_mu, sum_mu2, sum_var, count = sums.unbind(1)  # each (C,)
     moments = posterior_moments(count, sum_mu, sum_mu2, sum_var)
     std = moments["std_of_samples"].item()
+    extra = {}
+    if layout is not None:
+        patch = posterior_moments(patch_sums[:, 3], patch_sums[:, 0], patch_sums[:, 1], patch_sums[:, 2])
+        extra["batch_norm"] = {"running_mean": patch["channel_mean"].tolist(),
+                               "running_var": patch["channel_std_of_means"].pow(2).tolist(),
+                               "variance": "biased (population) variance of the patchified posterior means",
+                               "elements_per_channel": int(patch_sums[0, 3].item())}
     return {
         "num_images": images,
         "scaling_factor": 1.0 / std,
@@ -97,6 +119,7 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[torch.Tensor], ac
         "std_of_means": moments["std_of_means"].item(),  # what .mode() latents give
         "channel_mean": moments["channel_mean"].tolist(),
         "channel_std": moments["channel_std_of_samples"].tolist(),
+        **extra,
     }
 
 

@@ -1,15 +1,23 @@
-"""The autoencoder: diffusers' ``AutoencoderKL`` itself, built from named presets, plus a thin
-training wrapper that runs the whole forward pass through one module (so DDP sees it)."""
+"""The autoencoder: diffusers' ``AutoencoderKL`` or ``AutoencoderKLFlux2`` itself, built from named presets,
+plus a thin training wrapper that runs the whole forward pass through one module (so DDP sees it).
+
+The two classes share the encoder, decoder and posterior; ``AutoencoderKLFlux2`` adds ``bn``, a non-affine
+``BatchNorm2d`` over 2×2-patchified latents whose running statistics are how FLUX.2 pipelines normalise
+latents. Its ``encode``/``decode`` never call ``bn``, so training runs through the same wrapper and the
+BatchNorm's statistics never move during training (it has no parameters): the export measures them
+(:class:`first_stage.latent_norm.LatentNormalizer`, kind ``batch_norm``).
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -28,7 +36,13 @@ def _levels(channels: tuple[int, ...], attention_at_lowest: bool = False) -> dic
     return {"block_out_channels": channels, "down_block_types": down, "up_block_types": up}
 
 
-# AutoencoderKL constructor arguments. Downsampling factor = 2 ** (levels - 1).
+# The autoencoder classes presets, checkpoints and imports build, by the name diffusers writes into a
+# folder's config.json (``_class_name``).
+CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLFlux2": AutoencoderKLFlux2}
+Autoencoder = AutoencoderKL | AutoencoderKLFlux2
+
+# Constructor arguments of the class ``_class_name`` (AutoencoderKL when absent). Downsampling factor =
+# 2 ** (levels - 1).
 PRESETS: dict[str, dict] = {
     # For tests and the quickstart: 2 levels (f2), < 1 M parameters.
     "tiny": {**_levels((32, 64)), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8},
@@ -40,49 +54,100 @@ PRESETS: dict[str, dict] = {
     # levels, 32 latent channels, attention at the lowest resolution.
     "f16c32": {**_levels((128, 128, 256, 256, 512), attention_at_lowest=True), "layers_per_block": 2,
                "latent_channels": 32},
+    # FLUX.2's VAE: diffusers' AutoencoderKLFlux2 defaults (BFL's AutoEncoderParams: ch 128, ch_mult 1,2,4,4,
+    # 32 latent channels, BatchNorm over 2x2 patches, eps 1e-4): 84.05 M parameters.
+    "flux2": {"_class_name": "AutoencoderKLFlux2", **_levels((128, 256, 512, 512)), "layers_per_block": 2,
+              "latent_channels": 32},
+    # For tests and the quickstart: the FLUX.2 class at 2 levels (f2). Widths stay multiples of 32 because
+    # BFL's reference code hard-codes 32 GroupNorm groups, so its ae.safetensors layout loads there too.
+    "flux2-tiny": {"_class_name": "AutoencoderKLFlux2", **_levels((32, 64)), "layers_per_block": 1,
+                   "latent_channels": 8},
 }
 
 # Weight dtypes by the names configs and command lines use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-AUTOENCODER_ARGS = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
+CLASS_ARGS = {name: [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+              for name, cls in CLASSES.items()}
+AUTOENCODER_ARGS = CLASS_ARGS["AutoencoderKL"]
+
+
+def preset_class(preset: str) -> str:
+    """The class name a preset builds."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[preset].get("_class_name", "AutoencoderKL")
 
 
 def autoencoder_kwargs(cfg: ModelConfig) -> dict:
-    """The preset's ``AutoencoderKL`` arguments with ``cfg.overrides`` applied, names checked."""
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-    unknown = [k for k in cfg.overrides if k not in AUTOENCODER_ARGS]
+    """The preset's constructor arguments (of :func:`preset_class`) with ``cfg.overrides`` applied, names checked."""
+    name = preset_class(cfg.preset)
+    unknown = [k for k in cfg.overrides if k not in CLASS_ARGS[name]]
     if unknown:
-        raise ConfigError(f"model.overrides: {unknown} are not AutoencoderKL arguments; valid: {AUTOENCODER_ARGS}")
-    kwargs = {**PRESETS[cfg.preset], **cfg.overrides}
+        raise ConfigError(f"model.overrides: {unknown} are not {name} arguments; valid: {CLASS_ARGS[name]}")
+    kwargs = {k: v for k, v in {**PRESETS[cfg.preset], **cfg.overrides}.items() if k != "_class_name"}
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         kwargs[key] = tuple(kwargs[key])
     if "block_out_channels" in cfg.overrides and "down_block_types" not in cfg.overrides:
         kwargs.update(_levels(kwargs["block_out_channels"]))  # keep one block type per level
+    if "decoder_block_out_channels" in kwargs and kwargs["decoder_block_out_channels"] is not None:
+        kwargs["decoder_block_out_channels"] = tuple(kwargs["decoder_block_out_channels"])
     return kwargs
 
 
-def new_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    """A freshly initialised ``AutoencoderKL`` of the config's preset and overrides (``cfg.init_from``
+def new_autoencoder(cfg: ModelConfig) -> Autoencoder:
+    """A freshly initialised autoencoder of the config's preset and overrides (``cfg.init_from``
     is not read here: :func:`first_stage.checkpoint.build_autoencoder` loads it)."""
-    return AutoencoderKL(**autoencoder_kwargs(cfg))
+    return CLASSES[preset_class(cfg.preset)](**autoencoder_kwargs(cfg))
+
+
+def class_of_config(config: dict, where: str) -> type:
+    """The autoencoder class a diffusers config (``config.json`` as a dict) names; ``where`` is the
+    file or folder it came from, for the error."""
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in CLASSES:
+        raise ValueError(f"{where}: holds a {name}, not one of the autoencoder classes this package reads "
+                         f"({', '.join(CLASSES)})")
+    return CLASSES[name]
+
+
+def autoencoder_from_config(config: dict, where: str) -> Autoencoder:
+    """A freshly initialised autoencoder of the class and arguments of a diffusers config dict."""
+    return class_of_config(config, where).from_config(config)
+
+
+def has_batch_norm(vae: nn.Module) -> bool:
+    """Whether ``vae`` is of the FLUX.2 class, whose latent normalisation is its BatchNorm over patches."""
+    return isinstance(vae, AutoencoderKLFlux2)
+
+
+def encoder_fingerprint(vae: Autoencoder) -> str:
+    """SHA-256 of what fixes a VAE's latents: its encoder, quant_conv and (FLUX.2 class) BatchNorm statistics,
+    as stored. Equal fingerprints mean bit-identical latents, so a FLUX.2-class export may keep the
+    BatchNorm a released VAE carries instead of re-measuring it."""
+    digest = hashlib.sha256()
+    for key, value in sorted(vae.state_dict().items()):
+        if key.startswith(("encoder.", "quant_conv.", "bn.running_")):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def downsampling_factor(config) -> int:
     """Pixels per latent cell along a side: one 2x downsampling between consecutive levels of an
-    ``AutoencoderKL`` config."""
+    ``AutoencoderKL`` or ``AutoencoderKLFlux2`` config."""
     return 2 ** (len(config.block_out_channels) - 1)
 
 
-def cast(vae: AutoencoderKL, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-         copy_first: bool = False) -> AutoencoderKL:
+def cast(vae: Autoencoder, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+         copy_first: bool = False) -> Autoencoder:
     """``vae`` (or a copy) on ``device`` in ``dtype``, in eval mode. Uses ``nn.Module.to``: diffusers'
     ``ModelMixin.to`` (0.42) warns about fp32-only modules on every dtype cast, though AutoencoderKL has none."""
     return nn.Module.to(copy.deepcopy(vae) if copy_first else vae, device=device, dtype=dtype).eval()
 
 
-def set_trainable(vae: AutoencoderKL, trainable: str) -> None:
-    """Freeze what does not train: ``"decoder"`` freezes the encoder and quant_conv (latent space fixed)."""
+def set_trainable(vae: Autoencoder, trainable: str) -> None:
+    """Freeze what does not train: ``"decoder"`` freezes the encoder and quant_conv (latent space fixed).
+    A FLUX.2-class ``bn`` has no parameters: nothing trains it by gradient."""
     vae.requires_grad_(True)
     if trainable == "decoder":
         vae.encoder.requires_grad_(False)
@@ -134,7 +199,7 @@ class AutoencoderWrapper(nn.Module):
     here (not in the exported model) so that DDP averages their gradients like any other parameter.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, learn_logvar: bool = False,
+    def __init__(self, vae: Autoencoder, logvar_init: float = 0.0, learn_logvar: bool = False,
                  projection: nn.Module | None = None):
         super().__init__()
         self.vae = vae

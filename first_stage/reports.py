@@ -15,7 +15,6 @@ from matplotlib.figure import Figure
 import numpy as np
 
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from . import __version__
@@ -23,7 +22,7 @@ from .checkpoint import BUNDLE_DIR
 from .config import Config, DataConfig
 from .data import describe, preprocessing
 from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
-from .model import downsampling_factor
+from .model import Autoencoder, downsampling_factor
 
 SCHEMA_VERSION = 2  # 2: preprocessing, images_asked, images_available, skipped_files
 
@@ -406,7 +405,7 @@ def save_rows(rows: list[torch.Tensor], path: Path) -> np.ndarray:
     return grid
 
 
-def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluation: dict | None) -> str:
+def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation: dict | None) -> str:
     """``README.md`` of the export folder."""
     c, stats, scale = vae.config, report["latent_stats"], report["config_scale"]
     verification = report["verification"]
@@ -426,7 +425,9 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         f"{'yes' if c.use_quant_conv else 'no'} | {'yes' if c.mid_block_add_attention else 'no'} | "
         f"{c.norm_num_groups} | {report['parameters']:,} |",
         "",
-        f"Weights: {report['weights']}, stored as {report['dtype']}.",
+        f"Class: diffusers `{type(vae).__name__}`"
+        + (f", decoder widths {list(c.decoder_block_out_channels)}" if c.get("decoder_block_out_channels") else "")
+        + f". Weights: {report['weights']}, stored as {report['dtype']}.",
         "",
     ]
     if config is not None:
@@ -458,15 +459,33 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
         "Per channel: mean " + ", ".join(f"{v:.3f}" for v in stats["channel_mean"])
         + "; std " + ", ".join(f"{v:.3f}" for v in stats["channel_std"]) + ".",
         "",
-        f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
-        + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
-                    for k, v in scale.items()) + ".",
-        f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
+    ]
+    bn = report.get("batch_norm")
+    if bn is None:
+        lines += [
+            f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
+            + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
+                        for k, v in scale.items()) + ".",
+            f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
+        ]
+    else:
+        lines += [
+            "## Latent normalisation: the BatchNorm over patches",
+            "",
+            f"The statistics in `bn.running_mean` / `bn.running_var`: {bn['origin']}.",
+            f"Variance: {bn['variance']}; stored as {bn['stored']}; `batch_norm_eps` = {bn['eps']:g}, "
+            f"patches {bn['patch_size'][0]}×{bn['patch_size'][1]}, patch channels in order {bn['patch_order']}.",
+            f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
+            "",
+            *[f"- Caution: {note}." for note in bn["pipelines"]],
+        ]
+    upcast = (f" `force_upcast` = {str(vae.config.force_upcast).lower()}." if "force_upcast" in vae.config
+              else " (AutoencoderKLFlux2 has no `force_upcast`: run it in bf16 or fp32 where this says it overflows.)")
+    lines += [
         "",
         "## fp16",
         "",
-        f"Calibration batch in fp16: {report['fp16']['verdict']} "
-        f"`force_upcast` = {str(vae.config.force_upcast).lower()}.",
+        f"Calibration batch in fp16: {report['fp16']['verdict']}{upcast}",
         "",
         "## Verification",
         "",
@@ -484,16 +503,21 @@ def model_card(vae: AutoencoderKL, report: dict, config: Config | None, evaluati
     else:
         lines += ["Not evaluated at export time."]
     single = report.get("single_file")
-    lines += [
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "from diffusers import AutoencoderKL, StableDiffusionPipeline",
-        "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",
-        "pipe = StableDiffusionPipeline.from_pretrained(..., vae=vae)  # or: pipe.vae = vae",
-    ]
-    if single and report.get("single_file_loader", "").startswith("first_stage"):
+    lines += ["", "## How to load", "", "```python"]
+    if bn is not None:
+        lines += ["from diffusers import AutoencoderKLFlux2, Flux2Pipeline",
+                  "vae = AutoencoderKLFlux2.from_pretrained(\"path/to/this/folder\")",
+                  "pipe = Flux2Pipeline.from_pretrained(..., vae=vae)  # normalises with vae.bn's running statistics"]
+    else:
+        lines += ["from diffusers import AutoencoderKL, StableDiffusionPipeline",
+                  "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",
+                  "pipe = StableDiffusionPipeline.from_pretrained(..., vae=vae)  # or: pipe.vae = vae"]
+    if single and bn is not None:
+        lines += [f"# {Path(single).name}: Black Forest Labs' layout (black-forest-labs/flux2, autoencoder.py)",
+                  f"# {report['single_file_loader'].split(';')[0]}"]
+    elif report.get("single_file_skipped"):
+        lines += [f"# no BFL single file: {'; '.join(report['single_file_skipped'])}"]
+    elif single and report.get("single_file_loader", "").startswith("first_stage"):
         lines += [f"# the latent-diffusion single file ({Path(single).name}) has attention inside levels, which",
                   "# diffusers' from_single_file cannot read; this package's import can:",
                   "from first_stage.checkpoint import load_vae",

@@ -34,14 +34,16 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
+from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
                          build_autoencoder, check_architecture, check_checkpoint, read_state, trainer_state_file)
 from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
+from .export import normalisation_kind
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
+from .model import (AutoencoderWrapper, ForwardPlan, downsampling_factor, encoder_fingerprint, has_batch_norm,
+                    set_trainable)
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -101,6 +103,8 @@ class TrainingParts:
     raw_discriminator: nn.Module | None = None
     disc_optimizer: torch.optim.Optimizer | None = None
     disc_scaler: torch.amp.GradScaler | None = None
+    # A FLUX.2-class VAE started from released weights: {"source", "fingerprint"} of its encoder and BatchNorm then
+    encoder_origin: dict | None = None
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``resolution``² image."""
@@ -194,6 +198,10 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     check_config(config)  # done at load too; a config built in code is checked here
     set_tf32(pcfg.tf32)
     vae = build_autoencoder(config.model)
+    normalisation_kind(config.export.latent_norm, vae)  # refused now, not at the export after training
+    origin = None
+    if config.model.init_from is not None and has_batch_norm(vae):
+        origin = {"source": config.model.init_from, "fingerprint": encoder_fingerprint(vae)}
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
     loss_fn, projection = build_loss(config, vae, accelerator)
@@ -219,7 +227,7 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], ocfg, ocfg.lr, pcfg.fused_optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = TrainingParts(model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema,
-                          loss_fn=loss_fn, disc_lr=disc_lr)
+                          loss_fn=loss_fn, disc_lr=disc_lr, encoder_origin=origin)
     if discriminator is not None:
         parts.disc_optimizer = adamw(discriminator.parameters(), ocfg, disc_lr, pcfg.fused_optimizer)
         parts.discriminator = accelerator.prepare_model(discriminator)
@@ -244,9 +252,13 @@ def note_layout(accelerator, state: TrainingState) -> None:
 
 def run_files(config: Config, parts: TrainingParts) -> dict[str, str]:
     """The text files every checkpoint of the run holds beside its state: the resolved config, the
-    autoencoder's config, and what trains the weights (the model card's lines, LPIPS skipped or not)."""
-    return {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
-            LOSS_TERMS: json.dumps(parts.loss_fn.card_lines(), indent=1, ensure_ascii=False)}
+    autoencoder's config, and what trains the weights (the model card's lines, LPIPS skipped or not);
+    for a FLUX.2-class VAE started from released weights, the fingerprint of its encoder at the start."""
+    files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
+             LOSS_TERMS: json.dumps(parts.loss_fn.card_lines(), indent=1, ensure_ascii=False)}
+    if parts.encoder_origin is not None:
+        files[ENCODER_ORIGIN] = json.dumps(parts.encoder_origin, indent=1)
+    return files
 
 
 def trainer_states(parts: TrainingParts) -> dict[str, object]:

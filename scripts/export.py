@@ -21,6 +21,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from first_stage.checkpoint import SINGLE_FILE_NAME, LoadedVAE, load_vae
+from first_stage.convert import BFL_FILE_NAME
 from first_stage.config import AlignmentConfig, Config, ConfigError, DataConfig, DiscriminatorConfig, ExportConfig
 from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
@@ -28,6 +29,7 @@ from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, export_autoencoder
 from first_stage.reports import evaluation_summary
 from first_stage.lifecycle import run_main
+from first_stage.model import encoder_fingerprint, has_batch_norm
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,11 +47,13 @@ def parse_args() -> argparse.Namespace:
                         help="calibration images (default: export.calibration_images)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which images are picked for calibration")
-    parser.add_argument("--latent-norm", choices=["global", "per_channel"], default=None,
-                        help="config fields for the scale (default: export.latent_norm, else global)")
+    parser.add_argument("--latent-norm", choices=["global", "per_channel", "batch_norm"], default=None,
+                        help="config fields for the scale (default: export.latent_norm, else global); an "
+                             "AutoencoderKLFlux2 always exports its BatchNorm over patches (batch_norm)")
     parser.add_argument("--single-file", default=None, metavar="PATH",
-                        help=f"latent-diffusion single file (default: {SINGLE_FILE_NAME} inside --out, unless the "
-                             "run's export.single_file is false)")
+                        help=f"single file: latent-diffusion layout (default: {SINGLE_FILE_NAME} inside --out, unless "
+                             f"the run's export.single_file is false), BFL's layout for AutoencoderKLFlux2 "
+                             f"(default {BFL_FILE_NAME})")
     parser.add_argument("--no-single-file", action="store_true")
     parser.add_argument("--norm-num-groups", type=int, default=None,
                         help="GroupNorm groups of a foreign weight file (not visible in its weights; default 32)")
@@ -83,6 +87,15 @@ def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
     return Config(data=data, discriminator=disc, alignment=AlignmentConfig(enabled=found.projection is not None))
 
 
+def encoder_origin(found: LoadedVAE) -> dict | None:
+    """A FLUX.2-class VAE's released origin: the one its run started from (a checkpoint), or the imported
+    weights themselves, whose BatchNorm then holds for their encoder (kept, not re-measured)."""
+    if found.config is not None:
+        return found.encoder_origin
+    return {"source": str(found.path), "fingerprint": encoder_fingerprint(found.vae)} if has_batch_norm(found.vae) \
+        else None
+
+
 def main():
     args = parse_args()
     accelerator = Accelerator()
@@ -103,6 +116,7 @@ def main():
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
+                          encoder_origin=encoder_origin(found),
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(

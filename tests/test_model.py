@@ -1,16 +1,25 @@
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
 from first_stage.checkpoint import build_autoencoder
 from first_stage.config import ConfigError, ModelConfig
-from first_stage.model import PRESETS, AutoencoderWrapper, autoencoder_kwargs, count_parameters, set_trainable
+from first_stage.model import (PRESETS, AutoencoderWrapper, autoencoder_kwargs, count_parameters, preset_class,
+                               set_trainable)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_build(preset):
     vae = build_autoencoder(ModelConfig(preset=preset))
-    assert isinstance(vae, AutoencoderKL)
+    assert isinstance(vae, AutoencoderKLFlux2 if preset.startswith("flux2") else AutoencoderKL)
+    assert type(vae).__name__ == preset_class(preset)
+    if preset == "flux2":  # diffusers' AutoencoderKLFlux2 defaults: FLUX.2's VAE
+        ignore = "_use_default_values"
+        assert {k: v for k, v in vae.config.items() if k != ignore} == {
+            k: v for k, v in AutoencoderKLFlux2().config.items() if k != ignore}
+        assert count_parameters(vae) == 84_046_115
+    if preset == "flux2-tiny":  # BFL's code hard-codes 32 GroupNorm groups
+        assert vae.config.norm_num_groups == 32 and count_parameters(vae) < 1_000_000
     if preset == "tiny":
         assert count_parameters(vae) < 1_000_000
     if preset == "sd-f8c4":

@@ -177,7 +177,8 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
                               step=state.step, config=config, discriminator=parts.raw_discriminator,
                               logvar=parts.raw_model.logvar.item(),
                               projection=None if parts.raw_model.projection is None else
-                              parts.raw_model.projection.state_dict(), loss_terms=parts.loss_fn.card_lines())
+                              parts.raw_model.projection.state_dict(), loss_terms=parts.loss_fn.card_lines(),
+                              encoder_origin=parts.encoder_origin)
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     accelerator)
