@@ -15,7 +15,8 @@ marginal variance gets that; structure it exploits shows as loss below it.
 
 :func:`probe_vae` is the whole measurement of one VAE: encode the images through the evaluation
 driver (:func:`first_stage.evaluation.stream_images`), normalise the latents as a pipeline would
-(:class:`first_stage.latent_norm.LatentNormalizer`, read from the VAE's config) or per channel,
+(:class:`first_stage.latent_norm.LatentNormalizer`, read from the VAE: the FLUX.2 class's BatchNorm gives
+the probe 2×2 patches, (4C, h/2, w/2), as FLUX.2's transformer sees them) or per channel,
 train the probe, evaluate it and draw samples.
 """
 
@@ -31,13 +32,14 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
 from .config import DataConfig
 from .data import DataError, describe
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
+from .model import Autoencoder
 from .latent_stats import GAUSSIAN_TAIL, reduce_sum
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
@@ -204,7 +206,7 @@ class ProbeSettings:
 
 
 @torch.no_grad()
-def _encode(vae: AutoencoderKL, settings: ProbeSettings, held_from: int, fid, batch: dict) -> list[tuple]:
+def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, batch: dict) -> list[tuple]:
     """(image id, latent (C, h, w)) of each image of a batch; the held-out images (id ≥ ``held_from``)
     also enter ``fid`` as real images."""
     x = batch["pixel_values"]
@@ -219,13 +221,19 @@ def _encode(vae: AutoencoderKL, settings: ProbeSettings, held_from: int, fid, ba
     return list(zip(batch["ids"], z))
 
 
-def probe_normaliser(vae: AutoencoderKL, train: torch.Tensor, kind: str) -> LatentNormalizer:
-    """How latents enter the probe: ``exported``, as a pipeline reads the VAE's config (global or per
-    channel); ``channel``, per-channel mean and std of the ``train`` latents (N, C, h, w)."""
+def probe_normaliser(vae: Autoencoder, train: torch.Tensor, kind: str) -> LatentNormalizer:
+    """How latents enter the probe: ``exported``, as a pipeline reads the VAE (its config's global or per
+    channel scale, or the FLUX.2 class's BatchNorm over patches); ``channel``, per-channel mean and std of
+    the ``train`` latents (N, C, h, w) — for the FLUX.2 class per patch channel, in its BatchNorm's layout,
+    so the probe sees the same patches either way."""
+    carried = LatentNormalizer.of(vae)
     if kind == "exported":
-        return LatentNormalizer.from_vae_config(vae.config)
+        return carried
     if kind != "channel":
         raise ValueError(f"normalise must be 'exported' or 'channel', got {kind!r}")
+    if carried.kind == "batch_norm":
+        patches = carried.layout(train)
+        return carried.with_statistics(patches.mean(dim=(0, 2, 3)), patches.var(dim=(0, 2, 3), unbiased=False))
     channel_std = train.std(dim=(0, 2, 3)).clamp_min(1e-12)
     return LatentNormalizer.measured("per_channel", train.mean().item(), train.std().item(),
                                      train.mean(dim=(0, 2, 3)).tolist(), channel_std.tolist())
@@ -237,7 +245,7 @@ def tail(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def draw_samples(probe, vae: AutoencoderKL, norm: LatentNormalizer, shape: tuple[int, int, int], count: int,
+def draw_samples(probe, vae: Autoencoder, norm: LatentNormalizer, shape: tuple[int, int, int], count: int,
                  settings: ProbeSettings, accelerator, fid) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``count`` latents from fixed noise (sample k from (seed, k)), split over processes;
     decode them (denormalised by ``norm``); feed the decoded ones to ``fid`` as generated images.
@@ -258,7 +266,7 @@ def draw_samples(probe, vae: AutoencoderKL, norm: LatentNormalizer, shape: tuple
     return torch.stack([x for _, x in drawn]), torch.stack([image for _, image in shown])
 
 
-def probe_vae(vae: AutoencoderKL, accelerator, data: DataConfig, images: int, settings: ProbeSettings,
+def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, settings: ProbeSettings,
               inception_weights: str | None = None, cache: Path | None = None,
               source: str = "") -> tuple[dict, torch.Tensor]:
     """Encode ``images`` images of ``data``, split off the held-out ones, normalise, train the probe,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from diffusers import AutoencoderKL
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
@@ -28,25 +27,26 @@ from .config import Config, DataConfig, with_overrides
 from .data import DataError, available_images, calibration_batches, describe
 from .latent_norm import LatentNormalizer
 from .latent_stats import LatentStatistics, carried_and_implied, reduce_sum
-from .model import cast, downsampling_factor
+from .model import Autoencoder, cast, downsampling_factor
 
 
-def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> AutoencoderKL:
+def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> Autoencoder:
     """Any VAE source (:func:`first_stage.checkpoint.load_vae`, with its ``load`` arguments) on
     ``device``, in bf16 or fp32, in eval mode."""
     return cast(load_vae(path, **load).vae, torch.bfloat16 if bf16 else torch.float32, device)
 
 
-def evaluate_each(paths: list[str], device, measure: Callable[[AutoencoderKL, int], dict], bf16: bool = False,
+def evaluate_each(paths: list[str], device, measure: Callable[[Autoencoder, int], dict], bf16: bool = False,
                   **load) -> list[dict]:
     """Load each VAE in turn (:func:`evaluation_autoencoder`), run ``measure(vae, index)`` (index from 1)
     and return the report entries: where it came from, the normalisation it carries, its results."""
     entries = []
     for index, path in enumerate(paths, 1):
         vae = evaluation_autoencoder(path, device, bf16, **load)
-        entries.append({"path": str(path), "scaling_factor": vae.config.scaling_factor,
-                        "shift_factor": vae.config.shift_factor,
-                        "normalisation": LatentNormalizer.from_vae_config(vae.config).describe(),
+        entries.append({"path": str(path), "class": type(vae).__name__,
+                        "scaling_factor": vae.config.get("scaling_factor"),
+                        "shift_factor": vae.config.get("shift_factor"),
+                        "normalisation": LatentNormalizer.of(vae).describe(),
                         "results": measure(vae, index)})
     return entries
 
@@ -112,7 +112,7 @@ def images_to_measure(data: DataConfig, asked: int, say: Callable[[str], None] =
 
 
 @torch.no_grad()
-def nonlocality(vae: AutoencoderKL, z: torch.Tensor, delta: torch.Tensor, seeds: list[int],
+def nonlocality(vae: Autoencoder, z: torch.Tensor, delta: torch.Tensor, seeds: list[int],
                 margin: int = 1) -> dict[str, list[float]]:
     """Perturb each latent (B, C, h, w) by ``delta`` (C,) at one position, decode, and return the share
     of the absolute pixel change that falls outside that position's patch widened by ``margin``
@@ -185,19 +185,19 @@ class WorstImages:
         return [(-s, name, x, r) for s, _, name, x, r in sorted(self.heap, reverse=True)]
 
 
-def encode_mean(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_mean(vae: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior mean, log-variance) of images (B, 3, H, W), each (B, C, h, w) float32."""
     posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     return posterior.mean.float(), posterior.logvar.float()
 
 
-def _first_pass(vae: AutoencoderKL, stats: LatentStatistics, batch: dict) -> list[tuple]:
+def _first_pass(vae: Autoencoder, stats: LatentStatistics, batch: dict) -> list[tuple]:
     """The first pass of :func:`latent_statistics` over a batch; no items."""
     stats.first_pass(*encode_mean(vae, batch["pixel_values"]))
     return []
 
 
-def _second_pass(vae: AutoencoderKL, stats: LatentStatistics, seed: int, nonlocality_images: int, margin: int,
+def _second_pass(vae: Autoencoder, stats: LatentStatistics, seed: int, nonlocality_images: int, margin: int,
                  batch: dict) -> list[tuple]:
     """The second pass of :func:`latent_statistics` over a batch: (image id, file, peak share,
     random share) of the images it perturbs."""
@@ -212,13 +212,14 @@ def _second_pass(vae: AutoencoderKL, stats: LatentStatistics, seed: int, nonloca
 
 
 @torch.no_grad()
-def latent_statistics(vae: AutoencoderKL, accelerator, data: DataConfig, num_images: int, batch_size: int,
+def latent_statistics(vae: Autoencoder, accelerator, data: DataConfig, num_images: int, batch_size: int,
                       seed: int = 0, nonlocality_images: int = 16, margin: int = 1) -> dict:
     """The statistics of :class:`first_stage.latent_stats.LatentStatistics` over ``num_images`` images
     (two passes over the same images), the carried normalisation against the one they imply, and the
     non-locality of the first ``nonlocality_images`` images of the pick (:func:`nonlocality`)."""
     side = data.resolution // downsampling_factor(vae.config)
-    stats = LatentStatistics(vae.config.latent_channels, (side, side))
+    carried = LatentNormalizer.of(vae)
+    stats = LatentStatistics(vae.config.latent_channels, (side, side), carried)
     first = functools.partial(_first_pass, vae, stats)
     _, skipped = stream_images(accelerator, data, num_images, batch_size, seed, first)
     stats.finish_first_pass(functools.partial(reduce_sum, accelerator))
@@ -230,7 +231,7 @@ def latent_statistics(vae: AutoencoderKL, accelerator, data: DataConfig, num_ima
     if not stats.peak_zhat:
         raise DataError(f"no decodable image among the {num_images} picked of {describe(data)}")
     result = stats.result()
-    result["scale"].update(carried_and_implied(LatentNormalizer.from_vae_config(vae.config), stats.moments))
+    result["scale"].update(carried_and_implied(carried, stats.layout_moments))
     peak, random = [p for _, _, p, _ in perturbed], [r for _, _, _, r in perturbed]
     result["nonlocality"] = {"images": len(perturbed), "margin_cells": margin, "files": [f for _, f, _, _ in perturbed],
                              "peak": peak, "random": random,
@@ -240,7 +241,7 @@ def latent_statistics(vae: AutoencoderKL, accelerator, data: DataConfig, num_ima
     return result
 
 
-def _reconstruct(vae: AutoencoderKL, lpips, fid, lowest: WorstImages, batch: dict) -> list[tuple]:
+def _reconstruct(vae: Autoencoder, lpips, fid, lowest: WorstImages, batch: dict) -> list[tuple]:
     """The metrics of :func:`reconstruction` for a batch: (image id, file, PSNR, SSIM, LPIPS or None)
     of each image; the worst kept, FID fed."""
     x = batch["pixel_values"]
@@ -255,7 +256,7 @@ def _reconstruct(vae: AutoencoderKL, lpips, fid, lowest: WorstImages, batch: dic
 
 
 @torch.no_grad()
-def reconstruction(vae: AutoencoderKL, accelerator, data: DataConfig, num_images: int, batch_size: int, seed: int = 0,
+def reconstruction(vae: Autoencoder, accelerator, data: DataConfig, num_images: int, batch_size: int, seed: int = 0,
                    lpips=None, fid=None, worst: int = 8) -> tuple[dict, list[tuple]]:
     """Per-image PSNR, SSIM and LPIPS (:func:`reconstruction_metrics`) of posterior-mean reconstructions,
     summarised, with rFID when ``fid`` is given (a collective); and the ``worst`` images by PSNR as

@@ -124,11 +124,16 @@ def measure_latent_stats(vae: nn.Module, batches: Iterable[torch.Tensor], accele
 
 
 def carried_and_implied(carried: LatentNormalizer, moments: dict[str, torch.Tensor]) -> dict:
-    """The normalisation a VAE carries against the one of the same kind its measured posterior-sample
-    ``moments`` (:func:`posterior_moments`) imply: per channel, the carried
-    scale over the implied one, and the channel farthest from 1 (1 = calibrated)."""
-    implied = LatentNormalizer.measured(carried.kind, moments["mean"].item(), moments["std_of_samples"].item(),
-                                        moments["channel_mean"].tolist(), moments["channel_std_of_samples"].tolist())
+    """The normalisation a VAE carries against the one of the same kind its measured ``moments``
+    (:func:`posterior_moments`, per channel of the normaliser's layout) imply — of posterior samples, or
+    for ``batch_norm`` of the posterior means its BatchNorm sees: per channel, the carried scale over the
+    implied one, and the channel farthest from 1 (1 = calibrated)."""
+    if carried.kind == "batch_norm":
+        implied = carried.with_statistics(moments["channel_mean"], moments["channel_std_of_means"].pow(2))
+    else:
+        implied = LatentNormalizer.measured(carried.kind, moments["mean"].item(), moments["std_of_samples"].item(),
+                                            moments["channel_mean"].tolist(),
+                                            moments["channel_std_of_samples"].tolist())
     ratios = carried.over(implied, len(moments["channel_mean"]))
     return {"carried": carried.describe(), "implied": implied.describe(),
             "channel_carried_over_implied": ratios.tolist(), "carried_over_implied": worst_ratio(ratios)}
@@ -186,12 +191,18 @@ class LatentStatistics:
     """Streaming accumulator. Call :meth:`first_pass` on every batch, :meth:`finish_first_pass`,
     :meth:`second_pass` on the same batches, then :meth:`result`."""
 
-    def __init__(self, channels: int, spatial: tuple[int, int]):
+    def __init__(self, channels: int, spatial: tuple[int, int], norm: LatentNormalizer | None = None):
         """``channels`` and the latent's (h, w): known before any image, so that a process that gets
-        no image (fewer images than processes) still takes part in :meth:`combine`."""
+        no image (fewer images than processes) still takes part in :meth:`combine`. ``norm``: the
+        normalisation the VAE carries, whose output (what the diffusion model sees) is measured too."""
         self.channels = channels
         self.shape = (channels, *spatial)
+        self.norm = norm or LatentNormalizer("global")  # the identity
         f64 = dict(dtype=torch.float64)
+        # per channel of the normaliser's layout (the patches of the FLUX.2 class): elements, Σz, Σz², Σσ², and
+        # the count of normalised posterior means beyond 4
+        self.sums_norm = torch.zeros(5, channels * math.prod(self.norm.patch_size), **f64)
+        self.layout_moments = None
         # first pass, per channel: elements, Σz, Σz², Σσ², ΣKL, count of log-variances at the clamp
         self.sums1 = torch.zeros(6, channels, **f64)
         self.logvar_hist = torch.zeros(LOGVAR_BINS, **f64)
@@ -219,12 +230,17 @@ class LatentStatistics:
         if (c, h, w) != self.shape:
             raise ValueError(f"latents of shape {(c, h, w)}, expected {self.shape}")
         self.peak_positions += torch.bincount(energy.argmax(1), minlength=h * w).double()
+        mu, var = self.norm.layout(z), self.norm.layout(logvar.exp())  # (B, C', h', w')
+        self.sums_norm += torch.stack([torch.full_like(mu[0, :, 0, 0], mu[:, 0].numel()), mu.sum((0, 2, 3)),
+                                       mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)),
+                                       (self.norm.normalize(z).abs() > 4).double().sum((0, 2, 3))])
 
     def finish_first_pass(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Combine the first-pass sums over processes and fix the channel mean and std."""
         if reduce_sum is not None:
-            self.sums1 = reduce_sum(self.sums1)
+            self.sums1, self.sums_norm = reduce_sum(self.sums1), reduce_sum(self.sums_norm)
         self.moments = posterior_moments(*self.sums1[:4])
+        self.layout_moments = posterior_moments(*self.sums_norm[:4])
         self.mean, self.std = self.moments["channel_mean"], self.moments["channel_std_of_means"]
 
     @torch.no_grad()
@@ -317,4 +333,27 @@ class LatentStatistics:
                 "white_noise_high_band_share": high_band_mask(h, w).double().mean().item(),
             },
             "zhat_histogram": {"range": ZHAT_RANGE, "bins": ZHAT_BINS, "counts": self.zhat_hist.tolist()},
+            "normalised": self.normalised(),
+        }
+
+    def normalised(self) -> dict:
+        """The latents the diffusion model sees: the carried normalisation's output (for the FLUX.2 class its
+        patches, (4C, h/2, w/2)), per channel and over all, of posterior means and of samples (exact over ε)."""
+        moments, (count, *_, beyond) = self.layout_moments, self.sums_norm
+        shift, scale = self.norm.shift_and_scale(len(count))
+        mean = (moments["channel_mean"] - shift) * scale
+        std_means, std_samples = moments["channel_std_of_means"] * scale, moments["channel_std_of_samples"] * scale
+        overall = mean.mean()  # every channel has as many elements
+        side = [s // p for s, p in zip(self.shape[1:], self.norm.patch_size)]
+        return {
+            "normalisation": self.norm.describe(),
+            "latent_shape": [len(count), *side],
+            "mean": overall.item(),
+            "std_of_means": ((std_means.pow(2) + mean.pow(2)).mean() - overall**2).clamp_min(0).sqrt().item(),
+            "std_of_samples": ((std_samples.pow(2) + mean.pow(2)).mean() - overall**2).clamp_min(0).sqrt().item(),
+            "channel_mean": mean.tolist(),
+            "channel_std_of_means": std_means.tolist(),
+            "channel_std_of_samples": std_samples.tolist(),
+            "p_abs_gt_4": (beyond.sum() / count.sum()).item(),
+            "gaussian_p_abs_gt_4": GAUSSIAN_TAIL[4],
         }

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from .config import OptimizerConfig, PerformanceConfig
+from .model import Autoencoder
 
 
 def set_tf32(enabled: bool) -> None:
@@ -28,7 +28,7 @@ def adamw(params, cfg: OptimizerConfig, lr: float, fused: bool) -> torch.optim.A
                              fused=fused or None)
 
 
-def prepare_autoencoder(vae: AutoencoderKL, cfg: PerformanceConfig, device: torch.device) -> AutoencoderKL:
+def prepare_autoencoder(vae: Autoencoder, cfg: PerformanceConfig, device: torch.device) -> Autoencoder:
     """Gradient checkpointing and the attention kernel, in place."""
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -67,7 +67,7 @@ def compile_in_place(modules: list[nn.Module | None], cfg: PerformanceConfig, st
             module.compile(mode=cfg.compile_mode, dynamic=False if static else None)
 
 
-def compiled_parts(vae: AutoencoderKL) -> list[nn.Module]:
+def compiled_parts(vae: Autoencoder) -> list[nn.Module]:
     """The autoencoder's parts that are compiled: encoder and decoder, whose forward is all tensors
     (the autoencoder's own forward returns a distribution object)."""
     return [vae.encoder, vae.decoder]

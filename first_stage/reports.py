@@ -162,6 +162,10 @@ def latent_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
         # The carried normaliser's scale over the one these images imply, per channel for a per-channel one.
         ("carried / implied, worst channel (1 = calibrated)", [x["scale"]["carried_over_implied"] for x in r], 1.0),
         ("channel std max/min", [x["scale"]["channel_std_ratio_max_min"] for x in r], 1.0),
+        # What the diffusion model sees: the carried normalisation's output (the FLUX.2 class: its 2×2 patches).
+        ("normalised latent: std of posterior means", [x["normalised"]["std_of_means"] for x in r], 1.0),
+        ("normalised latent: std of posterior samples", [x["normalised"]["std_of_samples"] for x in r], 1.0),
+        ("normalised latent: P(\\|z'\\| > 4) of means", [x["normalised"]["p_abs_gt_4"] for x in r], g["p_abs_gt_4"]),
         ("P(\\|ẑ\\| > 3)", [x["tails"]["p_abs_gt_3"] for x in r], g["p_abs_gt_3"]),
         ("P(\\|ẑ\\| > 4)", [x["tails"]["p_abs_gt_4"] for x in r], g["p_abs_gt_4"]),
         ("P(\\|ẑ\\| > 6)", [x["tails"]["p_abs_gt_6"] for x in r], g["p_abs_gt_6"]),

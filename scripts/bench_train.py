@@ -17,6 +17,9 @@ Without LPIPS weights on disk the VGG16 trunk gets random weights: the same cost
 (the output says so). ``--loss full`` (default)
 switches the discriminator on from step 0, so every term is in the step. With ``train.grad_accum`` > 1
 each timed step is a whole accumulation window, and the figures are per micro-batch of ``--batch`` images.
+``--terms`` and ``--presets`` add rows in the same run, each against the plain step: one X-regulariser
+added, or another model preset (e.g. ``--presets flux2``: the FLUX.2 class against the recipe's sd-f8c4),
+with their counted FLOPs and time over the plain step's.
 """
 
 import argparse
@@ -40,6 +43,7 @@ from first_stage.config import load_config, with_overrides
 from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.loss_term import adaptive_weight
+from first_stage.model import PRESETS
 from first_stage.lifecycle import run_main
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
 from first_stage.performance import seconds_per_call, synchronize
@@ -66,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML recipe (default: the package defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--preset", default=None, help="model.preset (tiny, sd-f8c4, f8c16)")
+    parser.add_argument("--preset", default=None, help=f"model.preset ({', '.join(PRESETS)})")
     parser.add_argument("--resolution", type=int, default=None, help="crop side (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="images per process (default: the config's)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None, help="train.mixed_precision")
@@ -81,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also append the JSON lines to this file")
     parser.add_argument("--terms", default="", help="comma list of X-regularisers to cost one by one against the "
                         f"plain step, in the same run: {','.join(TERMS)}")
+    parser.add_argument("--presets", default="", help="comma list of model presets to cost against the plain step, in "
+                        "the same run (e.g. flux2 against the recipe's sd-f8c4)")
     parser.add_argument("--flop-steps", type=int, default=1,
                         help="steps whose counted FLOPs are averaged (the equivariance transform differs per step)")
     parser.add_argument("--alignment-standin", choices=sorted(STANDINS), default="large",
@@ -316,6 +322,13 @@ def main():
         unknown = [t for t in terms if t not in TERMS]
         if unknown:
             raise SystemExit(f"--terms: unknown {unknown}; choose from {list(TERMS)}")
+        presets = [p for p in args.presets.split(",") if p]
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown:
+            raise SystemExit(f"--presets: unknown {unknown}; choose from {sorted(PRESETS)}")
+        # the rows after the plain step: (step name, overrides, the key naming what differs)
+        variants = [(f"first-stage + {t}", TERMS[t], "term_overrides") for t in terms]
+        variants += [(f"first-stage preset {p}", [f"model.preset={p}"], "preset_overrides") for p in presets]
         align_note = None
         if config.alignment.enabled or any("alignment.enabled=true" in TERMS[t] for t in terms):
             align_override, align_note = alignment_model(config, args.alignment_standin, Path(tmp) / "dinov2")
@@ -362,23 +375,23 @@ def main():
         # is timed again after them: the first timing of a process runs on a colder machine, so the
         # reference is the mean of both (both are reported).
         plain_seconds = seconds
-        if terms:
+        if variants:
             del parts
             again = measure(accelerator, config, images, args)
             parts = again["parts"]
             results[0]["seconds_per_step_again"] = again["seconds"]
             plain_seconds = (seconds + again["seconds"]) / 2
-        for term in terms:
-            term_config = with_overrides(config, TERMS[term])
+        for step, overrides, key in variants:
+            variant_config = with_overrides(config, overrides)
             del parts
-            m = measure(accelerator, term_config, images, args)
+            m = measure(accelerator, variant_config, images, args)
             parts = m["parts"]
-            term_flops = m["flops"] / images.shape[0]
-            row = {**common, "step": f"first-stage + {term}", "precision": tcfg.mixed_precision,
-                   "term_overrides": TERMS[term], "seconds_per_step": m["seconds"], "skipped_steps": m["skipped_steps"],
-                   "peak_mem_gib": m["memory"], "gflop_per_image_counted": term_flops / 1e9,
+            variant_flops = m["flops"] / images.shape[0]
+            row = {**common, "step": step, "preset": variant_config.model.preset, "precision": tcfg.mixed_precision,
+                   key: overrides, "seconds_per_step": m["seconds"], "skipped_steps": m["skipped_steps"],
+                   "peak_mem_gib": m["memory"], "gflop_per_image_counted": variant_flops / 1e9,
                    "cost_vs_plain": m["seconds"] / plain_seconds, "flops_vs_plain": m["flops"] / real_flops}
-            results.append(with_rates(row, m["seconds"], images.shape[0], term_flops, peak))
+            results.append(with_rates(row, m["seconds"], images.shape[0], variant_flops, peak))
 
         if args.find_max_batch:
             if device.type != "cuda":

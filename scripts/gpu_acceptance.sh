@@ -6,7 +6,8 @@
 #                                                  # compiled row and the batch search (tests run this)
 #
 # Rows: full-loss training of the SD kl-f8 VAE at 256² in bf16 (eager with channels_last off and on,
-# compiled), the largest batch at 256² and 512² with and without gradient checkpointing, encode and
+# compiled), the FLUX.2 class (AutoencoderKLFlux2) against that step in the same run, the largest batch at 256²
+# and 512² with and without gradient checkpointing, encode and
 # decode in bf16, the cost of each X-regulariser on the f16c32 step, and a 50-step bf16 training run
 # that exports and verifies. Each command has its
 # own time limit (ROW_TIMEOUT seconds, default 150) and the whole run stops at the first failure with
@@ -30,6 +31,7 @@ if [[ "${ACCEPTANCE_SMOKE:-0}" == 1 ]]; then
        --set discriminator.start=1 --set discriminator.channels=16 --set train.mixed_precision=bf16)
   TERMS=(--preset tiny --set discriminator.channels=16 --resolution 96 --batch 2 --steps 1 --warmup 0 --precision bf16
          --alignment-standin test --set alignment.grid=model)
+  FLUX2=flux2-tiny
   MAX_BATCH=()   # the search needs CUDA memory to run out of
   COMPILE=0      # compiling takes minutes on a CPU; tests/test_performance.py checks compile_in_place
 else
@@ -44,6 +46,7 @@ else
   TERMS=(--preset f16c32 --resolution 256 --batch 16 --steps 5 --warmup 2 --flop-steps 2 --precision bf16
          --set performance.tf32=true)
   MAX_BATCH=(--find-max-batch --no-naive --steps 2 --warmup 1)
+  FLUX2=flux2
   COMPILE=1
 fi
 
@@ -78,6 +81,8 @@ BENCH=("$PY" scripts/bench_train.py "${TRAIN[@]}" "${LPIPS[@]}" --resolution "$R
 row train_bf16_eager "${BENCH[@]}"
 row train_bf16_eager_channels_last "${BENCH[@]}" --no-naive --set performance.channels_last=true
 if [[ $COMPILE == 1 ]]; then row train_bf16_compiled "${BENCH[@]}" --no-naive --compile; fi
+# The FLUX.2 class (32 latent channels, BatchNorm over patches) against the sd-f8c4 step: counted FLOPs and time.
+row train_flux2 "${BENCH[@]}" --no-naive --presets "$FLUX2"
 if [[ ${#MAX_BATCH[@]} -gt 0 ]]; then
   for res in "$RES" "$RES_LARGE"; do
     SEARCH=("$PY" scripts/bench_train.py "${TRAIN[@]}" "${LPIPS[@]}" --resolution "$res" --precision bf16 --batch 8

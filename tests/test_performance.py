@@ -152,9 +152,11 @@ def test_gpu_acceptance_script_runs_every_row_and_writes_the_table(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "acceptance.jsonl").read_text().splitlines()]
     terms = [f"first-stage + {t}" for t in ("alignment", "alignment_fixed_weight", "equivariance", "scale_eq",
                                             "latent_noise")]
-    assert [r.get("step") for r in rows if r["bench"] == "train"] == ["first-stage", "naive", "first-stage",
-                                                                       "first-stage", *terms]
+    assert [r.get("step") for r in rows if r["bench"] == "train"] == [
+        "first-stage", "naive", "first-stage", "first-stage", "first-stage preset flux2-tiny", "first-stage", *terms]
     assert rows[2]["performance"]["channels_last"]
+    flux2 = rows[4]
+    assert flux2["preset"] == "flux2-tiny" and rows[3]["preset"] == "tiny" and flux2["flops_vs_plain"] > 0
     assert all(r["precision"] == "bf16" for r in rows if r.get("step") == "first-stage")
     term_rows = [r for r in rows if r.get("step") in terms]
     assert all(r["cost_vs_plain"] > 0 and r["skipped_steps"] == 0 for r in term_rows)
