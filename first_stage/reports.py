@@ -450,7 +450,8 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
             "",
         ]
     lines += [
-        "## Latent scale (measured, not assumed)",
+        "## Latent scale (measured, not assumed)" if "batch_norm" not in report else
+        "## Raw latents (before the BatchNorm; for comparison only, not written into the export)",
         "",
         f"Measured on {stats['num_images']} images of {report['calibration']}: the moments of posterior",
         "samples z = μ + σ·ε (exact over ε), in float64.",

@@ -135,9 +135,15 @@ def main():
         print(f"exported {args.out} from {found.path}")
         print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor {stats['shift_factor']:.5f} "
               f"(std {stats['std']:.5f}) from {stats['num_images']} images of {report['calibration']}")
-        print(f"  config.json: {report['config_scale']}")
+        if "batch_norm" in report:  # the FLUX.2 class: the normalisation is its BatchNorm's statistics
+            print(f"  BatchNorm statistics {report['batch_norm']['origin']}")
+        else:
+            print(f"  config.json: {report['config_scale']}")
         print(f"  pipelines normalise {report['normalisation']}")
-        print(f"  fp16: {report['fp16']['verdict']} force_upcast={report['fp16']['force_upcast']}")
+        upcast = "" if "batch_norm" in report else f" force_upcast={report['fp16']['force_upcast']}"
+        print(f"  fp16: {report['fp16']['verdict']}{upcast}")
+        if report.get("single_file_skipped"):
+            print(f"  no single file: {'; '.join(report['single_file_skipped'])}")
         print(f"  verified: max abs difference after reload {check['diffusers']:.3g}"
               + (f", single file {check['single_file']:.3g}" if "single_file" in check else "")
               + f" (tolerance {check['tolerance']:g})")
