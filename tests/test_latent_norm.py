@@ -2,6 +2,7 @@
 export writes and reads back, and are what latent statistics compare as "carried / implied"."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -113,3 +114,58 @@ def test_carried_over_implied_is_per_channel_for_a_per_channel_normaliser():
     assert found["channel_carried_over_implied"] == pytest.approx([1.0, 1.0, 2.0, 1.0])
     assert found["carried_over_implied"] == pytest.approx(2.0)
     assert worst_ratio(torch.tensor([0.25, 1.0, 2.0])) == 0.25  # farthest from 1 on a log scale
+
+
+BATCH_NORM = LatentNormalizer("batch_norm", running_mean=tuple(float(v) for v in torch.linspace(-1, 1, 8)),
+                              running_var=tuple(float(v) for v in torch.linspace(0.5, 4, 8)), eps=1e-4,
+                              patch_size=(2, 2))
+
+
+def test_batch_norm_is_the_flux2_pipelines_normalisation_and_inverts():
+    """The batch_norm kind is Flux2Pipeline's _patchify_latents then (z − mean)/sqrt(var + eps): the patches
+    the transformer reads; denormalize takes them back to the latent the decoder reads."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+    z = torch.randn(3, 2, 6, 4, dtype=torch.float64) * 3 + 1
+    patches = Flux2Pipeline._patchify_latents(z)  # (3, 8, 3, 2)
+    mean = torch.tensor(BATCH_NORM.running_mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.sqrt(torch.tensor(BATCH_NORM.running_var, dtype=torch.float64).view(1, -1, 1, 1) + 1e-4)
+    torch.testing.assert_close(BATCH_NORM.normalize(z), (patches - mean) / std)
+    torch.testing.assert_close(BATCH_NORM.denormalize(BATCH_NORM.normalize(z)), z)
+    torch.testing.assert_close(BATCH_NORM.unlayout(patches), Flux2Pipeline._unpatchify_latents(patches))
+    assert BATCH_NORM.config_entries() == {"batch_norm_eps": 1e-4, "patch_size": [2, 2]}
+    assert "(c pi pj)" in BATCH_NORM.describe() and "0.0001" in BATCH_NORM.describe()
+    with pytest.raises(ValueError, match="multiples of 2"):
+        BATCH_NORM.normalize(z[..., :5, :])
+    with pytest.raises(ValueError, match="patch_size are set for 'batch_norm'"):
+        LatentNormalizer("global", patch_size=(2, 2))
+
+
+def test_latent_statistics_measure_what_the_diffusion_model_sees():
+    """LatentStatistics' "normalised" figures are those of the normaliser's output (the patches, for the
+    FLUX.2 class), and carried / implied compares the carried BatchNorm with the one the latents imply."""
+    from first_stage.latent_stats import LatentStatistics
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1) + 0.5
+    logvar = torch.full_like(z, -2.0)
+    for norm in (GLOBAL, BATCH_NORM):
+        stats = LatentStatistics(2, (4, 4), norm)
+        stats.first_pass(z, logvar)
+        stats.finish_first_pass()
+        found = stats.normalised()
+        direct = norm.normalize(z)  # (B, C', h', w')
+        assert found["latent_shape"] == list(direct.shape[1:])
+        assert found["channel_mean"] == pytest.approx(direct.mean((0, 2, 3)).tolist())
+        assert found["channel_std_of_means"] == pytest.approx(direct.std((0, 2, 3), unbiased=False).tolist())
+        assert found["std_of_means"] == pytest.approx(direct.std(unbiased=False).item())
+        scale = norm.channel_scale(direct.shape[1])  # samples add σ² = e⁻² times the scale² to each variance
+        assert found["channel_std_of_samples"] == pytest.approx(
+            (direct.var((0, 2, 3), unbiased=False) + math.exp(-2) * scale**2).sqrt().tolist())
+        assert found["p_abs_gt_4"] == pytest.approx((direct.abs() > 4).double().mean().item())
+    patches = BATCH_NORM.layout(z)
+    calibrated = BATCH_NORM.with_statistics(patches.mean((0, 2, 3)), patches.var((0, 2, 3), unbiased=False))
+    stats = LatentStatistics(2, (4, 4), calibrated)
+    stats.first_pass(z, logvar)
+    stats.finish_first_pass()
+    assert carried_and_implied(calibrated, stats.layout_moments)["carried_over_implied"] == pytest.approx(1.0)
+    assert stats.normalised()["channel_std_of_means"] == pytest.approx([1.0] * 8, abs=1e-3)  # var/(var+eps)
+    assert carried_and_implied(BATCH_NORM, stats.layout_moments)["carried_over_implied"] != pytest.approx(1.0)

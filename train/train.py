@@ -184,8 +184,9 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
                                     accelerator)
         if report is not None:
             stats = report["latent_stats"]
-            accelerator.print(f"exported {run_dir / 'export'}: scaling_factor {stats['scaling_factor']:.5f} "
-                              f"from {stats['num_images']} images; {report['fp16']['verdict']}")
+            scale = (f"BatchNorm statistics {report['batch_norm']['origin']}" if "batch_norm" in report
+                     else f"scaling_factor {stats['scaling_factor']:.5f} from {stats['num_images']} images")
+            accelerator.print(f"exported {run_dir / 'export'}: {scale}; {report['fp16']['verdict']}")
     finish_run(accelerator, run_dir, exit_code, state.step, reason)  # several processes leave here
     return exit_code
 
