@@ -257,9 +257,12 @@ def check_architecture(path: Path, autoencoder_config: dict, models: list[torch.
     if (path / AUTOENCODER_CONFIG).is_file():  # why the shapes differ, in the model's own terms
         ignored = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
         saved = json.loads((path / AUTOENCODER_CONFIG).read_text())
+        kinds = [c.get("_class_name", "AutoencoderKL") for c in (saved, autoencoder_config)]
         found = [f"{AUTOENCODER_CONFIG}: {line}" for line in _differences(
             {k: v for k, v in saved.items() if k not in ignored},
             {k: v for k, v in autoencoder_config.items() if k not in ignored})] + found
+        if kinds[0] != kinds[1]:  # the first thing to say
+            found.insert(0, f"{AUTOENCODER_CONFIG}: the class, {kinds[0]} in the checkpoint, {kinds[1]} in this config")
     run_config = path / CONFIG_FILE  # the config the checkpoint was written under (the run's own copy is the same)
     # Alignment projections had a bias before they followed VA-VAE's bias-free linear_proj.
     bias = ("\nThe checkpoint's alignment projection has a bias: add --set alignment.projection_bias=true"

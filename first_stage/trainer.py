@@ -35,7 +35,8 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
-                         build_autoencoder, check_architecture, check_checkpoint, read_state, trainer_state_file)
+                         CheckpointError, build_autoencoder, check_architecture, check_checkpoint, read_state,
+                         trainer_state_file)
 from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import normalisation_kind
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
@@ -276,7 +277,14 @@ def restore(accelerator, parts: TrainingParts, path: Path, config: Config | None
     check_checkpoint(path)
     models = [parts.raw_model] + ([parts.raw_discriminator] if parts.raw_discriminator is not None else [])
     check_architecture(path, json.loads(parts.raw_model.vae.to_json_string()), models)
-    keep = changed_since(yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, config) if config else []
+    saved = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+    trained = (saved.get("model") or {}).get("trainable", "all")
+    if config is not None and trained != config.model.trainable:  # the optimiser holds the other parameter set
+        raise CheckpointError(f"{path} was trained with model.trainable={trained}, this config says "
+                              f"{config.model.trainable}: its optimiser state is for the other set of parameters. "
+                              f"Resume with --set model.trainable={trained}, or start a new run (another "
+                              "train.run_name) with model.init_from set to this run")
+    keep = changed_since(saved, config) if config else []
     if keep:
         accelerator.print(f"warning: {path} was trained before " + ", ".join(k.split("=")[0] for k in keep)
                           + " existed; this config switches what it trained with. To keep it, resume with "

@@ -146,6 +146,25 @@ def test_smoke_accelerate_launch(tmp_path, vgg_file):
     assert (finetuned / "export" / "vae_ldm.safetensors").is_file()
 
 
+def assert_same_checkpoint(straight: Path, resumed: Path, step: int) -> dict:
+    """The two runs' checkpoints of ``step`` hold bit-identical weights, EMA, discriminator and its state;
+    returns the weights."""
+    a, b = weights(straight, step), weights(resumed, step)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for extra in (*TRAINER_STATES.values(), DISCRIMINATOR_WEIGHTS):  # the discriminator and the EMA too
+        pa = straight / "checkpoints" / f"checkpoint-{step}" / extra
+        pb = resumed / "checkpoints" / f"checkpoint-{step}" / extra
+        if extra.endswith(".safetensors"):
+            da, db = load_file(pa), load_file(pb)
+            assert all(torch.equal(da[k], db[k]) for k in da), extra
+        else:
+            da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
+            assert str(da) == str(db), extra
+    return a
+
+
 def test_exact_resume(tmp_path, vgg_file):
     _, straight = run_train(tmp_path, "straight", "train.max_steps=6", vgg_file=vgg_file)
     run_train(tmp_path, "resumed", "train.max_steps=3", vgg_file=vgg_file)
@@ -153,20 +172,7 @@ def test_exact_resume(tmp_path, vgg_file):
     losses_a, losses_b = train_losses(straight), train_losses(resumed)
     assert sorted(losses_a) == sorted(losses_b) == [1, 2, 3, 4, 5, 6]
     assert losses_a == losses_b
-    a, b = weights(straight, 6), weights(resumed, 6)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    # the discriminator and the EMA are restored too
-    for extra in (*TRAINER_STATES.values(), DISCRIMINATOR_WEIGHTS):
-        pa = straight / "checkpoints" / "checkpoint-6" / extra
-        pb = resumed / "checkpoints" / "checkpoint-6" / extra
-        if extra.endswith(".safetensors"):
-            da, db = load_file(pa), load_file(pb)
-            assert all(torch.equal(da[k], db[k]) for k in da), extra
-        else:
-            da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
-            assert str(da) == str(db), extra
+    assert_same_checkpoint(straight, resumed, 6)
     # Resuming with a config of another architecture is refused before anything is loaded, naming
     # what differs and the config the checkpoint was written under; the run's config.yaml is kept.
     run_config = (resumed / CONFIG_FILE).read_text()
