@@ -34,10 +34,11 @@ from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .config import Config, ModelConfig, exported_weights, load_config
+from .config import Config, ConfigError, ModelConfig, exported_weights, load_config
 from .convert import (autoencoder_from_bfl, autoencoder_from_ldm, check_batch_norm, is_bfl_layout, read_weights,
                       split_ldm_checkpoint, vavae_projection)
-from .model import Autoencoder, autoencoder_from_config, class_of_config, new_autoencoder
+from .model import (Autoencoder, autoencoder_from_config, class_of_config, encoder_fingerprint, has_batch_norm,
+                    new_autoencoder, preset_class)
 
 
 def accelerate_model_file(index: int) -> str:
@@ -68,7 +69,7 @@ UNFINISHED_PREFIX = ".tmp-"  # a checkpoint being written; renamed to its final 
 AUTOENCODER_WEIGHTS = accelerate_model_file(0)  # the training wrapper: vae.* and logvar
 DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
 CONFIG_FILE = "config.yaml"  # the resolved training config
-AUTOENCODER_CONFIG = "autoencoder_config.json"  # the AutoencoderKL config
+AUTOENCODER_CONFIG = "autoencoder_config.json"  # the autoencoder's diffusers config (its class in _class_name)
 TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
 # A FLUX.2-class run started from released weights: {"source", "fingerprint"} of its encoder and BatchNorm at
 # the start (first_stage.model.encoder_fingerprint), so the export can tell whether they still hold.
@@ -241,9 +242,9 @@ def _differences(saved: dict, built: dict, limit: int = 5) -> list[str]:
 
 def check_architecture(path: Path, autoencoder_config: dict, models: list[torch.nn.Module]) -> None:
     """Refuse to resume from checkpoint ``path`` into models built from another architecture:
-    ``autoencoder_config`` is the built AutoencoderKL's config, ``models`` the modules in the order
+    ``autoencoder_config`` is the built autoencoder's config, ``models`` the modules in the order
     they were prepared (the weights of the ``i``-th are in :func:`accelerate_model_file` ``(i)``).
-    Raises :class:`CheckpointError` naming the weights whose keys or shapes differ, the AutoencoderKL
+    Raises :class:`CheckpointError` naming the weights whose keys or shapes differ, the autoencoder
     settings that differ, and the run's saved config to resume with. Settings that leave every shape
     alone (e.g. ``scaling_factor``) do not refuse."""
     found = []
@@ -442,6 +443,9 @@ def load_vae(source: str | Path, weights: str | None = "ema", single_file_config
         check_weights_readable(file)
     if cls.__name__ == "AutoencoderKLFlux2":
         # from_pretrained only warns when the BatchNorm statistics are missing, and goes on with mean 0, var 1
+        if not files:
+            raise ValueError(f"{path.resolve()}: no diffusion_pytorch_model*.safetensors; an AutoencoderKLFlux2 "
+                             "folder is read from safetensors weights only (its BatchNorm statistics are checked)")
         stored = {}
         for file in files:
             with safe_open(str(file), framework="pt") as f:
@@ -463,9 +467,29 @@ def _single_file_with_config(path: Path, config_dir: Path) -> Autoencoder:
     return AutoencoderKL.from_single_file(str(path), config=str(config_dir))
 
 
+def encoder_origin(init_from: str | Path | None, vae: Autoencoder) -> dict | None:
+    """Of a FLUX.2-class ``vae`` loaded from ``init_from``: the released VAE whose encoder and BatchNorm it
+    started from, ``{"source", "fingerprint"}`` (:data:`ENCODER_ORIGIN`), for the export to keep or re-measure
+    the BatchNorm by. A released file or folder (its BatchNorm checked on reading) or an export is its own
+    origin; a run or checkpoint hands on the origin it recorded, or None when it had none (trained from
+    scratch: its BatchNorm was never measured). None for other classes and fresh models."""
+    if init_from is None or not has_batch_norm(vae):
+        return None
+    path = Path(init_from)
+    if is_run_or_checkpoint(path):
+        if (path / "checkpoints").is_dir():
+            path = resolve_resume("latest", path / "checkpoints")
+        return json.loads((path / ENCODER_ORIGIN).read_text()) if (path / ENCODER_ORIGIN).is_file() else None
+    return {"source": str(init_from), "fingerprint": encoder_fingerprint(vae)}
+
+
 def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
     """The autoencoder a training config asks for: loaded from ``cfg.init_from`` (any source
     :func:`load_vae` takes; the EMA weights of a run) or freshly initialised from the preset."""
     if cfg.init_from is None:
         return new_autoencoder(cfg)
-    return load_vae(cfg.init_from, overrides=cfg.overrides).vae.train()
+    vae = load_vae(cfg.init_from, overrides=cfg.overrides).vae.train()
+    if preset_class(cfg.preset) == "AutoencoderKLFlux2" and not has_batch_norm(vae):
+        raise ConfigError(f"model.preset {cfg.preset} is an AutoencoderKLFlux2, but model.init_from {cfg.init_from} "
+                          f"holds a {type(vae).__name__}")
+    return vae

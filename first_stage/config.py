@@ -27,11 +27,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # a key of first_stage.model.PRESETS
-    # AutoencoderKL constructor arguments that replace the preset's, e.g. {latent_channels: 16}.
+    # Constructor arguments of the preset's class (AutoencoderKL, AutoencoderKLFlux2) that replace the
+    # preset's, e.g. {latent_channels: 16}.
     overrides: dict[str, Any] = field(default_factory=dict)
     # Weights to start from (fine-tuning), any source first_stage.checkpoint.load_vae reads: a training
-    # run or checkpoint folder (its EMA weights), a diffusers AutoencoderKL folder, or a latent-diffusion
-    # single file (.safetensors/.ckpt) whose architecture is read off its weights (and overrides).
+    # run or checkpoint folder (its EMA weights), a diffusers AutoencoderKL or AutoencoderKLFlux2 folder, a
+    # latent-diffusion single file (.safetensors/.ckpt) or BFL's FLUX.2 ae.safetensors, whose architecture
+    # is read off its weights (and overrides). The class is the source's.
     init_from: str | None = None
     trainable: Literal["all", "decoder"] = "all"  # "decoder": the sd-vae-ft-MSE recipe
 

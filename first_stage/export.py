@@ -33,12 +33,12 @@ from torch import nn
 from . import __version__
 from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
-from .config import Config, ExportConfig, config_hash, to_yaml
+from .config import Config, ConfigError, ExportConfig, config_hash, to_yaml
 from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoencoder_from_ldm, bfl_obstacles,
                       bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
 from .latent_norm import PATCH_ORDER, LatentNormalizer
 from .latent_stats import measure_latent_stats
-from .model import DTYPES, Autoencoder, cast, count_parameters, encoder_fingerprint, has_batch_norm
+from .model import DTYPES, Autoencoder, cast, count_parameters, downsampling_factor, encoder_fingerprint, has_batch_norm
 from .reports import model_card
 from .terms import card_lines
 
@@ -126,7 +126,7 @@ def _record_nonfinite(found: dict, name: str, module: nn.Module, args, output) -
 
 
 @torch.inference_mode()
-def fp16_overflow_check(vae: AutoencoderKL, x: torch.Tensor) -> dict:
+def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
     """Encode (mode) and decode ``x`` with every weight and activation in fp16.
 
     Returns ``{"overflow": [modules whose output became inf/NaN, in execution order], "peak":
@@ -147,7 +147,7 @@ def fp16_overflow_check(vae: AutoencoderKL, x: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def output_difference(a: AutoencoderKL, b: AutoencoderKL, x: torch.Tensor) -> float:
+def output_difference(a: Autoencoder, b: Autoencoder, x: torch.Tensor) -> float:
     """Max abs difference of latents (posterior mode) and of reconstructions of two models on ``x``."""
     x_a, x_b = x.to(a.device, a.dtype), x.to(b.device, b.dtype)
     z_a, z_b = a.encode(x_a).latent_dist.mode(), b.encode(x_b).latent_dist.mode()
@@ -212,6 +212,20 @@ def normalisation_kind(requested: str, vae: Autoencoder) -> str:
     return requested
 
 
+def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where: str) -> str:
+    """Refuse now what the export would refuse after training or calibrating: a normalisation this class
+    does not carry, or a FLUX.2-class latent (of ``resolution``² images, the key ``where``) that does not
+    cut into the BatchNorm's patches. Returns the normalisation kind."""
+    kind = normalisation_kind(latent_norm, vae)
+    if has_batch_norm(vae):
+        factor, (pi, pj) = downsampling_factor(vae.config), vae.config.patch_size
+        side = resolution // factor
+        if side % pi or side % pj:
+            raise ConfigError(f"{where} {resolution}: the FLUX.2 BatchNorm cuts the {side}×{side} latent into "
+                              f"{pi}×{pj} patches; use a multiple of {factor * pi}")
+    return kind
+
+
 def batch_norm_origin(vae: Autoencoder, origin: dict | None) -> tuple[bool, str]:
     """Whether a FLUX.2-class export keeps the BatchNorm the VAE carries (its encoder, quant_conv and
     BatchNorm are bit-identical to those of the released VAE it started from), and the sentence that says so."""
@@ -273,8 +287,8 @@ def export_autoencoder(
     if skipped:  # said in the report and the model card
         warnings.warn(f"export: no {BFL_FILE_NAME}: {'; '.join(skipped)}")
         single_path = None
-    if flux2 and single_path is not None and single_path.name == SINGLE_FILE_NAME:
-        single_path = single_path.with_name(BFL_FILE_NAME)  # BFL's layout under BFL's name
+    if flux2 and single_path is not None and str(single_path) == SINGLE_FILE_NAME:
+        single_path = Path(BFL_FILE_NAME)  # the default name: BFL's layout under BFL's name
     outside = single_path is not None and str(single_path) != single_path.name  # not a bare name
     for target in [out_dir] + ([single_path] if outside else []):
         if target.exists() and not options.overwrite:
@@ -314,8 +328,7 @@ def export_autoencoder(
         norm = LatentNormalizer.of(vae)
         if not keep:
             norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
-        exported.bn.float()  # the statistics stay float32 in every dtype, the same values in both files
-        norm.write_to(exported)
+        norm.write_to(exported)  # float32 in every dtype (model.cast), the same values in both files
     else:
         norm = LatentNormalizer.measured(kind, stats["mean"], stats["std"], stats["channel_mean"],
                                          stats["channel_std"])
@@ -344,8 +357,15 @@ def export_autoencoder(
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
     if flux2:
+        patches = stats["batch_norm"]
+        shift_k, scale_k = norm.shift_and_scale(len(patches["running_mean"]))
+        after_mean = (torch.tensor(patches["running_mean"], dtype=torch.float64) - shift_k) * scale_k
+        after_std = torch.tensor(patches["running_var"], dtype=torch.float64).sqrt() * scale_k
         report["batch_norm"] = {
-            "origin": origin, "kept": keep, "patch_size": list(norm.patch_size), "patch_order": PATCH_ORDER,
+            "origin": origin, "kept": keep,
+            # the calibration images' posterior means after this BatchNorm: what the transformer reads
+            "calibration_after": {"channel_mean": after_mean.tolist(), "channel_std": after_std.tolist()},
+            "patch_size": list(norm.patch_size), "patch_order": PATCH_ORDER,
             "eps": norm.eps, "running_mean": list(norm.running_mean), "running_var": list(norm.running_var),
             "variance": "as the source carries it" if keep else stats["batch_norm"]["variance"],
             "stored": "float32 bn.running_mean / bn.running_var, the same values in both files",

@@ -141,8 +141,13 @@ def downsampling_factor(config) -> int:
 def cast(vae: Autoencoder, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
          copy_first: bool = False) -> Autoencoder:
     """``vae`` (or a copy) on ``device`` in ``dtype``, in eval mode. Uses ``nn.Module.to``: diffusers'
-    ``ModelMixin.to`` (0.42) warns about fp32-only modules on every dtype cast, though AutoencoderKL has none."""
-    return nn.Module.to(copy.deepcopy(vae) if copy_first else vae, device=device, dtype=dtype).eval()
+    ``ModelMixin.to`` (0.42) warns about fp32-only modules on every dtype cast, though AutoencoderKL has none.
+    A FLUX.2-class ``bn`` stays float32: its statistics are the latent normalisation, read, never run."""
+    vae = copy.deepcopy(vae) if copy_first else vae
+    for name, child in vae.named_children():
+        if dtype is not None and not (name == "bn" and has_batch_norm(vae)):
+            nn.Module.to(child, dtype=dtype)
+    return nn.Module.to(vae, device=device).eval()
 
 
 def set_trainable(vae: Autoencoder, trainable: str) -> None:

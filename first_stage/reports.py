@@ -456,16 +456,23 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         f"Measured on {stats['num_images']} images of {report['calibration']}: the moments of posterior",
         "samples z = μ + σ·ε (exact over ε), in float64.",
         "",
-        "| scaling_factor = 1/std | shift_factor = mean | std | std of posterior means |",
-        "|---|---|---|---|",
-        f"| {stats['scaling_factor']:.5f} | {stats['shift_factor']:.5f} | {stats['std']:.5f} "
-        f"| {stats['std_of_means']:.5f} |",
+    ]
+    if "batch_norm" in report:
+        lines += ["| mean | std of samples | std of posterior means |", "|---|---|---|",
+                  f"| {stats['mean']:.5f} | {stats['std']:.5f} | {stats['std_of_means']:.5f} |"]
+    else:
+        lines += ["| scaling_factor = 1/std | shift_factor = mean | std | std of posterior means |",
+                  "|---|---|---|---|",
+                  f"| {stats['scaling_factor']:.5f} | {stats['shift_factor']:.5f} | {stats['std']:.5f} "
+                  f"| {stats['std_of_means']:.5f} |"]
+    lines += [
         "",
         "Per channel: mean " + ", ".join(f"{v:.3f}" for v in stats["channel_mean"])
         + "; std " + ", ".join(f"{v:.3f}" for v in stats["channel_std"]) + ".",
         "",
     ]
     bn = report.get("batch_norm")
+    after = bn["calibration_after"] if bn else None
     if bn is None:
         lines += [
             f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
@@ -481,6 +488,11 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
             f"Variance: {bn['variance']}; stored as {bn['stored']}; `batch_norm_eps` = {bn['eps']:g}, "
             f"patches {bn['patch_size'][0]}×{bn['patch_size'][1]}, patch channels in order {bn['patch_order']}.",
             f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
+            "",
+            f"On the {stats['num_images']} calibration images, the posterior means after this BatchNorm (what the "
+            f"transformer reads), per patch channel: mean {min(after['channel_mean']):.3g} … "
+            f"{max(after['channel_mean']):.3g}, std {min(after['channel_std']):.4g} … {max(after['channel_std']):.4g} "
+            "(0 and 1 where the statistics are these images').",
             "",
             *[f"- Caution: {note}." for note in bn["pipelines"]],
         ]

@@ -35,16 +35,15 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
-                         CheckpointError, build_autoencoder, check_architecture, check_checkpoint, read_state,
-                         trainer_state_file)
+                         CheckpointError, build_autoencoder, check_architecture, check_checkpoint, encoder_origin,
+                         read_state, trainer_state_file)
 from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
-from .export import normalisation_kind
+from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import (AutoencoderWrapper, ForwardPlan, downsampling_factor, encoder_fingerprint, has_batch_norm,
-                    set_trainable)
+from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -199,10 +198,8 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     check_config(config)  # done at load too; a config built in code is checked here
     set_tf32(pcfg.tf32)
     vae = build_autoencoder(config.model)
-    normalisation_kind(config.export.latent_norm, vae)  # refused now, not at the export after training
-    origin = None
-    if config.model.init_from is not None and has_batch_norm(vae):
-        origin = {"source": config.model.init_from, "fingerprint": encoder_fingerprint(vae)}
+    check_exportable(config.export.latent_norm, vae, config.data.resolution, "data.resolution")  # not after training
+    origin = encoder_origin(config.model.init_from, vae)
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
     loss_fn, projection = build_loss(config, vae, accelerator)
@@ -300,6 +297,9 @@ def restore(accelerator, parts: TrainingParts, path: Path, config: Config | None
     for name in TRAINER_STATES:
         if getattr(parts, name) is not None:
             getattr(parts, name).load_state_dict(read_state(trainer_state_file(path, name, discriminator)))
+    # the released VAE the run started from, as the run recorded it then (init_from may have changed since)
+    origin = path / ENCODER_ORIGIN
+    parts.encoder_origin = json.loads(origin.read_text()) if origin.is_file() else None
     state = TrainingState()
     state.load_state_dict(json.loads((path / TRAINING_STATE).read_text()))
     return state

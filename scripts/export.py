@@ -20,16 +20,15 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from first_stage.checkpoint import SINGLE_FILE_NAME, LoadedVAE, load_vae
+from first_stage.checkpoint import SINGLE_FILE_NAME, LoadedVAE, encoder_origin, load_vae
 from first_stage.convert import BFL_FILE_NAME
 from first_stage.config import AlignmentConfig, Config, ConfigError, DataConfig, DiscriminatorConfig, ExportConfig
 from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.evaluation import data_from_spec
-from first_stage.export import ExportError, ExportOptions, ExportSource, export_autoencoder
+from first_stage.export import ExportError, ExportOptions, ExportSource, check_exportable, export_autoencoder
 from first_stage.reports import evaluation_summary
 from first_stage.lifecycle import run_main
-from first_stage.model import encoder_fingerprint, has_batch_norm
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,25 +86,17 @@ def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
     return Config(data=data, discriminator=disc, alignment=AlignmentConfig(enabled=found.projection is not None))
 
 
-def encoder_origin(found: LoadedVAE) -> dict | None:
-    """A FLUX.2-class VAE's released origin: the one its run started from (a checkpoint), or the imported
-    weights themselves, whose BatchNorm then holds for their encoder (kept, not re-measured)."""
-    if found.config is not None:
-        return found.encoder_origin
-    return {"source": str(found.path), "fingerprint": encoder_fingerprint(found.vae)} if has_batch_norm(found.vae) \
-        else None
-
-
 def main():
     args = parse_args()
     accelerator = Accelerator()
     try:
         found = load_vae(args.source, args.weights, norm_num_groups=args.norm_num_groups)
         data = calibration_config(args.calibrate, found.config)
+        ecfg = found.config.export if found.config else ExportConfig()
+        check_exportable(args.latent_norm or ecfg.latent_norm, found.vae, data.resolution, "the calibration resolution")
     except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"export failed: {err}")
     config = found.config or import_config(found, data)
-    ecfg = found.config.export if found.config else ExportConfig()
     discriminator = None
     if found.discriminator is not None:
         discriminator = build_discriminator(config.discriminator)
@@ -116,7 +107,7 @@ def main():
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
-                          encoder_origin=encoder_origin(found),
+                          encoder_origin=encoder_origin(found.path, found.vae),
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(
@@ -133,11 +124,14 @@ def main():
     if report is not None:
         stats, check = report["latent_stats"], report["verification"]
         print(f"exported {args.out} from {found.path}")
-        print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor {stats['shift_factor']:.5f} "
-              f"(std {stats['std']:.5f}) from {stats['num_images']} images of {report['calibration']}")
         if "batch_norm" in report:  # the FLUX.2 class: the normalisation is its BatchNorm's statistics
             print(f"  BatchNorm statistics {report['batch_norm']['origin']}")
+            for note in report["batch_norm"]["pipelines"]:
+                print(f"  caution: {note}")
         else:
+            print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
+                  f"{stats['shift_factor']:.5f} (std {stats['std']:.5f}) from {stats['num_images']} images of "
+                  f"{report['calibration']}")
             print(f"  config.json: {report['config_scale']}")
         print(f"  pipelines normalise {report['normalisation']}")
         upcast = "" if "batch_norm" in report else f" force_upcast={report['fp16']['force_upcast']}"

@@ -383,3 +383,62 @@ def test_flux2_pipeline_decodes_with_the_export(exported):
     assert image.shape == (1, 3, 16, 16)
     assert not torch.equal(patches, noise)  # the transformer ran
     torch.testing.assert_close(image, (ours / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_origin_of_each_init_from(tmp_path, vae):
+    """A released file or folder is its own origin; a run hands on the origin it recorded, or none when it was
+    trained from scratch (its BatchNorm never measured), so a run started from it measures instead of keeping."""
+    from first_stage.checkpoint import ENCODER_ORIGIN, TRAINING_STATE, encoder_origin
+    assert encoder_origin(None, vae) is None
+    assert encoder_origin("x.safetensors", new_autoencoder(ModelConfig())) is None
+    released = {"source": "ae.safetensors", "fingerprint": encoder_fingerprint(vae)}
+    assert encoder_origin("ae.safetensors", vae) == released
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINING_STATE).write_text("{}")
+    assert encoder_origin(tmp_path / "run", vae) is None and encoder_origin(checkpoint, vae) is None
+    recorded = {"source": "released/ae.safetensors", "fingerprint": "0" * 64}
+    (checkpoint / ENCODER_ORIGIN).write_text(json.dumps(recorded))
+    assert encoder_origin(tmp_path / "run", vae) == recorded  # the export then compares it with its own encoder
+
+
+def test_what_the_export_would_refuse_is_refused_before_training(vae):
+    """check_exportable (build_parts, scripts/export.py): a latent the 2×2 patches do not divide, named by its
+    key, and a normalisation the class does not carry."""
+    from first_stage.config import ConfigError
+    from first_stage.export import check_exportable
+    assert check_exportable("global", vae, 32, "data.resolution") == "batch_norm"
+    with pytest.raises(ConfigError, match=r"data.resolution 34: .* 17×17 latent .* multiple of 4"):
+        check_exportable("global", vae, 34, "data.resolution")
+    with pytest.raises(ValueError, match="per_channel is for AutoencoderKL"):
+        check_exportable("per_channel", vae, 32, "data.resolution")
+    with pytest.raises(ValueError, match="only an AutoencoderKLFlux2"):
+        check_exportable("batch_norm", new_autoencoder(ModelConfig()), 32, "data.resolution")
+
+
+def test_casts_keep_the_batch_norm_float32_and_a_bf16_evaluation_reads_the_files_values(vae, exported):
+    """model.cast (exports, evaluation in bf16) leaves the BatchNorm statistics float32: the normaliser read from a
+    bf16 model is the one in the files."""
+    from first_stage.evaluation import evaluation_autoencoder
+    out, _ = exported
+    bf16 = evaluation_autoencoder(out, "cpu", bf16=True)
+    assert bf16.encoder.conv_in.weight.dtype == torch.bfloat16 and bf16.bn.running_var.dtype == torch.float32
+    assert LatentNormalizer.of(bf16) == LatentNormalizer.of(load_vae(out).vae)
+
+
+def test_a_flux2_preset_refuses_an_init_from_of_another_class(tmp_path):
+    """configs/flux2_finetune.yaml pointed at an SD VAE by mistake: refused, naming both."""
+    from first_stage.checkpoint import build_autoencoder
+    from first_stage.config import ConfigError
+    new_autoencoder(ModelConfig()).save_pretrained(tmp_path / "sd")
+    with pytest.raises(ConfigError, match="model.preset flux2 is an AutoencoderKLFlux2, but .* holds a AutoencoderKL"):
+        build_autoencoder(ModelConfig(preset="flux2", init_from=str(tmp_path / "sd")))
+
+
+def test_an_explicit_single_file_path_is_kept(vae, images, tmp_path):
+    """Only the default name becomes ae.safetensors; a path the user gives is written as given (BFL's layout)."""
+    target = tmp_path / "elsewhere" / "vae_ldm.safetensors"
+    report = export(vae, tmp_path / "out", images, ExportOptions(single_file=target))
+    assert report["single_file"] == str(target) and target.is_file()
+    assert not (tmp_path / "out" / "ae.safetensors").exists()
+    assert "encoder.quant_conv.weight" in load_file(target)

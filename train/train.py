@@ -187,6 +187,8 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             scale = (f"BatchNorm statistics {report['batch_norm']['origin']}" if "batch_norm" in report
                      else f"scaling_factor {stats['scaling_factor']:.5f} from {stats['num_images']} images")
             accelerator.print(f"exported {run_dir / 'export'}: {scale}; {report['fp16']['verdict']}")
+            for note in report.get("batch_norm", {}).get("pipelines", []):
+                accelerator.print(f"  caution: {note}")
     finish_run(accelerator, run_dir, exit_code, state.step, reason)  # several processes leave here
     return exit_code
 
