@@ -442,3 +442,32 @@ def test_an_explicit_single_file_path_is_kept(vae, images, tmp_path):
     assert report["single_file"] == str(target) and target.is_file()
     assert not (tmp_path / "out" / "ae.safetensors").exists()
     assert "encoder.quant_conv.weight" in load_file(target)
+
+
+def test_the_from_scratch_recipe_trains_a_step_with_alignment(dinov2_folder):
+    """configs/flux2_f8c32_align.yaml at the flux2-tiny size: alignment (a random DINOv2), KL and the GAN train
+    one step of the FLUX.2 class through build_parts and train_step."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from first_stage.config import load_config
+    from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+    recipe = Path(__file__).parents[1] / "configs" / "flux2_f8c32_align.yaml"
+    config = load_config(recipe, ["model.preset=flux2-tiny", f"alignment.model={dinov2_folder}", "data.source=sample",
+                                  "data.resolution=32", "train.batch_size=2", "train.mixed_precision=no",
+                                  "loss.perceptual_weight=0", "discriminator.start=0", "discriminator.channels=16"])
+    assert config.alignment.enabled and config.discriminator.enabled
+    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
+    try:
+        parts = build_parts(config, accelerator)
+        assert type(parts.raw_model.vae).__name__ == "AutoencoderKLFlux2" and parts.raw_model.projection is not None
+        bn = {k: v.clone() for k, v in parts.raw_model.vae.bn.state_dict().items()}
+        batches = iter([{"pixel_values": make_images(2), "skipped": 0, "upsized": 0}])
+        logs = train_step(accelerator, parts, config, TrainingState(), batches)
+        assert logs["train/loss/align_cos"] > 0 and "train/loss/kl" in logs
+        assert all(torch.equal(v, parts.raw_model.vae.bn.state_dict()[k]) for k, v in bn.items())  # never trained
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
