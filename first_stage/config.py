@@ -156,6 +156,10 @@ class DiscriminatorConfig:
     enabled: bool = False
     start: int = 50001  # first step at which the discriminator trains
     warmup_steps: int = 0  # its term reaches the generator only from start + warmup_steps
+    # Steps at the start of the run in which ONLY the discriminator trains, against the frozen VAE's
+    # reconstructions: for a VAE released without its discriminator, so that the fine-tune does not begin
+    # against a random one. The VAE, its EMA and its learning-rate schedule start after them (needs start 0).
+    pretrain_steps: int = 0
     weight: float = 0.5  # disc_weight: multiplies the adaptive weight
     n_layers: int = 3
     channels: int = 64

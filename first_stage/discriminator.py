@@ -127,17 +127,20 @@ class GANTerm(LossTerm):
     @classmethod
     def check(cls, config: Config) -> None:
         d = config.discriminator
-        refuse_below(config, 0, "discriminator.start", "discriminator.warmup_steps", "discriminator.weight",
-                     "discriminator.adaptive_weight_max")
+        refuse_below(config, 0, "discriminator.start", "discriminator.warmup_steps", "discriminator.pretrain_steps",
+                     "discriminator.weight", "discriminator.adaptive_weight_max")
+        if d.pretrain_steps and not (d.enabled and d.start == 0):
+            raise ConfigError("discriminator.pretrain_steps: the pre-training trains the discriminator from step 0; "
+                              "set discriminator.enabled=true and discriminator.start=0")
         refuse_below(config, 1, "discriminator.n_layers", "discriminator.channels")
         if d.enabled and config.data.resolution < discriminator_side(d):
             raise ConfigError(f"discriminator.n_layers: a {d.n_layers}-layer PatchGAN takes images of at least "
                               f"{discriminator_side(d)} pixels, data.resolution is {config.data.resolution}")
 
     def active(self, step: int) -> bool:
-        """Whether the adversarial term reaches the generator at ``step``."""
+        """Whether the adversarial term reaches the generator at ``step`` (never during the pre-training)."""
         d = self.config.discriminator
-        return step >= d.start + d.warmup_steps
+        return step >= max(d.start + d.warmup_steps, d.pretrain_steps)
 
     def loss(self, out, ctx: LossContext) -> tuple[torch.Tensor | None, dict]:
         if not self.active(ctx.step):
@@ -151,6 +154,9 @@ class GANTerm(LossTerm):
 
     def card_line(self) -> str:
         d = self.config.discriminator
-        ramp = f", reaching the generator from step {d.start + d.warmup_steps}" if d.warmup_steps else ""
+        first = max(d.start + d.warmup_steps, d.pretrain_steps)
+        ramp = f", reaching the generator from step {first}" if first > d.start else ""
+        if d.pretrain_steps:
+            ramp += f" (steps 0-{d.pretrain_steps - 1}: the discriminator alone, against the frozen VAE)"
         return (f"PatchGAN ({d.n_layers} layers, {d.norm} norm, {d.loss} loss) from step {d.start}{ramp}, "
                 f"weight {d.weight:g} × the adaptive weight (max {d.adaptive_weight_max:g})")

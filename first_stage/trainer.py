@@ -347,11 +347,22 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     reconstruction, as in EQ-VAE). Returns (the loss was finite on every process, logs); a
     non-finite loss backpropagates nothing anywhere."""
     dcfg = config.discriminator
+    x = to_memory_format(x, config.performance)
+    if step < dcfg.pretrain_steps:  # the discriminator's pre-training: the VAE only reconstructs, without a graph
+        with torch.no_grad():
+            out = parts.model(x, noise, plan)
+        parts.raw_discriminator.requires_grad_(True)
+        d_loss, logs = discriminator_step_loss(parts.discriminator, out.target, out.reconstruction, dcfg.loss)
+        if inject_nonfinite:
+            d_loss = d_loss * float("nan")
+        finite = sum_over_processes(accelerator, float(not torch.isfinite(d_loss).item()))[0] == 0
+        if finite:
+            parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
+        return finite, logs
     # The discriminator is frozen and called unwrapped here (it gets no gradient, so it must not
     # enter a DDP collective).
     if parts.raw_discriminator is not None:
         parts.raw_discriminator.requires_grad_(False)
-    x = to_memory_format(x, config.performance)
     out = parts.model(x, noise, plan)
     loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
                                parts.raw_model.encoder_last_layer(), plan)
@@ -373,15 +384,20 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
     """The end of an accumulation window, on every process alike: when every micro-batch was finite
     and none was empty, the learning rate of the step, clipping, both optimisers (the
     discriminator's through its own scaler) and the EMA; otherwise no change but the skip count.
-    Then the gradients are cleared and the step counted. Returns logs."""
+    Then the gradients are cleared and the step counted. Returns logs. During the discriminator's
+    pre-training (``discriminator.pretrain_steps``) only the discriminator steps, at its constant
+    learning rate; the schedule of both counts from its end."""
     ocfg, tcfg = config.optimizer, config.train
+    pretrain = config.discriminator.pretrain_steps
+    vae_trains = state.step >= pretrain
     logs = {}
     if finite and not empty:
-        factor = lr_factor(state.step, ocfg, tcfg.max_steps)
-        set_lr(parts.optimizer, ocfg.lr * factor)
-        if ocfg.grad_clip:
-            logs["train/grad_norm"] = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip).item()
-        parts.optimizer.step()
+        factor = lr_factor(state.step - pretrain, ocfg, tcfg.max_steps - pretrain) if vae_trains else 1.0
+        if vae_trains:
+            set_lr(parts.optimizer, ocfg.lr * factor)
+            if ocfg.grad_clip:
+                logs["train/grad_norm"] = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip).item()
+            parts.optimizer.step()
         if parts.disc_optimizer is not None and any(p.grad is not None for p in parts.discriminator.parameters()):
             set_lr(parts.disc_optimizer, parts.disc_lr * factor)
             parts.disc_scaler.unscale_(parts.disc_optimizer)
@@ -394,8 +410,8 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
     if parts.disc_optimizer is not None:
         parts.disc_optimizer.zero_grad(set_to_none=True)
 
-    if finite and not empty and not accelerator.optimizer_step_was_skipped:
-        if tcfg.ema:
+    if finite and not empty and not (vae_trains and accelerator.optimizer_step_was_skipped):
+        if tcfg.ema and vae_trains:
             parts.ema.step(parts.raw_model.vae.parameters())
         state.consecutive_nonfinite, state.consecutive_empty, state.last_finite_step = 0, 0, state.step
     else:

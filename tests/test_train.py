@@ -488,3 +488,21 @@ def test_second_trainer_of_a_live_run_refuses_and_a_dead_ones_lock_is_taken_over
     assert f"taking over the lock of {run} left by a trainer that ended without releasing it (pid {first.pid}" \
         in third.stderr
     assert status(run)["state"] == "finished" and (run / LOCK_FILE).read_text() == ""  # released cleanly
+
+
+def test_discriminator_pretraining_resumes_exactly_and_ships_the_discriminator(tmp_path):
+    """discriminator.pretrain_steps through train.py: the checkpoint at the end of the pre-training holds the
+    initial VAE bit for bit and a trained discriminator; a run resumed inside the pre-training ends equal to one
+    run straight; the export ships the discriminator in its fine-tuning bundle and its card says so."""
+    common = ["discriminator.start=0", "discriminator.pretrain_steps=2", "train.checkpoint_every=1"]
+    _, straight = run_train(tmp_path, "straight", *common, "train.max_steps=3")
+    run_train(tmp_path, "resumed", *common, "train.max_steps=1")
+    _, resumed = run_train(tmp_path, "resumed", *common, "train.max_steps=3", resume="latest")
+    assert_same_checkpoint(straight, resumed, 3)
+    first, pretrained, tuned = (weights(straight, step) for step in (1, 2, 3))
+    assert all(torch.equal(first[k], pretrained[k]) for k in first if k.startswith("vae."))
+    assert not all(torch.equal(first[k], tuned[k]) for k in first if k.startswith("vae."))
+    discs = [load_file(straight / "checkpoints" / f"checkpoint-{s}" / DISCRIMINATOR_WEIGHTS) for s in (1, 2)]
+    assert not all(torch.equal(discs[0][k], discs[1][k]) for k in discs[0])
+    assert (straight / "export" / "finetune" / "discriminator.safetensors").is_file()
+    assert "the discriminator alone, against the frozen VAE" in (straight / "export" / "README.md").read_text()

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
                                     TRAINING_STATE, CheckpointError, check_checkpoint, legacy_state_files,
                                     save_checkpoint)
-from first_stage.config import changed_since, load_config, to_dict, with_overrides
+from first_stage.config import ConfigError, changed_since, load_config, to_dict, with_overrides
 from first_stage.losses import discriminator_step_loss
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
                                  note_layout, posterior_noise, restore, run_files, train_step, trainer_states)
@@ -113,6 +113,39 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
     assert state.consecutive_nonfinite == 0 and state.last_finite_step == 2
     factor = lr_factor(2, config.optimizer, 1000)
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * factor)
+
+
+def test_discriminator_pretraining_leaves_the_vae_bit_for_bit(images):
+    """discriminator.pretrain_steps: for a VAE released without a discriminator, the first steps train the
+    discriminator alone against the frozen VAE's reconstructions. Weights, buffers, EMA and optimiser state
+    of the VAE stay bit for bit; then the fine-tune starts with the schedule counted from there."""
+    config = load_config(None, TINY + ["discriminator.pretrain_steps=2", "train.max_steps=10"])
+    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
+    try:
+        torch.manual_seed(0)
+        parts = build_parts(config, accelerator)
+        vae = {name: copy.deepcopy(getattr(parts, name).state_dict()) for name in ("raw_model", "optimizer", "ema")}
+        disc = copy.deepcopy(parts.raw_discriminator.state_dict())
+        state, batches = TrainingState(), iter([{"pixel_values": images, "skipped": 0, "upsized": 0}] * 3)
+        for _ in range(2):
+            logs = train_step(accelerator, parts, config, state, batches)
+            assert "train/loss/disc" in logs and "train/loss/nll" not in logs and state.skipped_steps == 0
+        for name, before in vae.items():
+            assert identical(getattr(parts, name).state_dict(), before), name
+        assert not identical(parts.raw_discriminator.state_dict(), disc)
+        assert parts.disc_optimizer.param_groups[0]["lr"] == parts.disc_lr  # constant during the pre-training
+        logs = train_step(accelerator, parts, config, state, batches)  # step 2: the fine-tune's first
+        assert "train/loss/nll" in logs and "train/loss/g" in logs
+        assert not identical(parts.raw_model.state_dict(), vae["raw_model"])
+        factor = lr_factor(0, config.optimizer, 8)  # the warm-up starts after the pre-training
+        assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * factor)
+        assert "steps 0-1: the discriminator alone" in parts.loss_fn.card_lines()[-1]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    for wrong in (["discriminator.start=5"], ["discriminator.enabled=false"]):
+        with pytest.raises(ConfigError, match="discriminator.enabled=true and discriminator.start=0"):
+            load_config(None, TINY + ["discriminator.pretrain_steps=2", *wrong])
 
 
 class RunsCode:
