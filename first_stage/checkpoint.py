@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from .config import Config, ConfigError, ModelConfig, exported_weights, load_config
 from .convert import (autoencoder_from_bfl, autoencoder_from_ldm, check_batch_norm, is_bfl_layout, read_weights,
                       split_ldm_checkpoint, vavae_projection)
+from .latent_norm import LatentNormalizer
 from .model import (Autoencoder, autoencoder_from_config, class_of_config, encoder_fingerprint, has_batch_norm,
                     new_autoencoder, preset_class)
 
@@ -468,19 +469,40 @@ def _single_file_with_config(path: Path, config_dir: Path) -> Autoencoder:
 
 
 def encoder_origin(init_from: str | Path | None, vae: Autoencoder) -> dict | None:
-    """Of a FLUX.2-class ``vae`` loaded from ``init_from``: the released VAE whose encoder and BatchNorm it
+    """Of a ``vae`` loaded from ``init_from``: the released VAE whose encoder (and FLUX.2-class BatchNorm) it
     started from, ``{"source", "fingerprint"}`` (:data:`ENCODER_ORIGIN`), for the export to keep or re-measure
-    the BatchNorm by. A released file or folder (its BatchNorm checked on reading) or an export is its own
+    the latent normalisation by; for an ``AutoencoderKL`` also ``"normalisation"``, the config fields of the
+    normalisation the source states (a diffusers folder's config.json, the metadata of a file this package
+    wrote), or None (a latent-diffusion file states none). A released file or folder or an export is its own
     origin; a run or checkpoint hands on the origin it recorded, or None when it had none (trained from
-    scratch: its BatchNorm was never measured). None for other classes and fresh models."""
-    if init_from is None or not has_batch_norm(vae):
+    scratch: nothing released to keep). None for a fresh model."""
+    if init_from is None:
         return None
     path = Path(init_from)
     if is_run_or_checkpoint(path):
         if (path / "checkpoints").is_dir():
             path = resolve_resume("latest", path / "checkpoints")
         return json.loads((path / ENCODER_ORIGIN).read_text()) if (path / ENCODER_ORIGIN).is_file() else None
-    return {"source": str(init_from), "fingerprint": encoder_fingerprint(vae)}
+    origin = {"source": str(init_from), "fingerprint": encoder_fingerprint(vae)}
+    if not has_batch_norm(vae):
+        origin["normalisation"] = stated_normalisation(path)
+    return origin
+
+
+def stated_normalisation(path: Path) -> dict | None:
+    """The latent normalisation fields (scaling_factor, shift_factor, latents_mean, latents_std) a released
+    ``AutoencoderKL`` states: in its folder's config.json, or in the metadata of a single file this package
+    wrote; None when it states none (a latent-diffusion file: its scale was a constant of the code)."""
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+    elif path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("autoencoder_config", "{}"))
+    else:
+        return None
+    if "scaling_factor" not in config:
+        return None
+    return LatentNormalizer.from_vae_config(config).config_entries()
 
 
 def build_autoencoder(cfg: ModelConfig) -> Autoencoder:

@@ -4,7 +4,8 @@ normalisation, a fine-tuning bundle and a model card, verified by loading them b
 An ``AutoencoderKL`` gets a latent-diffusion single file and its scale in ``config.json``; a FLUX.2-class
 ``AutoencoderKLFlux2`` gets BFL's ``ae.safetensors`` and its normalisation in its BatchNorm buffers,
 the same float32 values in both files: kept bit for bit when the encoder is that of the released VAE it
-started from, else measured on the calibration images (:func:`batch_norm_origin`).
+started from, else measured on the calibration images (:func:`latent_origin`). An ``AutoencoderKL`` whose
+encoder is that of the released VAE it started from keeps the normalisation that VAE states.
 
 The one entry point is :func:`export_autoencoder`; ``scripts/export.py`` and the end of
 ``train/train.py`` both call it. The scale is measured by ``latent_stats.measure_latent_stats``
@@ -226,17 +227,23 @@ def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where:
     return kind
 
 
-def batch_norm_origin(vae: Autoencoder, origin: dict | None) -> tuple[bool, str]:
-    """Whether a FLUX.2-class export keeps the BatchNorm the VAE carries (its encoder, quant_conv and
-    BatchNorm are bit-identical to those of the released VAE it started from), and the sentence that says so."""
+def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True) -> tuple[bool, str]:
+    """Whether the export keeps the latent normalisation the VAE carries: its encoder and quant_conv (and a
+    FLUX.2-class BatchNorm) are bit-identical to those of the released VAE it started from (``origin``,
+    :func:`first_stage.checkpoint.encoder_origin`) and that VAE states a normalisation of the kind asked for
+    (``can_keep``). Returns that and the sentence that says so: whether the latents are the source's."""
     if origin is None:
         return False, "measured at export on the calibration images (not started from a released VAE)"
-    source = origin["source"]
-    if origin["fingerprint"] == encoder_fingerprint(vae):
-        return True, (f"kept from {source}: the encoder, quant_conv and BatchNorm are bit-identical to it, so the "
-                      f"latents are those of {source}")
-    return False, (f"re-measured at export: the encoder moved from {source}, so the latents of this VAE are NOT "
-                   f"those of {source}; a diffusion model trained on that VAE's latents needs training on these")
+    source, parts = origin["source"], "encoder, quant_conv and BatchNorm" if has_batch_norm(vae) else \
+        "encoder and quant_conv"
+    if origin["fingerprint"] != encoder_fingerprint(vae):
+        return False, (f"re-measured at export: the encoder moved from {source}, so the latents of this VAE are NOT "
+                       f"those of {source}; a diffusion model trained on that VAE's latents needs training on these")
+    same = f"the {parts} are bit-identical to it, so the latents are those of {source}"
+    if can_keep:
+        return True, f"kept from {source}: {same}"
+    why = origin.get("recalibrate") or "it states no latent normalisation of this kind"
+    return False, f"measured at export: {same}; its normalisation is not kept ({why})"
 
 
 def pipeline_notes(norm: LatentNormalizer) -> list[str]:
@@ -324,14 +331,18 @@ def export_autoencoder(
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
     if flux2:
-        keep, origin = batch_norm_origin(vae, source.encoder_origin)
+        keep, origin = latent_origin(vae, source.encoder_origin)
         norm = LatentNormalizer.of(vae)
         if not keep:
             norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
         norm.write_to(exported)  # float32 in every dtype (model.cast), the same values in both files
     else:
-        norm = LatentNormalizer.measured(kind, stats["mean"], stats["std"], stats["channel_mean"],
-                                         stats["channel_std"])
+        # a decoder-only fine-tune keeps the normalisation its source states, when it is of the kind asked for
+        stated = (source.encoder_origin or {}).get("normalisation")
+        carried = None if stated is None else LatentNormalizer.from_vae_config(stated)
+        keep, origin = latent_origin(vae, source.encoder_origin, carried is not None and carried.kind == kind)
+        norm = carried if keep else LatentNormalizer.measured(kind, stats["mean"], stats["std"],
+                                                              stats["channel_mean"], stats["channel_std"])
     scale = norm.config_entries()
     fp16 = fp16_overflow_check(vae, x)
     if fp16["overflow"]:
@@ -353,6 +364,7 @@ def export_autoencoder(
         "parameters": count_parameters(vae), "config_hash": hashed, "calibration": source.calibration,
         "latent_stats": stats, "config_scale": scale, "normalisation": norm.describe(),
         "loss_terms": source.loss_terms if source.loss_terms is not None or not hashed else card_lines(config),
+        "latents": {"origin": origin, "normalisation_kept": keep},
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }

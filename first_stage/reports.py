@@ -475,6 +475,8 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
     after = bn["calibration_after"] if bn else None
     if bn is None:
         lines += [
+            f"The normalisation: {report['latents']['origin']}." if "latents" in report else "",
+            "",
             f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
             + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
                         for k, v in scale.items()) + ".",

@@ -29,6 +29,7 @@ from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, check_exportable, export_autoencoder
 from first_stage.reports import evaluation_summary
 from first_stage.lifecycle import run_main
+from first_stage.model import has_batch_norm
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,6 +87,16 @@ def import_config(found: LoadedVAE, data: DataConfig) -> Config | None:
     return Config(data=data, discriminator=disc, alignment=AlignmentConfig(enabled=found.projection is not None))
 
 
+def import_origin(found: LoadedVAE) -> dict | None:
+    """What the export keeps of the source's latent normalisation (first_stage.checkpoint.encoder_origin): a
+    checkpoint's run decided it; an imported AutoencoderKL is re-calibrated (its scale measured on --calibrate's
+    images), while a FLUX.2-class import keeps its BatchNorm, the released normalisation."""
+    origin = encoder_origin(found.path, found.vae)
+    if found.config is None and origin is not None and not has_batch_norm(found.vae):
+        origin = {**origin, "normalisation": None, "recalibrate": "an import is re-calibrated on the given images"}
+    return origin
+
+
 def main():
     args = parse_args()
     accelerator = Accelerator()
@@ -107,7 +118,7 @@ def main():
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
-                          encoder_origin=encoder_origin(found.path, found.vae),
+                          encoder_origin=import_origin(found),
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(
@@ -129,6 +140,7 @@ def main():
             for note in report["batch_norm"]["pipelines"]:
                 print(f"  caution: {note}")
         else:
+            print(f"  latent normalisation {report['latents']['origin']}")
             print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
                   f"{stats['shift_factor']:.5f} (std {stats['std']:.5f}) from {stats['num_images']} images of "
                   f"{report['calibration']}")

@@ -353,3 +353,35 @@ def test_cli_defaults_come_from_the_run(tiny_vae, tmp_path):
     proc = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 1 and "export failed: no VAE at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_decoder_only_fine_tune_keeps_the_normalisation_its_source_states(tiny_vae, images, tmp_path):
+    """The export of an AutoencoderKL whose encoder is bit for bit that of the released VAE it started from
+    keeps the normalisation that VAE states (sd-vae-ft-MSE keeps SD's 0.18215: the UNet was trained on it);
+    one whose encoder moved is measured and says its latents are not the source's; a latent-diffusion file
+    states no normalisation, so it is measured while the latents are said to be the source's."""
+    from first_stage.checkpoint import encoder_origin
+    from first_stage.model import encoder_fingerprint
+    tiny_vae.register_to_config(scaling_factor=0.18215, shift_factor=None)
+    tiny_vae.save_pretrained(tmp_path / "released")
+    origin = encoder_origin(tmp_path / "released", tiny_vae)
+    assert origin == {"source": str(tmp_path / "released"), "fingerprint": encoder_fingerprint(tiny_vae),
+                      "normalisation": LatentNormalizer("global", 0.18215).config_entries()}
+    save_file(to_ldm_state_dict(tiny_vae), tmp_path / "ldm.safetensors")
+    assert encoder_origin(tmp_path / "ldm.safetensors", tiny_vae)["normalisation"] is None
+    with torch.no_grad():
+        tiny_vae.decoder.conv_out.bias.add_(0.1)  # a decoder-only fine-tune
+    kept = export(tiny_vae, tmp_path / "kept", images, encoder_origin=origin)
+    assert AutoencoderKL.from_pretrained(tmp_path / "kept").config.scaling_factor == 0.18215
+    assert kept["latents"] == {"normalisation_kept": True, "origin": kept["latents"]["origin"]}
+    assert kept["latents"]["origin"].startswith(f"kept from {tmp_path / 'released'}")
+    assert "the latents are those of" in (tmp_path / "kept" / "README.md").read_text()
+    other_kind = export(tiny_vae, tmp_path / "pc", images, ExportOptions(latent_norm="per_channel"),
+                        encoder_origin=origin)
+    assert not other_kind["latents"]["normalisation_kept"]  # another kind was asked for: measured
+    with torch.no_grad():
+        tiny_vae.encoder.conv_in.bias.add_(0.1)  # the encoder moved
+    moved = export(tiny_vae, tmp_path / "moved", images, encoder_origin=origin)
+    assert AutoencoderKL.from_pretrained(tmp_path / "moved").config.scaling_factor == pytest.approx(
+        moved["latent_stats"]["scaling_factor"])
+    assert "NOT those of" in moved["latents"]["origin"]

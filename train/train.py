@@ -183,9 +183,8 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     accelerator)
         if report is not None:
-            stats = report["latent_stats"]
             scale = (f"BatchNorm statistics {report['batch_norm']['origin']}" if "batch_norm" in report
-                     else f"scaling_factor {stats['scaling_factor']:.5f} from {stats['num_images']} images")
+                     else f"{report['normalisation']}, {report['latents']['origin']}")
             accelerator.print(f"exported {run_dir / 'export'}: {scale}; {report['fp16']['verdict']}")
             for note in report.get("batch_norm", {}).get("pipelines", []):
                 accelerator.print(f"  caution: {note}")
