@@ -72,8 +72,9 @@ DISCRIMINATOR_WEIGHTS = accelerate_model_file(1)
 CONFIG_FILE = "config.yaml"  # the resolved training config
 AUTOENCODER_CONFIG = "autoencoder_config.json"  # the autoencoder's diffusers config (its class in _class_name)
 TRAINING_STATE = "training_state.json"  # the run's counters (first_stage.trainer.TrainingState)
-# A FLUX.2-class run started from released weights: {"source", "fingerprint"} of its encoder and BatchNorm at
-# the start (first_stage.model.encoder_fingerprint), so the export can tell whether they still hold.
+# A run started from released weights: {"source", "fingerprint"} of its encoder (and FLUX.2-class BatchNorm) at
+# the start (first_stage.model.encoder_fingerprint), and the normalisation the source states, so the export can
+# tell whether the latents are still the source's (encoder_origin).
 ENCODER_ORIGIN = "encoder_origin.json"
 LOSS_TERMS = "loss_terms.json"  # what trained the weights, a model-card line per term (GeneratorLoss.card_lines)
 STATUS_FILE = "status.json"  # <run>/status.json: how the run's last process ended (write_status)
@@ -319,7 +320,7 @@ class LoadedVAE:
     logvar: float | None = None
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection of a checkpoint
     loss_terms: list[str] | None = None  # of a checkpoint: what trained the weights (LOSS_TERMS)
-    encoder_origin: dict | None = None  # of a FLUX.2-class checkpoint started from released weights (ENCODER_ORIGIN)
+    encoder_origin: dict | None = None  # of a checkpoint started from released weights (recorded_origin)
 
 
 def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
@@ -383,7 +384,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         logvar=float(state["logvar"]) if "logvar" in state else None,
         projection={k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")} or None,
         loss_terms=json.loads((path / LOSS_TERMS).read_text()) if (path / LOSS_TERMS).is_file() else None,
-        encoder_origin=json.loads((path / ENCODER_ORIGIN).read_text()) if (path / ENCODER_ORIGIN).is_file() else None,
+        encoder_origin=recorded_origin(path),
     )
 
 
@@ -480,13 +481,19 @@ def encoder_origin(init_from: str | Path | None, vae: Autoencoder) -> dict | Non
         return None
     path = Path(init_from)
     if is_run_or_checkpoint(path):
-        if (path / "checkpoints").is_dir():
-            path = resolve_resume("latest", path / "checkpoints")
-        return json.loads((path / ENCODER_ORIGIN).read_text()) if (path / ENCODER_ORIGIN).is_file() else None
+        return recorded_origin(resolve_resume("latest", path / "checkpoints") if (path / "checkpoints").is_dir()
+                               else path)
     origin = {"source": str(init_from), "fingerprint": encoder_fingerprint(vae)}
     if not has_batch_norm(vae):
         origin["normalisation"] = stated_normalisation(path)
     return origin
+
+
+def recorded_origin(checkpoint: Path) -> dict | None:
+    """The origin a checkpoint folder recorded (:data:`ENCODER_ORIGIN`), None when its run started from nothing
+    released."""
+    file = Path(checkpoint) / ENCODER_ORIGIN
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def stated_normalisation(path: Path) -> dict | None:

@@ -100,8 +100,9 @@ class ExportSource:
     # What trained the weights, a model-card line per loss term (GeneratorLoss.card_lines, recorded by the
     # run); None: derived from ``config`` when it is the training config, else not known (an import).
     loss_terms: list[str] | None = None
-    # FLUX.2 class: {"source", "fingerprint"} of the released VAE whose encoder and BatchNorm these weights
-    # started from (first_stage.model.encoder_fingerprint); None: nothing released to keep (trained from scratch).
+    # The released VAE these weights started from, as first_stage.checkpoint.encoder_origin gives it ("source",
+    # "fingerprint" of its encoder and FLUX.2-class BatchNorm, the "normalisation" it states); None: trained from
+    # scratch, nothing released to keep.
     encoder_origin: dict | None = None
 
 

@@ -48,13 +48,11 @@ def posterior_moments(count: torch.Tensor, sum_mu: torch.Tensor, sum_mu2: torch.
 
 
 @torch.inference_mode()
-def latent_sums(vae: nn.Module, x: torch.Tensor, layout: LatentNormalizer | None = None) -> torch.Tensor:
-    """Per-channel float64 sums over a batch's posteriors: (C, 4) = (Σμ, Σμ², Σσ², count); with ``layout``, per
-    channel of ``layout.layout`` (the patches of a FLUX.2-class VAE, (4C, 4))."""
+def latent_sums(vae: nn.Module, x: torch.Tensor, norm: LatentNormalizer) -> torch.Tensor:
+    """Per-channel float64 sums over a batch's posteriors, per channel of ``norm.layout`` (the latent channels,
+    or the patches of a FLUX.2-class VAE): (C', 4) = (Σμ, Σμ², Σσ², count)."""
     posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-    mu, var = posterior.mean.double(), posterior.var.double()  # (B, C, h, w)
-    if layout is not None:
-        mu, var = layout.layout(mu), layout.layout(var)  # (B, C', h', w')
+    mu, var = norm.layout(posterior.mean.double()), norm.layout(posterior.var.double())  # (B, C', h', w')
     count = torch.full_like(mu[0, :, 0, 0], mu[:, 0].numel())
     return torch.stack([mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3)), count], 1).cpu()
 
@@ -83,13 +81,12 @@ def measure_latent_stats(vae: nn.Module, batches: Iterable[torch.Tensor], accele
     per-batch variances; over n ≥ thousands of elements the two differ by a factor n/(n − 1).
     """
     carried = LatentNormalizer.of(vae)
-    layout = carried if carried.kind == "batch_norm" else None
     channels = vae.config.latent_channels
     sums, images = None, 0
     for x in batches:
         if x.shape[0] == 0:  # every image of the batch was undecodable
             continue
-        batch_sums = latent_sums(vae, x, layout)
+        batch_sums = latent_sums(vae, x, carried)
         sums = batch_sums if sums is None else sums + batch_sums
         images += x.shape[0]
     if sums is None:
@@ -104,7 +101,7 @@ def measure_latent_stats(vae: nn.Module, batches: Iterable[torch.Tensor], accele
     moments = posterior_moments(count, sum_mu, sum_mu2, sum_var)
     std = moments["std_of_samples"].item()
     extra = {}
-    if layout is not None:
+    if carried.kind == "batch_norm":
         patch = posterior_moments(patch_sums[:, 3], patch_sums[:, 0], patch_sums[:, 1], patch_sums[:, 2])
         extra["batch_norm"] = {"running_mean": patch["channel_mean"].tolist(),
                                "running_var": patch["channel_std_of_means"].pow(2).tolist(),

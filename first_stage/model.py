@@ -122,8 +122,8 @@ def has_batch_norm(vae: nn.Module) -> bool:
 
 def encoder_fingerprint(vae: Autoencoder) -> str:
     """SHA-256 of what fixes a VAE's latents: its encoder, quant_conv and (FLUX.2 class) BatchNorm statistics,
-    as stored. Equal fingerprints mean bit-identical latents, so a FLUX.2-class export may keep the
-    BatchNorm a released VAE carries instead of re-measuring it."""
+    as stored. Equal fingerprints mean bit-identical latents, so an export may keep the normalisation of the
+    released VAE it started from instead of re-measuring it."""
     digest = hashlib.sha256()
     for key, value in sorted(vae.state_dict().items()):
         if key.startswith(("encoder.", "quant_conv.", "bn.running_")):

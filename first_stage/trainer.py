@@ -36,7 +36,7 @@ from torch import nn
 
 from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
                          CheckpointError, build_autoencoder, check_architecture, check_checkpoint, encoder_origin,
-                         read_state, trainer_state_file)
+                         read_state, recorded_origin, trainer_state_file)
 from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
@@ -103,7 +103,7 @@ class TrainingParts:
     raw_discriminator: nn.Module | None = None
     disc_optimizer: torch.optim.Optimizer | None = None
     disc_scaler: torch.amp.GradScaler | None = None
-    # A FLUX.2-class VAE started from released weights: {"source", "fingerprint"} of its encoder and BatchNorm then
+    # A VAE started from released weights: what first_stage.checkpoint.encoder_origin says of it at the start
     encoder_origin: dict | None = None
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
@@ -251,7 +251,7 @@ def note_layout(accelerator, state: TrainingState) -> None:
 def run_files(config: Config, parts: TrainingParts) -> dict[str, str]:
     """The text files every checkpoint of the run holds beside its state: the resolved config, the
     autoencoder's config, and what trains the weights (the model card's lines, LPIPS skipped or not);
-    for a FLUX.2-class VAE started from released weights, the fingerprint of its encoder at the start."""
+    for a VAE started from released weights, that source and the fingerprint of its encoder at the start."""
     files = {CONFIG_FILE: to_yaml(config), AUTOENCODER_CONFIG: parts.raw_model.vae.to_json_string(),
              LOSS_TERMS: json.dumps(parts.loss_fn.card_lines(), indent=1, ensure_ascii=False)}
     if parts.encoder_origin is not None:
@@ -298,8 +298,7 @@ def restore(accelerator, parts: TrainingParts, path: Path, config: Config | None
         if getattr(parts, name) is not None:
             getattr(parts, name).load_state_dict(read_state(trainer_state_file(path, name, discriminator)))
     # the released VAE the run started from, as the run recorded it then (init_from may have changed since)
-    origin = path / ENCODER_ORIGIN
-    parts.encoder_origin = json.loads(origin.read_text()) if origin.is_file() else None
+    parts.encoder_origin = recorded_origin(path)
     state = TrainingState()
     state.load_state_dict(json.loads((path / TRAINING_STATE).read_text()))
     return state

@@ -91,8 +91,10 @@ def import_origin(found: LoadedVAE) -> dict | None:
     """What the export keeps of the source's latent normalisation (first_stage.checkpoint.encoder_origin): a
     checkpoint's run decided it; an imported AutoencoderKL is re-calibrated (its scale measured on --calibrate's
     images), while a FLUX.2-class import keeps its BatchNorm, the released normalisation."""
+    if found.config is not None:
+        return found.encoder_origin
     origin = encoder_origin(found.path, found.vae)
-    if found.config is None and origin is not None and not has_batch_norm(found.vae):
+    if not has_batch_norm(found.vae):
         origin = {**origin, "normalisation": None, "recalibrate": "an import is re-calibrated on the given images"}
     return origin
 
