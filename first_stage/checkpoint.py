@@ -518,7 +518,9 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
     if cfg.init_from is None:
         return new_autoencoder(cfg)
     vae = load_vae(cfg.init_from, overrides=cfg.overrides).vae.train()
-    if preset_class(cfg.preset) == "AutoencoderKLFlux2" and not has_batch_norm(vae):
-        raise ConfigError(f"model.preset {cfg.preset} is an AutoencoderKLFlux2, but model.init_from {cfg.init_from} "
+    wanted = preset_class(cfg.preset)
+    if wanted != type(vae).__name__ and "AutoencoderTiny" in (wanted, type(vae).__name__) or (
+            wanted == "AutoencoderKLFlux2" and not has_batch_norm(vae)):
+        raise ConfigError(f"model.preset {cfg.preset} is an {wanted}, but model.init_from {cfg.init_from} "
                           f"holds a {type(vae).__name__}")
     return vae

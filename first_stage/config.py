@@ -172,6 +172,42 @@ class DiscriminatorConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """A frozen VAE whose outputs the trained one learns to match (docs/distillation.md): decoder distillation
+    onto its latents (a student decoder of other widths, or an AutoencoderTiny) and the fp16-safe fine-tune
+    (the teacher is the VAE's own fp32 original)."""
+
+    # Any source first_stage.checkpoint.load_vae reads; None: no teacher. A student built fresh (model.init_from
+    # null) of a KL class takes the teacher's encoder, quant_conv and BatchNorm bit for bit.
+    path: str | None = None
+    # output_weight * rec(teacher's decoding of z, the decoding of z) for the same latent z: loss.pixel_loss plus
+    # loss.perceptual_weight x LPIPS, in loss.reduction, beside the NLL against the image itself.
+    output_weight: float = 1.0
+    # latent_weight * MSE of the latents to the teacher's, in loss.reduction: the posterior means (KL classes;
+    # holds the encoder), or an AutoencoderTiny encoder's latents to the teacher's normalised posterior means.
+    latent_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fp16SafeConfig:
+    """The fp16-safe fine-tune (sdxl-vae-fp16-fix's idea, first_stage/fp16_safe.py, docs/training.md): with the
+    ``teacher`` section holding the outputs and latents of the VAE's own fp32 original, a penalty on every
+    activation of the trained VAE above ``limit`` brings them all under fp16's range with margin."""
+
+    enabled: bool = False
+    # activation_weight * sum over the VAE's module outputs a of relu(|a| / limit - 1)², per element in
+    # loss.reduction: 1 per element at twice the limit (the package's choice; sdxl-vae-fp16-fix publishes none).
+    activation_weight: float = 1.0
+    # |activation| where the penalty starts: 8192 = 2^13, fp16's largest value 65504 / 8, three powers of two of
+    # headroom for images and resolutions the fine-tune did not see (the package's choice).
+    limit: float = 8192.0
+    # Before the first step, scale down each trained convolution whose only consumer is a GroupNorm (a diffusers
+    # ResnetBlock2D's conv1, read by norm2), weight and bias alike, so that its fp32 peak on a probe batch is
+    # limit / 2: GroupNorm divides the scale out again, so the VAE's function is unchanged up to GroupNorm's eps.
+    rescale: bool = True
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: Literal["sample", "imagefolder", "hub", "webdataset"] = "sample"
     path: str | None = None  # folder, hub dataset name, or tar shard pattern
@@ -260,6 +296,8 @@ class Config:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
     latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    fp16_safe: Fp16SafeConfig = field(default_factory=Fp16SafeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_data: DataConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -27,13 +27,17 @@ from .config import Config, DataConfig, with_overrides
 from .data import DataError, available_images, calibration_batches, describe
 from .latent_norm import LatentNormalizer
 from .latent_stats import LatentStatistics, carried_and_implied, reduce_sum
-from .model import Autoencoder, cast, downsampling_factor
+from .model import Autoencoder, cast, downsampling_factor, is_tiny
 
 
 def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> Autoencoder:
     """Any VAE source (:func:`first_stage.checkpoint.load_vae`, with its ``load`` arguments) on
-    ``device``, in bf16 or fp32, in eval mode."""
-    return cast(load_vae(path, **load).vae, torch.bfloat16 if bf16 else torch.float32, device)
+    ``device``, in bf16 or fp32, in eval mode. An AutoencoderTiny is refused: these measurements read a posterior."""
+    vae = load_vae(path, **load).vae
+    if is_tiny(vae):
+        raise ValueError(f"{path}: an AutoencoderTiny has no posterior for this measurement; eval/compare.py compares "
+                         "it with its teacher")
+    return cast(vae, torch.bfloat16 if bf16 else torch.float32, device)
 
 
 def evaluate_each(paths: list[str], device, measure: Callable[[Autoencoder, int], dict], bf16: bool = False,

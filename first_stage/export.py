@@ -39,8 +39,10 @@ from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoe
                       bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
 from .latent_norm import PATCH_ORDER, LatentNormalizer
 from .latent_stats import measure_latent_stats
-from .model import DTYPES, Autoencoder, cast, count_parameters, downsampling_factor, encoder_fingerprint, has_batch_norm
+from .model import (DTYPES, Autoencoder, cast, count_parameters, downsampling_factor, encoder_fingerprint,
+                    has_batch_norm, is_tiny)
 from .reports import model_card
+from .teacher import distillation_report
 from .terms import card_lines
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -97,6 +99,9 @@ class ExportSource:
     logvar: float | None = None
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection's state dict
     evaluation: dict | None = None  # figures of eval/ reports for the model card
+    # A distillation student's frozen teacher (first_stage.teacher.Teacher): the export compares their decode
+    # costs; an AutoencoderTiny's latents are its teacher's normalised ones. None: no teacher, or not found.
+    teacher: object | None = None
     # What trained the weights, a model-card line per loss term (GeneratorLoss.card_lines, recorded by the
     # run); None: derived from ``config`` when it is the training config, else not known (an import).
     loss_terms: list[str] | None = None
@@ -127,6 +132,12 @@ def _record_nonfinite(found: dict, name: str, module: nn.Module, args, output) -
                 found["peak"] = max(found["peak"], out[finite].abs().max().item())
 
 
+def encode_mode(vae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
+    """The latent ``vae`` encodes ``x`` to: its posterior's mode, or an AutoencoderTiny's latents."""
+    encoded = vae.encode(x)
+    return encoded.latents if is_tiny(vae) else encoded.latent_dist.mode()
+
+
 @torch.inference_mode()
 def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
     """Encode (mode) and decode ``x`` with every weight and activation in fp16.
@@ -140,8 +151,7 @@ def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
     handles = [m.register_forward_hook(functools.partial(_record_nonfinite, found, name))
                for name, m in half.named_modules() if name]
     try:
-        z = half.encode(x.to(half.device, torch.float16)).latent_dist.mode()
-        half.decode(z)
+        half.decode(encode_mode(half, x.to(half.device, torch.float16)))
     finally:
         for handle in handles:
             handle.remove()
@@ -152,7 +162,7 @@ def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
 def output_difference(a: Autoencoder, b: Autoencoder, x: torch.Tensor) -> float:
     """Max abs difference of latents (posterior mode) and of reconstructions of two models on ``x``."""
     x_a, x_b = x.to(a.device, a.dtype), x.to(b.device, b.dtype)
-    z_a, z_b = a.encode(x_a).latent_dist.mode(), b.encode(x_b).latent_dist.mode()
+    z_a, z_b = encode_mode(a, x_a), encode_mode(b, x_b)
     rec_a, rec_b = a.decode(z_a).sample, b.decode(z_a.to(b.device, b.dtype)).sample
     return max((z_a.float() - z_b.float().to(z_a.device)).abs().max().item(),
                (rec_a.float() - rec_b.float().to(rec_a.device)).abs().max().item())
@@ -288,12 +298,14 @@ def export_autoencoder(
     dtype = options.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    flux2 = has_batch_norm(vae)
-    kind = normalisation_kind(options.latent_norm, vae)
+    flux2, tiny = has_batch_norm(vae), is_tiny(vae)
+    kind = "global" if tiny else normalisation_kind(options.latent_norm, vae)
     single_path = None if options.single_file is None else Path(options.single_file)
     skipped = bfl_obstacles(vae.config) if flux2 and single_path is not None else []
+    if tiny and single_path is not None:
+        skipped = ["an AutoencoderTiny has no latent-diffusion or BFL single-file layout"]
     if skipped:  # said in the report and the model card
-        warnings.warn(f"export: no {BFL_FILE_NAME}: {'; '.join(skipped)}")
+        warnings.warn(f"export: no single file: {'; '.join(skipped)}")
         single_path = None
     if flux2 and single_path is not None and str(single_path) == SINGLE_FILE_NAME:
         single_path = Path(BFL_FILE_NAME)  # the default name: BFL's layout under BFL's name
@@ -319,7 +331,12 @@ def export_autoencoder(
     # Latent scale, from every process's share of the calibration images.
     vae = vae.eval()
     check_images: list[torch.Tensor] = []  # the first few calibration images, for the checks below
-    stats = measure_latent_stats(vae, _keep_first(calibration, check_images), accelerator)
+    if tiny:  # its latents are its teacher's normalised ones: nothing to measure, the images verify the files
+        stats = None
+        for _ in _keep_first(calibration, check_images):
+            pass
+    else:
+        stats = measure_latent_stats(vae, _keep_first(calibration, check_images), accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return None
     if not check_images:
@@ -337,6 +354,13 @@ def export_autoencoder(
         if not keep:
             norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
         norm.write_to(exported)  # float32 in every dtype (model.cast), the same values in both files
+    elif tiny:  # a TAESD-style student: pipelines hand it the diffusion model's latents as they are
+        keep, norm = True, LatentNormalizer.from_vae_config(vae.config)
+        origin = ("its teacher's normalised latents" + (f" ({source.teacher.source}: {source.teacher.norm.describe()})"
+                                                        if source.teacher is not None else "")
+                  + ", which pipelines pass it unchanged (scaling_factor 1, shift_factor 0)")
+        if (norm.scaling_factor, norm.shift_factor) != (1.0, 0.0):
+            raise ExportError(f"an AutoencoderTiny student reads normalised latents; its config says {norm.describe()}")
     else:
         # a decoder-only fine-tune keeps the normalisation its source states, when it is of the kind asked for
         stated = (source.encoder_origin or {}).get("normalisation")
@@ -352,10 +376,10 @@ def export_autoencoder(
     else:
         verdict = f"no overflow (peak |activation| {fp16['peak']:.4g}, fp16 max {FP16_MAX:.0f}) at {x.shape[-1]}²."
     force_upcast = bool(fp16["overflow"]) if dtype == "fp16" else bool(vae.config.get("force_upcast", False))
-    exported.register_to_config(**scale)
+    exported.register_to_config(**{k: v for k, v in scale.items() if not tiny or k in exported.config})
     if "force_upcast" in exported.config:  # AutoencoderKLFlux2 has no such field
         exported.register_to_config(force_upcast=force_upcast)
-    if options.sample_size is not None:
+    if options.sample_size is not None and "sample_size" in exported.config:  # AutoencoderTiny has none
         exported.register_to_config(sample_size=options.sample_size)
     hashed = config_hash(config) if config is not None and source.hash_config else None
     report = {
@@ -369,6 +393,8 @@ def export_autoencoder(
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
+    if source.teacher is not None:  # a distillation student: what its decoder costs against its teacher's
+        report["distillation"] = distillation_report(vae, source.teacher, x)
     if flux2:
         patches = stats["batch_norm"]
         shift_k, scale_k = norm.shift_and_scale(len(patches["running_mean"]))

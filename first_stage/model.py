@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -38,8 +38,10 @@ def _levels(channels: tuple[int, ...], attention_at_lowest: bool = False) -> dic
 
 # The autoencoder classes presets, checkpoints and imports build, by the name diffusers writes into a
 # folder's config.json (``_class_name``).
-CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLFlux2": AutoencoderKLFlux2}
-Autoencoder = AutoencoderKL | AutoencoderKLFlux2
+# AutoencoderTiny (TAESD) is trained only as a distillation student (config section ``teacher``): its encoder
+# and decoder work on the teacher's normalised latents, with no posterior of its own.
+CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLFlux2": AutoencoderKLFlux2, "AutoencoderTiny": AutoencoderTiny}
+Autoencoder = AutoencoderKL | AutoencoderKLFlux2 | AutoencoderTiny
 
 # Constructor arguments of the class ``_class_name`` (AutoencoderKL when absent). Downsampling factor =
 # 2 ** (levels - 1).
@@ -62,6 +64,15 @@ PRESETS: dict[str, dict] = {
     # BFL's reference code hard-codes 32 GroupNorm groups, so its ae.safetensors layout loads there too.
     "flux2-tiny": {"_class_name": "AutoencoderKLFlux2", **_levels((32, 64)), "layers_per_block": 1,
                    "latent_channels": 8},
+    # TAESD (madebyollin/taesd): diffusers' AutoencoderTiny defaults, f8, 64 channels throughout, 2.45 M
+    # parameters; a distillation student of a teacher with 4 latent channels (override latent_channels for others).
+    "taesd": {"_class_name": "AutoencoderTiny", "encoder_block_out_channels": (64, 64, 64, 64),
+              "decoder_block_out_channels": (64, 64, 64, 64), "num_encoder_blocks": (1, 3, 3, 3),
+              "num_decoder_blocks": (3, 3, 3, 1), "latent_channels": 4},
+    # For tests: the TAESD shape at 2 levels (f2), a student of the "tiny" preset.
+    "taesd-tiny": {"_class_name": "AutoencoderTiny", "encoder_block_out_channels": (16, 16),
+                   "decoder_block_out_channels": (16, 16), "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1),
+                   "latent_channels": 4},
 }
 
 # Weight dtypes by the names configs and command lines use.
@@ -84,13 +95,10 @@ def autoencoder_kwargs(cfg: ModelConfig) -> dict:
     unknown = [k for k in cfg.overrides if k not in CLASS_ARGS[name]]
     if unknown:
         raise ConfigError(f"model.overrides: {unknown} are not {name} arguments; valid: {CLASS_ARGS[name]}")
-    kwargs = {k: v for k, v in {**PRESETS[cfg.preset], **cfg.overrides}.items() if k != "_class_name"}
-    for key in ("block_out_channels", "down_block_types", "up_block_types"):
-        kwargs[key] = tuple(kwargs[key])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in {**PRESETS[cfg.preset], **cfg.overrides}.items() if k != "_class_name"}
     if "block_out_channels" in cfg.overrides and "down_block_types" not in cfg.overrides:
         kwargs.update(_levels(kwargs["block_out_channels"]))  # keep one block type per level
-    if "decoder_block_out_channels" in kwargs and kwargs["decoder_block_out_channels"] is not None:
-        kwargs["decoder_block_out_channels"] = tuple(kwargs["decoder_block_out_channels"])
     return kwargs
 
 
@@ -132,10 +140,16 @@ def encoder_fingerprint(vae: Autoencoder) -> str:
     return digest.hexdigest()
 
 
+def is_tiny(vae: nn.Module) -> bool:
+    """Whether ``vae`` is an ``AutoencoderTiny`` (TAESD): no posterior, trained only as a distillation student."""
+    return isinstance(vae, AutoencoderTiny)
+
+
 def downsampling_factor(config) -> int:
     """Pixels per latent cell along a side: one 2x downsampling between consecutive levels of an
-    ``AutoencoderKL`` or ``AutoencoderKLFlux2`` config."""
-    return 2 ** (len(config.block_out_channels) - 1)
+    ``AutoencoderKL``, ``AutoencoderKLFlux2`` or ``AutoencoderTiny`` (its encoder's levels) config."""
+    levels = config.get("encoder_block_out_channels") or config.get("block_out_channels")
+    return 2 ** (len(levels) - 1)
 
 
 def cast(vae: Autoencoder, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -156,7 +170,7 @@ def set_trainable(vae: Autoencoder, trainable: str) -> None:
     vae.requires_grad_(True)
     if trainable == "decoder":
         vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:
+        if getattr(vae, "quant_conv", None) is not None:
             vae.quant_conv.requires_grad_(False)
     elif trainable != "all":
         raise ConfigError(f"model.trainable: {trainable!r} is not 'all' or 'decoder'")
@@ -193,6 +207,7 @@ class AutoencoderOutput(NamedTuple):
     z: torch.Tensor  # (B,C,h,w) the posterior sample, before any transform or decoder noise
     projected: torch.Tensor | None = None  # (B,D,h,w) the alignment projection of z
     scaled: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (down_s(x), D(down_s(z))) per factor s
+    latents: torch.Tensor | None = None  # (B,C,h,w) an AutoencoderTiny student's own encoding of the inputs
 
 
 class AutoencoderWrapper(nn.Module):
@@ -205,12 +220,17 @@ class AutoencoderWrapper(nn.Module):
     """
 
     def __init__(self, vae: Autoencoder, logvar_init: float = 0.0, learn_logvar: bool = False,
-                 projection: nn.Module | None = None):
+                 projection: nn.Module | None = None, teacher=None):
         super().__init__()
         self.vae = vae
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         self.projection = projection
         self.factor = downsampling_factor(vae.config)
+        # An AutoencoderTiny student's first_stage.teacher.Teacher (a plain object, not a submodule: it is
+        # frozen, never saved with the student), whose posterior gives the latents the student decodes.
+        if is_tiny(vae) and teacher is None:
+            raise ValueError("an AutoencoderTiny trains only as a distillation student: set teacher.path")
+        self.teacher = teacher if is_tiny(vae) else None
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
                 plan: ForwardPlan | None = None) -> AutoencoderOutput:
@@ -220,6 +240,8 @@ class AutoencoderWrapper(nn.Module):
         (under ``plan.lowres`` its top-left corner the size of the smaller latent is used).
         """
         plan = plan or ForwardPlan()
+        if self.teacher is not None:
+            return self._student_forward(x, noise)
         if plan.lowres is not None:
             x = plan.lowres.image(x, self.factor)
         posterior = self.vae.encode(x).latent_dist
@@ -245,10 +267,29 @@ class AutoencoderWrapper(nn.Module):
         projected = self.projection(z) if self.projection is not None else None
         return AutoencoderOutput(reconstruction, posterior, self.logvar, target, x, z, projected, tuple(scaled))
 
+    def _student_forward(self, x: torch.Tensor, noise: torch.Tensor | None) -> AutoencoderOutput:
+        """An AutoencoderTiny student's pass: the teacher's posterior sample, normalised as the teacher's
+        pipelines normalise it, through the student's decoder; and the student's encoding of ``x``, which
+        learns the teacher's normalised posterior mean (first_stage.teacher.TeacherTerm)."""
+        posterior = self.teacher.posterior(x)
+        z = posterior.sample() if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        reconstruction = self.vae.decode(self.teacher.normalise(z)).sample
+        return AutoencoderOutput(reconstruction, posterior, self.logvar, x, x, z, latents=self.vae.encode(x).latents)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """(the decoding of the posterior mode, the posterior) of ``x``: for an AutoencoderTiny student the
+        teacher's posterior, normalised, through the student's decoder."""
+        if self.teacher is not None:
+            posterior = self.teacher.posterior(x)
+            return self.vae.decode(self.teacher.normalise(posterior.mode())).sample, posterior
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.mode()).sample, posterior
+
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
-        return self.vae.decoder.conv_out.weight
+        return self.vae.decoder.layers[-1].weight if is_tiny(self.vae) else self.vae.decoder.conv_out.weight
 
     def encoder_last_layer(self) -> torch.Tensor:
         """The encoder's output convolution weight, where the adaptive alignment weight is measured."""
-        return self.vae.encoder.conv_out.weight
+        return self.vae.encoder.layers[-1].weight if is_tiny(self.vae) else self.vae.encoder.conv_out.weight

@@ -73,6 +73,12 @@ _DIFFUSABILITY_RESULTS = {
         "cost": {"type": "object", "required": ["steps_per_s", "train_seconds", "encode_seconds", "wall_seconds"]},
     },
 }
+_COMPARE_RESULTS = {  # first_stage.compare: per VAE; what compares the two is the report's "comparison"
+    "type": "object",
+    "required": ["images", "resolutions", "fp16"],
+    "properties": {"images": {"type": "integer", "minimum": 1}, "resolutions": {"type": "array"},
+                   "fp16": {"type": "object", "required": ["overflow", "peak", "verdict"]}},
+}
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -80,7 +86,7 @@ REPORT_SCHEMA = {
                  "images_asked", "images_available", "skipped_files", "vaes"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
-        "kind": {"enum": ["latent_stats", "reconstruction", "diffusability"]},
+        "kind": {"enum": ["latent_stats", "reconstruction", "diffusability", "compare"]},
         "package_version": {"type": "string"},
         "date": {"type": "string"},
         "data": {"type": "string"},
@@ -99,6 +105,12 @@ REPORT_SCHEMA = {
          "then": {"properties": {"vaes": {"items": {"properties": {"results": _RECONSTRUCTION_RESULTS}}}}}},
         {"if": {"properties": {"kind": {"const": "diffusability"}}},
          "then": {"properties": {"vaes": {"items": {"properties": {"results": _DIFFUSABILITY_RESULTS}}}}}},
+        {"if": {"properties": {"kind": {"const": "compare"}}},
+         "then": {"required": ["comparison"],
+                  "properties": {"vaes": {"minItems": 2, "maxItems": 2,
+                                          "items": {"properties": {"results": _COMPARE_RESULTS}}},
+                                 "comparison": {"type": "object", "required": [
+                                     "latent_drift", "cross_decoding", "own_reconstruction", "memory_measure"]}}}},
     ],
 }
 
@@ -409,10 +421,128 @@ def save_rows(rows: list[torch.Tensor], path: Path) -> np.ndarray:
     return grid
 
 
+def _training_lines(report: dict, config: Config | None) -> list[str]:
+    """The model card's training section (none for weights no run of this package trained)."""
+    if config is None:
+        return []
+    d, t = config.data, config.train
+    terms = report.get("loss_terms")
+    trained = [f"  - {line}" for line in terms] if terms else ["  - not recorded (weights not trained by this run)"]
+    return [
+        "## Training",
+        "",
+        f"- data: `{d.source}` {d.path or ''} (split `{d.split}`), {d.resolution}² crops",
+        f"- steps: {report['step']}, batch {t.batch_size} × accumulation {t.grad_accum} per process, "
+        f"mixed precision `{t.mixed_precision}`",
+        "- loss, every term that trained these weights:",
+        *trained,
+        f"- config hash `{report['config_hash']}` (the full config is `{BUNDLE_DIR}/config.yaml`)",
+        "",
+    ]
+
+
+def _distillation_lines(report: dict) -> list[str]:
+    """The model card's comparison of a distillation student's decoder with its teacher's."""
+    d = report.get("distillation")
+    if d is None:
+        return []
+    s, t = d["student"], d["teacher"]
+    return [
+        "## Decoder against its teacher",
+        "",
+        f"Teacher: `{d['teacher_source']}` ({t['class']}). One decode of a {t['latent']} latent on {s['device']} "
+        f"in {s['dtype']} (`first_stage.teacher.decode_cost`, median of {s['repeats']}):",
+        "",
+        "| | decoder parameters | GFLOPs per image | ms per image |",
+        "|---|---|---|---|",
+        f"| this decoder ({s['class']}) | {s['decoder_parameters']:,} | {s['gflops_per_image']:.4g} | "
+        f"{s['ms_per_image']:.4g} |",
+        f"| teacher ({t['class']}) | {t['decoder_parameters']:,} | {t['gflops_per_image']:.4g} | "
+        f"{t['ms_per_image']:.4g} |",
+        f"| ratio | {d['parameter_ratio']:.3f} | {d['flop_ratio']:.3f} | speed-up {d['speedup']:.2f}× |",
+        "",
+    ]
+
+
+def _verification_lines(report: dict) -> list[str]:
+    verification = report["verification"]
+    return [
+        "## Verification",
+        "",
+        f"Read back from disk and compared with the model in memory on {verification['images']} calibration images "
+        f"(latents and reconstructions, max abs difference): diffusers folder {verification['diffusers']:.3g}"
+        + (f", single file {verification['single_file']:.3g}" if "single_file" in verification else "")
+        + f" (tolerance {verification['tolerance']:g}).",
+        "",
+    ]
+
+
+def _bundle_lines(report: dict) -> list[str]:
+    if not report.get("bundle"):
+        return []
+    return [
+        "## Fine-tuning",
+        "",
+        f"`{BUNDLE_DIR}/` holds the discriminator weights (when one was trained), the loss's log-variance and the",
+        "resolved training config pointing at this folder:",
+        "",
+        "```bash",
+        f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune "
+        "--set train.max_steps=...",
+        "```",
+        "",
+    ]
+
+
+def tiny_card(vae: Autoencoder, report: dict, config: Config | None) -> str:
+    """``README.md`` of an AutoencoderTiny student's export: no posterior, its teacher's normalised latents."""
+    c = vae.config
+    lines = [
+        f"# {report['name']}: a tiny autoencoder (TAESD-style) distilled for latent diffusion",
+        "",
+        f"Exported by first-stage {__version__} on {report['date']} from `{report['source']}`"
+        + (f" (step {report['step']})." if report["step"] is not None else "."),
+        "",
+        "## Architecture",
+        "",
+        "| downsampling | latent channels | encoder widths × blocks | decoder widths × blocks | parameters |",
+        "|---|---|---|---|---|",
+        f"| f{downsampling_factor(c)} | {c.latent_channels} | {list(c.encoder_block_out_channels)} × "
+        f"{list(c.num_encoder_blocks)} | {list(c.decoder_block_out_channels)} × {list(c.num_decoder_blocks)} | "
+        f"{report['parameters']:,} |",
+        "",
+        f"Class: diffusers `AutoencoderTiny`. Weights: {report['weights']}, stored as {report['dtype']}.",
+        "",
+        *_training_lines(report, config),
+        "## Latents",
+        "",
+        f"This encoder produces, and this decoder reads, {report['latents']['origin']}. Its decoder clamps its input "
+        f"softly to ±{c.latent_magnitude} (tanh(z/{c.latent_magnitude})·{c.latent_magnitude}).",
+        "",
+        *_distillation_lines(report),
+        "## fp16",
+        "",
+        f"Calibration batch in fp16: {report['fp16']['verdict']}",
+        "",
+        *_verification_lines(report),
+        "## How to load",
+        "",
+        "```python",
+        "from diffusers import AutoencoderTiny",
+        "vae = AutoencoderTiny.from_pretrained(\"path/to/this/folder\")",
+        "pipe.vae = vae  # pipelines divide by scaling_factor 1: the decoder gets the diffusion model's latents",
+        "```",
+        "",
+        *_bundle_lines(report),
+    ]
+    return "\n".join(lines)
+
+
 def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation: dict | None) -> str:
     """``README.md`` of the export folder."""
+    if report["latent_stats"] is None:
+        return tiny_card(vae, report, config)
     c, stats, scale = vae.config, report["latent_stats"], report["config_scale"]
-    verification = report["verification"]
     down = downsampling_factor(c)
     lines = [
         f"# {report['name']}: a KL autoencoder for latent diffusion",
@@ -434,21 +564,7 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         + f". Weights: {report['weights']}, stored as {report['dtype']}.",
         "",
     ]
-    if config is not None:
-        d, t = config.data, config.train
-        terms = report.get("loss_terms")
-        trained = [f"  - {line}" for line in terms] if terms else ["  - not recorded (weights not trained by this run)"]
-        lines += [
-            "## Training",
-            "",
-            f"- data: `{d.source}` {d.path or ''} (split `{d.split}`), {d.resolution}² crops",
-            f"- steps: {report['step']}, batch {t.batch_size} × accumulation {t.grad_accum} per process, "
-            f"mixed precision `{t.mixed_precision}`",
-            "- loss, every term that trained these weights:",
-            *trained,
-            f"- config hash `{report['config_hash']}` (the full config is `{BUNDLE_DIR}/config.yaml`)",
-            "",
-        ]
+    lines += _training_lines(report, config)
     lines += [
         "## Latent scale (measured, not assumed)" if "batch_norm" not in report else
         "## Raw latents (before the BatchNorm; for comparison only, not written into the export)",
@@ -506,13 +622,8 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         "",
         f"Calibration batch in fp16: {report['fp16']['verdict']}{upcast}",
         "",
-        "## Verification",
-        "",
-        f"Read back from disk and compared with the model in memory on {verification['images']} calibration images "
-        f"(latents and reconstructions, max abs difference): diffusers folder {verification['diffusers']:.3g}"
-        + (f", single file {verification['single_file']:.3g}" if "single_file" in verification else "")
-        + f" (tolerance {verification['tolerance']:g}).",
-        "",
+        *_distillation_lines(report),
+        *_verification_lines(report),
         "## Evaluation",
         "",
     ]
@@ -544,18 +655,5 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
     elif single:
         lines += [f"# the latent-diffusion single file ({Path(single).name}); config= avoids guessing the architecture",
                   f"vae = AutoencoderKL.from_single_file(\"{Path(single).name}\", config=\"path/to/this/folder\")"]
-    lines += ["```", ""]
-    if report.get("bundle"):
-        lines += [
-            "## Fine-tuning",
-            "",
-            f"`{BUNDLE_DIR}/` holds the discriminator weights (when one was trained), the loss's log-variance and the",
-            "resolved training config pointing at this folder:",
-            "",
-            "```bash",
-            f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune "
-            "--set train.max_steps=...",
-            "```",
-            "",
-        ]
+    lines += ["```", ""] + _bundle_lines(report)
     return "\n".join(lines)

@@ -10,9 +10,11 @@ from .alignment import AlignmentTerm
 from .config import Config, ConfigError
 from .discriminator import GANTerm
 from .equivariance import EqVAETerm, LatentNoiseTerm, ScaleEquivarianceTerm
+from .fp16_safe import Fp16SafeTerm
 from .loss_term import LossTerm, refuse_below
 from .losses import reconstruction_card_line
 from .regularizers import RegularizerTerm
+from .teacher import TeacherTerm
 
 TERMS: dict[str, type[LossTerm]] = {
     "regularizer": RegularizerTerm,
@@ -20,6 +22,8 @@ TERMS: dict[str, type[LossTerm]] = {
     "eq_vae": EqVAETerm,
     "scale_equivariance": ScaleEquivarianceTerm,
     "latent_noise": LatentNoiseTerm,
+    "teacher": TeacherTerm,
+    "fp16_safe": Fp16SafeTerm,
     "gan": GANTerm,
 }
 

@@ -43,11 +43,12 @@ from .discriminator import build_discriminator, discriminator_side, load_discrim
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, set_trainable
+from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, is_tiny, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
 from .reports import save_grid
+from .teacher import Teacher, TeacherTerm, adopt_encoder, check_student, load_teacher
 from .terms import build_terms, check_config, shapes_vary
 
 
@@ -105,6 +106,7 @@ class TrainingParts:
     disc_scaler: torch.amp.GradScaler | None = None
     # A VAE started from released weights: what first_stage.checkpoint.encoder_origin says of it at the start
     encoder_origin: dict | None = None
+    teacher: Teacher | None = None  # the frozen teacher of a distillation or fp16-safe run (config section teacher)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``resolution``² image."""
@@ -179,11 +181,16 @@ def check_sizes(config: Config, perceptual: bool, factor: int, terms: list | Non
         term.check_sizes(sizes)
 
 
-def build_loss(config: Config, vae, accelerator) -> tuple[GeneratorLoss, nn.Module | None]:
+def build_loss(config: Config, vae, accelerator,
+               teacher: Teacher | None = None) -> tuple[GeneratorLoss, nn.Module | None]:
     """The generator loss with the run's terms (``first_stage.terms``) built and their size checks
-    passed, and the trained module a term adds to the forward pass (the alignment projection), or None."""
+    passed, and the trained module a term adds to the forward pass (the alignment projection), or None.
+    ``teacher``: the run's frozen teacher (:func:`first_stage.teacher.load_teacher`), for its term."""
     perceptual = build_perceptual(config.loss, accelerator)
     terms = build_terms(config)
+    for term in terms:
+        if isinstance(term, TeacherTerm):
+            term.teacher = teacher
     check_sizes(config, perceptual is not None, downsampling_factor(vae.config), terms)
     heads = {term.name: head for term in terms if (head := term.build(vae, accelerator.device)) is not None}
     if len(heads) > 1:  # the wrapper's one slot, whose weights checkpoints and exports know as projection.*
@@ -198,13 +205,21 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     check_config(config)  # done at load too; a config built in code is checked here
     set_tf32(pcfg.tf32)
     vae = build_autoencoder(config.model)
-    check_exportable(config.export.latent_norm, vae, config.data.resolution, "data.resolution")  # not after training
-    origin = encoder_origin(config.model.init_from, vae)
+    teacher = load_teacher(config, accelerator.device)
+    if teacher is not None:
+        check_student(vae, teacher)
+        if config.model.init_from is None and not is_tiny(vae):
+            adopt_encoder(vae, teacher)  # a fresh student's latents are its teacher's
+    # not after training (an AutoencoderTiny decodes its teacher's normalised latents: the teacher's are checked)
+    check_exportable(config.export.latent_norm, teacher.vae if is_tiny(vae) else vae, config.data.resolution,
+                     "data.resolution")
+    # a student that took its teacher's encoder has the teacher's origin (its export keeps the normalisation)
+    origin = None if is_tiny(vae) else encoder_origin(config.model.init_from or config.teacher.path, vae)
     set_trainable(vae, config.model.trainable)
     prepare_autoencoder(vae, pcfg, accelerator.device)
-    loss_fn, projection = build_loss(config, vae, accelerator)
+    loss_fn, projection = build_loss(config, vae, accelerator, teacher)
     perceptual = loss_fn.perceptual
-    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, projection)
+    model = AutoencoderWrapper(vae, config.loss.logvar_init, config.loss.learn_logvar, projection, teacher)
     ema = EMAModel(vae.parameters(), decay=tcfg.ema_decay, use_ema_warmup=tcfg.ema_warmup)
     discriminator = build_discriminator(dcfg) if dcfg.enabled else None
     if discriminator is not None and dcfg.init_from is not None:
@@ -225,7 +240,7 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], ocfg, ocfg.lr, pcfg.fused_optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     parts = TrainingParts(model=model, raw_model=accelerator.unwrap_model(model), optimizer=optimizer, ema=ema,
-                          loss_fn=loss_fn, disc_lr=disc_lr, encoder_origin=origin)
+                          loss_fn=loss_fn, disc_lr=disc_lr, encoder_origin=origin, teacher=teacher)
     if discriminator is not None:
         parts.disc_optimizer = adamw(discriminator.parameters(), ocfg, disc_lr, pcfg.fused_optimizer)
         parts.discriminator = accelerator.prepare_model(discriminator)
@@ -490,8 +505,8 @@ def validate(parts: TrainingParts, val_images: torch.Tensor, use_ema: bool, grid
         parts.ema.store(vae.parameters())
         parts.ema.copy_to(vae.parameters())
     vae.eval()
-    posterior = vae.encode(val_images).latent_dist
-    reconstruction = vae.decode(posterior.mode()).sample.float()
+    reconstruction, posterior = parts.raw_model.reconstruct(val_images)
+    reconstruction = reconstruction.float()
     vae.train()
     if use_ema:
         parts.ema.restore(vae.parameters())

@@ -28,6 +28,7 @@ from first_stage.discriminator import build_discriminator, infer_discriminator_c
 from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, check_exportable, export_autoencoder
 from first_stage.reports import evaluation_summary
+from first_stage.teacher import load_teacher
 from first_stage.lifecycle import run_main
 from first_stage.model import has_batch_norm
 
@@ -110,6 +111,13 @@ def main():
     except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"export failed: {err}")
     config = found.config or import_config(found, data)
+    teacher = None
+    if config is not None and config.teacher.path is not None:  # a distillation student: compare decode costs
+        try:
+            teacher = load_teacher(config, accelerator.device)
+        except (ValueError, FileNotFoundError) as err:
+            accelerator.print(f"note: the run's teacher does not load ({err}); exporting without the decode-cost "
+                              "comparison with it")
     discriminator = None
     if found.discriminator is not None:
         discriminator = build_discriminator(config.discriminator)
@@ -120,7 +128,7 @@ def main():
                           weights=found.weights, step=found.step,
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
-                          encoder_origin=import_origin(found),
+                          encoder_origin=import_origin(found), teacher=teacher,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(
@@ -141,6 +149,8 @@ def main():
             print(f"  BatchNorm statistics {report['batch_norm']['origin']}")
             for note in report["batch_norm"]["pipelines"]:
                 print(f"  caution: {note}")
+        elif stats is None:  # an AutoencoderTiny student
+            print(f"  latents: {report['latents']['origin']}")
         else:
             print(f"  latent normalisation {report['latents']['origin']}")
             print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
@@ -157,6 +167,10 @@ def main():
               + f" (tolerance {check['tolerance']:g})")
         if report.get("single_file"):
             print(f"  single file: {report['single_file']}")
+        if report.get("distillation"):
+            d = report["distillation"]
+            print(f"  decoder against the teacher's: {d['parameter_ratio']:.3f}x parameters, {d['flop_ratio']:.3f}x "
+                  f"FLOPs, {d['speedup']:.2f}x faster ({d['student']['device']}, {d['student']['dtype']})")
         if report.get("bundle"):
             print(f"  fine-tuning bundle: {Path(args.out) / 'finetune'}: {', '.join(report['bundle'])}")
     # The others wait for the main process's writing: one that exits early tears the process group down under it.

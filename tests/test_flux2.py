@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from bfl_reference import AutoEncoder, AutoEncoderParams
-from diffusers import (AutoencoderKLFlux2, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, Flux2Pipeline,
+from diffusers import (AutoencoderKLFlux2, AutoencoderDC, FlowMatchEulerDiscreteScheduler, Flux2Pipeline,
                        Flux2Transformer2DModel)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -284,11 +284,13 @@ def test_diffusers_folder_without_batch_norm_is_refused(vae, tmp_path, dropped):
 
 def test_diffusers_folder_of_another_class_is_refused(tmp_path):
     """A diffusers folder of another class: a ValueError naming its config.json and the class."""
-    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
-                    num_decoder_blocks=(1,), latent_channels=4).save_pretrained(tmp_path / "taesd")
-    with pytest.raises(ValueError, match="AutoencoderTiny") as err:
-        load_vae(tmp_path / "taesd")
-    assert str((tmp_path / "taesd" / "config.json").resolve()) in str(err.value)
+    AutoencoderDC(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), encoder_layers_per_block=(1,),
+                  decoder_layers_per_block=(1,), encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                  latent_channels=4, encoder_qkv_multiscales=((),), decoder_qkv_multiscales=((),),
+                  decoder_norm_types="rms_norm", decoder_act_fns="silu").save_pretrained(tmp_path / "dc")
+    with pytest.raises(ValueError, match="AutoencoderDC") as err:
+        load_vae(tmp_path / "dc")
+    assert str((tmp_path / "dc" / "config.json").resolve()) in str(err.value)
 
 
 def test_odd_latent_side_is_refused(vae, tmp_path):
@@ -343,7 +345,7 @@ def test_moved_encoder_batch_norm_is_re_measured(vae, images, exported, tmp_path
 def test_narrower_decoder_skips_the_bfl_file(images, tmp_path):
     """A decoder narrower than the encoder: a diffusers folder that loads back, no ae.safetensors, the reason said."""
     vae = make_vae(decoder_block_out_channels=(32, 32))
-    with pytest.warns(UserWarning, match="no ae.safetensors"):
+    with pytest.warns(UserWarning, match="no single file: BFL"):
         report = export(vae, tmp_path / "vae", images)
     assert not (tmp_path / "vae" / "ae.safetensors").exists()
     assert "single_file" not in report

@@ -178,7 +178,7 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
                               logvar=parts.raw_model.logvar.item(),
                               projection=None if parts.raw_model.projection is None else
                               parts.raw_model.projection.state_dict(), loss_terms=parts.loss_fn.card_lines(),
-                              encoder_origin=parts.encoder_origin)
+                              encoder_origin=parts.encoder_origin, teacher=parts.teacher)
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     accelerator)
