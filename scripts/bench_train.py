@@ -19,7 +19,12 @@ switches the discriminator on from step 0, so every term is in the step. With ``
 each timed step is a whole accumulation window, and the figures are per micro-batch of ``--batch`` images.
 ``--terms`` and ``--presets`` add rows in the same run, each against the plain step: one X-regulariser
 added, or another model preset (e.g. ``--presets flux2``: the FLUX.2 class against the recipe's sd-f8c4),
-with their counted FLOPs and time over the plain step's.
+with their counted FLOPs and time over the plain step's. ``--students`` adds distillation rows: the recipe's
+model, freshly initialised and saved, is the frozen teacher (first_stage.teacher) of each student, a preset with
+optional decoder widths (``flux2:96-192-384-384``: FLUX.2's small decoder; ``taesd``: an AutoencoderTiny with the
+teacher's latent channels); each row also has the student's decode cost against the teacher's
+(``first_stage.teacher.distillation_report``). A term whose rows need a teacher (``teacher.path=@teacher``, e.g.
+the fp16-safe fine-tune) gets the same stand-in.
 """
 
 import argparse
@@ -43,7 +48,8 @@ from first_stage.config import load_config, with_overrides
 from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.loss_term import adaptive_weight
-from first_stage.model import PRESETS
+from first_stage.model import PRESETS, new_autoencoder, preset_class
+from first_stage.teacher import distillation_report
 from first_stage.lifecycle import run_main
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
 from first_stage.performance import seconds_per_call, synchronize
@@ -62,6 +68,8 @@ GPU_PEAK_TFLOPS = {
 TERMS = bench_rows()
 # The random DINOv2 of --alignment-standin: the real sizes, and a toy one for the CPU smoke run.
 STANDINS = {**DINOV2_SIZES, "test": (64, 2, 2)}
+# What a row's overrides say for the stand-in teacher: the recipe's model, freshly initialised, saved (same cost).
+TEACHER_STANDIN = "@teacher"
 # CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
 CPU_FLOP_PER_CYCLE = 32
 
@@ -87,6 +95,8 @@ def parse_args() -> argparse.Namespace:
                         f"plain step, in the same run: {','.join(TERMS)}")
     parser.add_argument("--presets", default="", help="comma list of model presets to cost against the plain step, in "
                         "the same run (e.g. flux2 against the recipe's sd-f8c4)")
+    parser.add_argument("--students", default="", help="comma list of distillation students of the recipe's model, "
+                        "each a preset with optional decoder widths: flux2:96-192-384-384,taesd")
     parser.add_argument("--flop-steps", type=int, default=1,
                         help="steps whose counted FLOPs are averaged (the equivariance transform differs per step)")
     parser.add_argument("--alignment-standin", choices=sorted(STANDINS), default="large",
@@ -130,6 +140,32 @@ def alignment_model(config, size: str, folder: Path) -> tuple[list[str], str]:
         save_standin_dinov2(folder, *STANDINS[size])
         same = "same cost" if size in DINOV2_SIZES else "a toy size, NOT the cost of a real DINOv2"
         return [f"alignment.model={folder}"], f"random DINOv2-{size} ({config.alignment.model} not on disk; {same})"
+
+
+def student_overrides(spec: str, teacher_channels: int) -> list[str]:
+    """The overrides of a ``--students`` entry ``preset[:w1-w2-...]``: the student trains onto the stand-in
+    teacher; a KL-class student takes its encoder and trains its decoder (of the given widths)."""
+    preset, _, widths = spec.partition(":")
+    if preset_class(preset) == "AutoencoderTiny":
+        if widths:
+            raise SystemExit(f"--students {spec}: an AutoencoderTiny takes no decoder widths here")
+        return [f"model.preset={preset}", f"teacher.path={TEACHER_STANDIN}",
+                f"model.overrides={{latent_channels: {teacher_channels}}}"]
+    overrides = [f"model.preset={preset}", f"teacher.path={TEACHER_STANDIN}", "model.trainable=decoder"]
+    if widths:
+        overrides.append(f"model.overrides={{decoder_block_out_channels: [{widths.replace('-', ', ')}]}}")
+    return overrides
+
+
+def with_teacher(config, overrides: list[str], folder: Path) -> list[str]:
+    """``overrides`` with the stand-in teacher (the recipe's model, fresh, saved to ``folder`` once) in place of
+    :data:`TEACHER_STANDIN`."""
+    if not any(TEACHER_STANDIN in o for o in overrides):
+        return overrides
+    if not folder.exists():
+        torch.manual_seed(config.train.seed)
+        new_autoencoder(config.model).save_pretrained(folder)
+    return [o.replace(TEACHER_STANDIN, str(folder)) for o in overrides]
 
 
 def fixed_batch(config, batch: int, device) -> torch.Tensor:
@@ -329,6 +365,9 @@ def main():
         # the rows after the plain step: (step name, overrides, the key naming what differs)
         variants = [(f"first-stage + {t}", TERMS[t], "term_overrides") for t in terms]
         variants += [(f"first-stage preset {p}", [f"model.preset={p}"], "preset_overrides") for p in presets]
+        channels = new_autoencoder(config.model).config.latent_channels
+        variants += [(f"distill {s}", student_overrides(s, channels), "student_overrides")
+                     for s in args.students.split(",") if s]
         align_note = None
         if config.alignment.enabled or any("alignment.enabled=true" in TERMS[t] for t in terms):
             align_override, align_note = alignment_model(config, args.alignment_standin, Path(tmp) / "dinov2")
@@ -382,6 +421,7 @@ def main():
             results[0]["seconds_per_step_again"] = again["seconds"]
             plain_seconds = (seconds + again["seconds"]) / 2
         for step, overrides, key in variants:
+            overrides = with_teacher(config, overrides, Path(tmp) / "teacher")
             variant_config = with_overrides(config, overrides)
             del parts
             m = measure(accelerator, variant_config, images, args)
@@ -391,6 +431,8 @@ def main():
                    key: overrides, "seconds_per_step": m["seconds"], "skipped_steps": m["skipped_steps"],
                    "peak_mem_gib": m["memory"], "gflop_per_image_counted": variant_flops / 1e9,
                    "cost_vs_plain": m["seconds"] / plain_seconds, "flops_vs_plain": m["flops"] / real_flops}
+            if parts.teacher is not None:  # what the trained decoder costs at inference against the teacher's
+                row["decode"] = distillation_report(parts.raw_model.vae.eval(), parts.teacher, images[:1])
             results.append(with_rates(row, m["seconds"], images.shape[0], variant_flops, peak))
 
         if args.find_max_batch:

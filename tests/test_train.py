@@ -45,15 +45,16 @@ EQUIVALENCE = ["train.max_steps=2", "train.checkpoint_every=1", "discriminator.e
                "optimizer.lr=1e-3", "data.split=all"]
 
 
-def run_train(tmp_path, name, *overrides, vgg_file=None, launch=None, env=None, check=True, resume=None):
-    """Run train/train.py in a subprocess; return (CompletedProcess, run directory)."""
+def run_train(tmp_path, name, *overrides, vgg_file=None, launch=None, env=None, check=True, resume=None, config=None):
+    """Run train/train.py (on the recipe ``config``, default the package's defaults) in a subprocess; return
+    (CompletedProcess, run directory)."""
     sets = [*BASE, f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides]
     if vgg_file is not None:
         sets.append(f"loss.lpips_weights={vgg_file}")
     else:
         sets.append("loss.perceptual_weight=0")
     args = [a for s in sets for a in ("--set", s)] + (["--resume", resume] if resume else [])
-    cmd = (launch or [sys.executable]) + [TRAIN] + args
+    cmd = (launch or [sys.executable]) + [TRAIN] + (["--config", str(config)] if config else []) + args
     full_env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=1800)  # a loaded machine
     if check and proc.returncode != 0:
@@ -506,3 +507,30 @@ def test_discriminator_pretraining_resumes_exactly_and_ships_the_discriminator(t
     assert not all(torch.equal(discs[0][k], discs[1][k]) for k in discs[0])
     assert (straight / "export" / "finetune" / "discriminator.safetensors").is_file()
     assert "the discriminator alone, against the frozen VAE" in (straight / "export" / "README.md").read_text()
+
+
+def test_taesd_distillation_recipe_resumes_exactly_and_exports(tmp_path):
+    """configs/taesd_distill.yaml through train.py at tiny size (a taesd-tiny student of a saved tiny teacher, the
+    GAN on from step 2): a run resumed mid-way ends bit for bit equal to one run straight, the checkpoint holds the
+    student only, and scripts/export.py writes an AutoencoderTiny folder that diffusers loads, with the decode cost
+    against the teacher's."""
+    torch.manual_seed(0)
+    teacher = build_autoencoder(ModelConfig(preset="tiny"))
+    teacher.register_to_config(scaling_factor=0.5)
+    teacher.save_pretrained(tmp_path / "teacher")
+    recipe = REPO / "configs" / "taesd_distill.yaml"
+    common = [f"teacher.path={tmp_path / 'teacher'}", "model.preset=taesd-tiny", "model.overrides={}",
+              "data.source=sample", "data.path=null", "data.resize=null", "data.num_workers=0", "data.pin_memory=false",
+              "train.mixed_precision=no", "train.ema_decay=0.9", "optimizer.warmup_steps=0"]
+    _, straight = run_train(tmp_path, "straight", *common, "train.max_steps=4", config=recipe)
+    run_train(tmp_path, "resumed", *common, "train.max_steps=2", config=recipe)
+    _, resumed = run_train(tmp_path, "resumed", *common, "train.max_steps=4", config=recipe,
+                           resume="latest")
+    assert_same_checkpoint(straight, resumed, 4)
+    assert all(key.startswith(("vae.encoder.", "vae.decoder.", "logvar")) for key in weights(straight, 4))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), str(straight), "--out",
+                           str(tmp_path / "exported")], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "decoder against the teacher's" in proc.stdout
+    from diffusers import AutoencoderTiny
+    assert AutoencoderTiny.from_pretrained(tmp_path / "exported").config.scaling_factor == 1.0
