@@ -18,7 +18,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from first_stage.diffusability import PROBES, probe_vae, settings_from
-from first_stage.evaluation import evaluate_each, evaluation_data, images_to_measure
+from first_stage.evaluation import add_source_arguments, evaluate_each, evaluation_inputs
 from first_stage.lifecycle import run_main
 from first_stage.reports import (diffusability_plots, diffusability_rows, markdown_table, report, save_rows,
                                  write_json, write_markdown)
@@ -50,10 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--encode-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="images picked, probe init, data order, noise")
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16")
-    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
-                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
-    parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
-    parser.add_argument("--norm-num-groups", type=int, default=None)
+    add_source_arguments(parser)
     args = parser.parse_args()
     for flag in ("--samples", "--steps", "--held-out", "--timesteps", "--sample-steps"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:  # 0 timesteps give NaN figures, 0 steps the noise itself
@@ -77,12 +74,10 @@ def measure(vae, index: int, data, args, accelerator, out: Path, images: int) ->
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    data = evaluation_data(args.data)
-    out = Path(args.out)
-    images, available = images_to_measure(data, args.num_images, accelerator.print)
-    load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
+    inputs = evaluation_inputs(args, accelerator)
+    data, out, images, available = inputs.data, inputs.out, inputs.images, inputs.available
     entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(
-        vae, index, data, args, accelerator, out, images), args.bf16, **load)
+        vae, index, data, args, accelerator, out, images), args.bf16, **inputs.load)
     if accelerator.is_main_process:
         rep = report("diffusability", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")

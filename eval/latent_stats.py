@@ -11,11 +11,10 @@ sample photos). Writes OUT/report.json, OUT/report.md and PNG plots. Definitions
 
 import argparse
 import functools
-from pathlib import Path
 
 from accelerate import Accelerator
 
-from first_stage.evaluation import evaluate_each, evaluation_data, images_to_measure, latent_statistics
+from first_stage.evaluation import add_source_arguments, evaluate_each, evaluation_inputs, latent_statistics
 from first_stage.lifecycle import run_main
 from first_stage.reports import latent_plots, latent_rows, markdown_table, report, write_json, write_markdown
 
@@ -29,10 +28,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="which images are picked, and the random positions")
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16 (statistics stay float64)")
-    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
-                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
-    parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
-    parser.add_argument("--norm-num-groups", type=int, default=None)
+    add_source_arguments(parser)
     parser.add_argument("--nonlocality-images", type=int, default=16, help="images for the perturbation test")
     parser.add_argument("--margin", type=int, default=1, help="latent cells around the perturbed position")
     return parser.parse_args()
@@ -41,16 +37,13 @@ def parse_args() -> argparse.Namespace:
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    data = evaluation_data(args.data)
-    out = Path(args.out)
-    images, available = images_to_measure(data, args.num_images, accelerator.print)
-    load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
+    inputs = evaluation_inputs(args, accelerator)
+    data, out, images, available = inputs.data, inputs.out, inputs.images, inputs.available
     measure = functools.partial(latent_statistics, accelerator=accelerator, data=data, num_images=images,
                                 batch_size=args.batch_size, seed=args.seed,
                                 nonlocality_images=args.nonlocality_images, margin=args.margin)
-    entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(vae), args.bf16, **load)
+    entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(vae), args.bf16, **inputs.load)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         rep = report("latent_stats", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")
         table = markdown_table(latent_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")

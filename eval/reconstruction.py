@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from first_stage.evaluation import build_fid, evaluate_each, evaluation_data, images_to_measure, reconstruction
-from first_stage.perceptual import VGG16_FILENAME, load_lpips
+from first_stage.evaluation import add_source_arguments, build_fid, evaluate_each, evaluation_inputs, reconstruction
 from first_stage.lifecycle import run_main
 from first_stage.reports import markdown_table, reconstruction_rows, report, save_grid, write_json, write_markdown
 
-LPIPS_OPTION = f"to this script: --lpips-weights /path/to/{VGG16_FILENAME} (or measure without LPIPS: --no-lpips)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,12 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16 (metrics stay fp32)")
-    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
-                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
-    parser.add_argument("--single-file-config", default=None)
-    parser.add_argument("--norm-num-groups", type=int, default=None)
-    parser.add_argument("--lpips-weights", default=None, help="torchvision's vgg16-397923af.pth")
-    parser.add_argument("--no-lpips", action="store_true")
+    add_source_arguments(parser, lpips=True)
     parser.add_argument("--inception-weights", default=None, help="torch-fidelity's weights-inception-2015-12-05 file")
     parser.add_argument("--worst", type=int, default=8, help="worst images (by PSNR) saved with their reconstructions")
     return parser.parse_args()
@@ -58,14 +51,10 @@ def measure(vae, index: int, data, args, accelerator, lpips, out: Path, images: 
 def main():
     args = parse_args()
     accelerator = Accelerator()
-    data = evaluation_data(args.data)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lpips = None if args.no_lpips else load_lpips(args.lpips_weights, option=LPIPS_OPTION).to(accelerator.device)
-    images, available = images_to_measure(data, args.num_images, accelerator.print)
-    load = dict(weights=args.weights, single_file_config=args.single_file_config, norm_num_groups=args.norm_num_groups)
+    inputs = evaluation_inputs(args, accelerator, lpips=True)
+    data, out, images, available, lpips = inputs.data, inputs.out, inputs.images, inputs.available, inputs.lpips
     entries = evaluate_each(args.vae, accelerator.device, lambda vae, index: measure(
-        vae, index, data, args, accelerator, lpips, out, images), args.bf16, **load)
+        vae, index, data, args, accelerator, lpips, out, images), args.bf16, **inputs.load)
     if accelerator.is_main_process:
         rep = report("reconstruction", data, entries, args.num_images, available)
         write_json(rep, out / "report.json")

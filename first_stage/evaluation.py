@@ -28,6 +28,7 @@ from .data import DataError, available_images, calibration_batches, describe
 from .latent_norm import LatentNormalizer
 from .latent_stats import LatentStatistics, carried_and_implied, reduce_sum
 from .model import Autoencoder, cast, downsampling_factor, is_tiny
+from .perceptual import VGG16_FILENAME, load_lpips
 
 
 def evaluation_autoencoder(path: str | Path, device, bf16: bool = False, **load) -> Autoencoder:
@@ -103,6 +104,48 @@ def evaluation_data(spec: str | None) -> DataConfig:
     data = data_from_spec(spec)
     given = {item.split("=", 1)[0].strip() for item in (spec or "").split(",")}
     return data if "resize" in given else dataclasses.replace(data, resize=data.resolution)
+
+
+def add_source_arguments(parser, lpips: bool = False) -> None:
+    """The options every eval script reads its VAEs with (:func:`first_stage.checkpoint.load_vae`'s), and with
+    ``lpips`` those of the LPIPS weights."""
+    parser.add_argument("--weights", choices=["ema", "raw"], default=None,
+                        help="training checkpoints: EMA or raw weights (default: the run's export.weights)")
+    parser.add_argument("--single-file-config", default=None, help="diffusers folder with the config of single files")
+    parser.add_argument("--norm-num-groups", type=int, default=None,
+                        help="GroupNorm groups of a foreign weight file (not visible in its weights; default 32)")
+    if lpips:
+        parser.add_argument("--lpips-weights", default=None, help=f"torchvision's {VGG16_FILENAME}")
+        parser.add_argument("--no-lpips", action="store_true", help="measure without LPIPS")
+
+
+@dataclasses.dataclass
+class EvaluationInputs:
+    """What an eval script measures on: its data, output folder (made), how many images (and how many the data
+    holds), the arguments its VAEs load with, and LPIPS (None when not asked for or ``--no-lpips``)."""
+
+    data: DataConfig
+    out: Path
+    images: int
+    available: int | None
+    load: dict
+    lpips: torch.nn.Module | None = None
+
+
+def evaluation_inputs(args, accelerator, lpips: bool = False) -> EvaluationInputs:
+    """The :class:`EvaluationInputs` of an eval script's arguments (:func:`add_source_arguments`, ``--data``,
+    ``--out``, ``--num-images``)."""
+    data = evaluation_data(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    perceptual = None
+    if lpips and not args.no_lpips:
+        option = f"to this script: --lpips-weights /path/to/{VGG16_FILENAME} (or measure without LPIPS: --no-lpips)"
+        perceptual = load_lpips(args.lpips_weights, option=option).to(accelerator.device)
+    images, available = images_to_measure(data, args.num_images, accelerator.print)
+    load = {"weights": args.weights, "single_file_config": args.single_file_config,
+            "norm_num_groups": args.norm_num_groups}
+    return EvaluationInputs(data, out, images, available, load, perceptual)
 
 
 def images_to_measure(data: DataConfig, asked: int, say: Callable[[str], None] = print) -> tuple[int, int | None]:

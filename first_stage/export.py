@@ -33,14 +33,14 @@ from torch import nn
 
 from . import __version__
 from .alignment import PROJECTION_FILE
-from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export
+from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export, load_vae
 from .config import Config, ConfigError, ExportConfig, config_hash, to_yaml
 from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoencoder_from_ldm, bfl_obstacles,
                       bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
 from .latent_norm import PATCH_ORDER, LatentNormalizer
-from .latent_stats import measure_latent_stats
-from .model import (DTYPES, Autoencoder, cast, count_parameters, downsampling_factor, encoder_fingerprint,
-                    has_batch_norm, is_tiny)
+from .latent_stats import latent_drift, measure_latent_stats
+from .model import (DTYPES, Autoencoder, cast, count_parameters, decode_latent, downsampling_factor, encode_latent,
+                    encoder_fingerprint, has_batch_norm, is_tiny)
 from .reports import model_card
 from .teacher import distillation_report
 from .terms import card_lines
@@ -132,15 +132,10 @@ def _record_nonfinite(found: dict, name: str, module: nn.Module, args, output) -
                 found["peak"] = max(found["peak"], out[finite].abs().max().item())
 
 
-def encode_mode(vae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
-    """The latent ``vae`` encodes ``x`` to: its posterior's mode, or an AutoencoderTiny's latents."""
-    encoded = vae.encode(x)
-    return encoded.latents if is_tiny(vae) else encoded.latent_dist.mode()
-
-
 @torch.inference_mode()
-def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
-    """Encode (mode) and decode ``x`` with every weight and activation in fp16.
+def fp16_overflow_check(vae: nn.Module, x: torch.Tensor) -> dict:
+    """Encode (``first_stage.model.encode_latent``: the posterior mode, or the latent of a class without one) and
+    decode ``x`` with every weight and activation in fp16.
 
     Returns ``{"overflow": [modules whose output became inf/NaN, in execution order], "peak":
     largest finite |activation|}``; the first name is where the overflow starts (the SDXL VAE's
@@ -151,7 +146,7 @@ def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
     handles = [m.register_forward_hook(functools.partial(_record_nonfinite, found, name))
                for name, m in half.named_modules() if name]
     try:
-        half.decode(encode_mode(half, x.to(half.device, torch.float16)))
+        decode_latent(half, encode_latent(half, x))
     finally:
         for handle in handles:
             handle.remove()
@@ -162,7 +157,7 @@ def fp16_overflow_check(vae: Autoencoder, x: torch.Tensor) -> dict:
 def output_difference(a: Autoencoder, b: Autoencoder, x: torch.Tensor) -> float:
     """Max abs difference of latents (posterior mode) and of reconstructions of two models on ``x``."""
     x_a, x_b = x.to(a.device, a.dtype), x.to(b.device, b.dtype)
-    z_a, z_b = encode_mode(a, x_a), encode_mode(b, x_b)
+    z_a, z_b = encode_latent(a, x_a), encode_latent(b, x_b)
     rec_a, rec_b = a.decode(z_a).sample, b.decode(z_a.to(b.device, b.dtype)).sample
     return max((z_a.float() - z_b.float().to(z_a.device)).abs().max().item(),
                (rec_a.float() - rec_b.float().to(rec_a.device)).abs().max().item())
@@ -238,16 +233,20 @@ def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where:
     return kind
 
 
-def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True) -> tuple[bool, str]:
+def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True, held: bool = False) -> tuple[bool, str]:
     """Whether the export keeps the latent normalisation the VAE carries: its encoder and quant_conv (and a
     FLUX.2-class BatchNorm) are bit-identical to those of the released VAE it started from (``origin``,
-    :func:`first_stage.checkpoint.encoder_origin`) and that VAE states a normalisation of the kind asked for
-    (``can_keep``). Returns that and the sentence that says so: whether the latents are the source's."""
+    :func:`first_stage.checkpoint.encoder_origin`), or were ``held`` to its latents by training (the fp16-safe
+    fine-tune), and that VAE states a normalisation of the kind asked for (``can_keep``). Returns that and the
+    sentence that says so: whether the latents are the source's."""
     if origin is None:
         return False, "measured at export on the calibration images (not started from a released VAE)"
     source, parts = origin["source"], "encoder, quant_conv and BatchNorm" if has_batch_norm(vae) else \
         "encoder and quant_conv"
     if origin["fingerprint"] != encoder_fingerprint(vae):
+        if held and can_keep:
+            return True, (f"kept from {source}: the encoder moved, but the fp16-safe fine-tune held its latents to "
+                          f"those of {source} (teacher.latent_weight); how far they moved is latents.drift")
         return False, (f"re-measured at export: the encoder moved from {source}, so the latents of this VAE are NOT "
                        f"those of {source}; a diffusion model trained on that VAE's latents needs training on these")
     same = f"the {parts} are bit-identical to it, so the latents are those of {source}"
@@ -255,6 +254,21 @@ def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True) 
         return True, f"kept from {source}: {same}"
     why = origin.get("recalibrate") or "it states no latent normalisation of this kind"
     return False, f"measured at export: {same}; its normalisation is not kept ({why})"
+
+
+def drift_from_source(vae: Autoencoder, source: ExportSource, x: torch.Tensor) -> dict:
+    """How far the raw latents of ``x`` moved from those of the released VAE the weights started from
+    (:func:`first_stage.latent_stats.latent_drift`): the run's teacher when it is that VAE (fp16-safe), else the
+    source loaded again; a source that no longer loads is said so."""
+    origin, teacher = source.encoder_origin, source.teacher
+    try:
+        if teacher is not None and encoder_fingerprint(teacher.vae) == origin["fingerprint"]:
+            reference = teacher.vae
+        else:
+            reference = cast(load_vae(origin["source"]).vae, torch.float32, vae.device)
+        return {"from": origin["source"], **latent_drift(reference, vae, x.to(vae.device))}
+    except (OSError, ValueError) as err:  # a missing or changed source
+        return {"from": origin["source"], "not_measured": str(err)[:300]}
 
 
 def pipeline_notes(norm: LatentNormalizer) -> list[str]:
@@ -331,6 +345,8 @@ def export_autoencoder(
     # Latent scale, from every process's share of the calibration images.
     vae = vae.eval()
     check_images: list[torch.Tensor] = []  # the first few calibration images, for the checks below
+    # a fine-tune that held its latents to its source's (fp16-safe) keeps the source's normalisation
+    held = config is not None and config.fp16_safe.enabled and config.teacher.latent_weight > 0
     if tiny:  # its latents are its teacher's normalised ones: nothing to measure, the images verify the files
         stats = None
         for _ in _keep_first(calibration, check_images):
@@ -349,7 +365,7 @@ def export_autoencoder(
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
     if flux2:
-        keep, origin = latent_origin(vae, source.encoder_origin)
+        keep, origin = latent_origin(vae, source.encoder_origin, held=held)
         norm = LatentNormalizer.of(vae)
         if not keep:
             norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
@@ -365,7 +381,7 @@ def export_autoencoder(
         # a decoder-only fine-tune keeps the normalisation its source states, when it is of the kind asked for
         stated = (source.encoder_origin or {}).get("normalisation")
         carried = None if stated is None else LatentNormalizer.from_vae_config(stated)
-        keep, origin = latent_origin(vae, source.encoder_origin, carried is not None and carried.kind == kind)
+        keep, origin = latent_origin(vae, source.encoder_origin, carried is not None and carried.kind == kind, held)
         norm = carried if keep else LatentNormalizer.measured(kind, stats["mean"], stats["std"],
                                                               stats["channel_mean"], stats["channel_std"])
     scale = norm.config_entries()
@@ -375,7 +391,10 @@ def export_autoencoder(
                    "pipelines must run this VAE in fp32 or bf16.")
     else:
         verdict = f"no overflow (peak |activation| {fp16['peak']:.4g}, fp16 max {FP16_MAX:.0f}) at {x.shape[-1]}²."
-    force_upcast = bool(fp16["overflow"]) if dtype == "fp16" else bool(vae.config.get("force_upcast", False))
+    # fp16 weights, or a run fine-tuned to be fp16-safe (first_stage.fp16_safe): pipelines upcast exactly when the
+    # audit overflows; otherwise the source's flag is kept
+    audited = dtype == "fp16" or (config is not None and config.fp16_safe.enabled)
+    force_upcast = bool(fp16["overflow"]) if audited else bool(vae.config.get("force_upcast", False))
     exported.register_to_config(**{k: v for k, v in scale.items() if not tiny or k in exported.config})
     if "force_upcast" in exported.config:  # AutoencoderKLFlux2 has no such field
         exported.register_to_config(force_upcast=force_upcast)
@@ -393,8 +412,12 @@ def export_autoencoder(
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
-    if source.teacher is not None:  # a distillation student: what its decoder costs against its teacher's
-        report["distillation"] = distillation_report(vae, source.teacher, x)
+    if source.encoder_origin is not None and source.encoder_origin["fingerprint"] != encoder_fingerprint(vae):
+        report["latents"]["drift"] = drift_from_source(vae, source, x)  # the encoder moved: how far
+    teacher = source.teacher
+    if teacher is not None and (type(vae) is not type(teacher.vae) or vae.config.get("decoder_block_out_channels")
+                                != teacher.vae.config.get("decoder_block_out_channels")):
+        report["distillation"] = distillation_report(vae, teacher, x)  # a student: its decoder against the teacher's
     if flux2:
         patches = stats["batch_norm"]
         shift_k, scale_k = norm.shift_and_scale(len(patches["running_mean"]))

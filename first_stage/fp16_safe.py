@@ -30,6 +30,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .data import calibration_batches
 from .loss_term import LossContext, LossTerm, refuse_below
+from .teacher import TEACHER_STANDIN
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 # rescale: a GroupNorm-fed convolution is brought to this fraction of fp16_safe.limit on the probe batch (one
@@ -37,21 +38,25 @@ FP16_MAX = torch.finfo(torch.float16).max  # 65504
 RESCALE_TARGET = 0.5
 
 
+def _at_least_fp32(a: torch.Tensor) -> torch.Tensor:
+    return a.to(torch.promote_types(a.dtype, torch.float32))
+
+
 class _Excess(torch.autograd.Function):
-    """sum(relu(|a| / limit - 1)^2) in fp32. Written out, autograd would keep an fp32 copy of every activation
-    for the backward (the relu's output); this keeps ``a`` itself, which its consumer mostly keeps anyway."""
+    """sum(relu(|a| / limit - 1)^2), in fp32 at least. Written out, autograd would keep an fp32 copy of every
+    activation for the backward (the relu's output); this keeps ``a`` itself, which its consumer mostly keeps."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, limit: float) -> torch.Tensor:
         ctx.save_for_backward(a)
         ctx.limit = limit
-        return torch.relu(a.float().abs() / limit - 1).square().sum()
+        return torch.relu(_at_least_fp32(a).abs() / limit - 1).square().sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (a,) = ctx.saved_tensors
-        a32 = a.float()
-        slope = 2 * torch.relu(a32.abs() / ctx.limit - 1) * a32.sign() / ctx.limit  # d/da of the excess²
+        wide = _at_least_fp32(a)
+        slope = 2 * torch.relu(wide.abs() / ctx.limit - 1) * wide.sign() / ctx.limit  # d/da of the excess²
         return (grad * slope).to(a.dtype), None
 
 
@@ -65,8 +70,9 @@ def activation_excess(a: torch.Tensor, limit: float, reduction: str) -> torch.Te
 class ActivationRecorder:
     """The hooks' store for one forward pass made with grad enabled: each module output's excess (a graph
     tensor) and peak |a| (detached), every tensor once (a container returns its last child's output).
-    ``clear`` runs before each forward pass (a pre-hook on the encoder), so that a pass under ``no_grad``
-    (validation) or one whose loss was never taken leaves nothing behind."""
+    ``clear`` runs before each forward pass (a pre-hook on the encoder) and after the loss takes the records, so
+    that neither a pass whose loss was never taken nor what a gradient-checkpointed backward recomputes (the
+    hooks fire again then; the gradients are the same) reaches the next step's loss."""
 
     def __init__(self, limit: float, reduction: str):
         self.limit, self.reduction = limit, reduction
@@ -113,12 +119,12 @@ def rescale_groupnorm_fed(vae: nn.Module, x: torch.Tensor, target: float) -> dic
     convs = groupnorm_fed_convs(vae)
     peaks = dict.fromkeys(convs, 0.0)
     handles = [conv.register_forward_hook(functools.partial(_note_peak, peaks, name)) for name, conv in convs.items()]
+    was_training = vae.training
     try:
-        was_training = vae.training
         vae.eval()
         vae.decode(vae.encode(x.float()).latent_dist.mode())
-        vae.train(was_training)
     finally:
+        vae.train(was_training)
         for handle in handles:
             handle.remove()
     factors = {name: target / peak for name, peak in peaks.items() if peak > target}
@@ -142,8 +148,10 @@ class Fp16SafeTerm(LossTerm):
     outputs and latents. :meth:`build` rescales (``fp16_safe.rescale``) and hooks the trained VAE."""
 
     name, section = "fp16_safe", "fp16_safe"
-    # The hooks, the penalty and its backward on the recipe's step; the teacher's forward is the teacher term's row.
-    bench_rows = {"fp16_safe": ["fp16_safe.enabled=true", "teacher.path=model.init_from"]}
+    # The fp16-safe step: the hooks, the penalty and the teacher's decode and encode, started from and taught by
+    # bench_train's stand-in VAE (TEACHER_STANDIN: the recipe's model saved fresh; quoted, as YAML reserves "@").
+    bench_rows = {"fp16_safe": ["fp16_safe.enabled=true", f"model.init_from='{TEACHER_STANDIN}'",
+                                f"teacher.path='{TEACHER_STANDIN}'", "teacher.latent_weight=1"]}
 
     def __init__(self, config: Config):
         super().__init__(config)

@@ -20,6 +20,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .latent_norm import LatentNormalizer, worst_ratio
+from .model import encode_latent
 from .regularizers import gaussian_kl, kl_per_element
 
 LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance here
@@ -354,3 +355,64 @@ class LatentStatistics:
             "p_abs_gt_4": (beyond.sum() / count.sum()).item(),
             "gaussian_p_abs_gt_4": GAUSSIAN_TAIL[4],
         }
+
+
+class AffineDrift:
+    """Per channel, the least-squares fit b_c ≈ slope_c · a_c + offset_c of two latents of the same images, with
+    R², cosine similarity and relative error ‖b − a‖ / ‖a‖; streamed over batches in float64 sums, so it is
+    exact up to rounding however the images are batched."""
+
+    def __init__(self, channels: int):
+        self.count = 0  # elements per channel
+        self.sums = torch.zeros(6, channels, dtype=torch.float64)  # Σa, Σb, Σa², Σb², Σab, Σ(b − a)²
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Two latents (B, C, h, w) of the same images."""
+        a, b = (t.detach().double().transpose(0, 1).flatten(1).cpu() for t in (a, b))  # (C, B·h·w)
+        d = b - a  # summed apart: Σ(b − a)² from the other sums cancels to noise when a ≈ b
+        self.sums += torch.stack([a.sum(1), b.sum(1), (a * a).sum(1), (b * b).sum(1), (a * b).sum(1), (d * d).sum(1)])
+        self.count += a.shape[1]
+
+    def result(self) -> dict:
+        sa, sb, saa, sbb, sab, sdd = self.sums
+        n = self.count
+        ma, mb = sa / n, sb / n
+        var_a, var_b, cov = saa / n - ma * ma, sbb / n - mb * mb, sab / n - ma * mb
+        slope = cov / var_a
+        r2 = cov * cov / (var_a * var_b)  # r² of the simple regression
+        out = {"channels": int(self.sums.shape[1]), "elements_per_channel": n,
+               "slope": _defined(slope, var_a > 0), "offset": _defined(mb - slope * ma, var_a > 0),
+               "r2": _defined(r2, (var_a > 0) & (var_b > 0)),
+               "cosine": _defined(sab / (saa * sbb).sqrt(), (saa > 0) & (sbb > 0)),
+               "relative_error": _defined((sdd / saa).sqrt(), saa > 0),
+               "mean_reference": ma.tolist(), "mean_candidate": mb.tolist(),
+               "std_reference": var_a.clamp_min(0).sqrt().tolist(), "std_candidate": var_b.clamp_min(0).sqrt().tolist()}
+        defined = [v for v in out["r2"] if v is not None]
+        out["overall"] = {"cosine": (sab.sum() / (saa.sum() * sbb.sum()).sqrt()).item(),
+                          "relative_error": (sdd.sum() / saa.sum()).sqrt().item(),
+                          "r2_min": min(defined) if defined else None,
+                          "slope_min": _extreme(out["slope"], min), "slope_max": _extreme(out["slope"], max),
+                          "offset_max_abs": _extreme([None if v is None else abs(v) for v in out["offset"]], max)}
+        return out
+
+
+def _defined(values: torch.Tensor, where: torch.Tensor) -> list[float | None]:
+    """``values`` as floats, None where ``where`` is false (a constant channel has no slope, no R²)."""
+    return [v if ok else None for v, ok in zip(values.tolist(), where.tolist())]
+
+
+def _extreme(values: list[float | None], pick: Callable) -> float | None:
+    defined = [v for v in values if v is not None]
+    return pick(defined) if defined else None
+
+
+@torch.no_grad()
+def latent_drift(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> dict:
+    """How far ``candidate``'s raw latents of images ``x`` moved from ``reference``'s (:class:`AffineDrift`: per
+    channel slope, offset and R², cosine, relative error), both encoded as ``first_stage.model.encode_latent`` does."""
+    a, b = encode_latent(reference, x), encode_latent(candidate, x)
+    if a.shape != b.shape:
+        raise ValueError(f"latents of shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be compared")
+    drift = AffineDrift(a.shape[1])
+    drift.add(a, b)
+    return {**drift.result(), "images": int(x.shape[0])}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderTiny
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -143,6 +143,28 @@ def encoder_fingerprint(vae: Autoencoder) -> str:
 def is_tiny(vae: nn.Module) -> bool:
     """Whether ``vae`` is an ``AutoencoderTiny`` (TAESD): no posterior, trained only as a distillation student."""
     return isinstance(vae, AutoencoderTiny)
+
+
+def encode_latent(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The raw latent (B, C, h, w), in the VAE's dtype, of images (B, 3, H, W) in [-1, 1]: the posterior mode
+    (= mean) of the KL classes, an ``AutoencoderTiny``'s ``latents``, an ``AutoencoderDC``'s ``latent``; an
+    ``AutoencoderKLQwenImage`` encodes each image as one frame (B, 3, 1, H, W)."""
+    x = x.to(vae.device, vae.dtype)
+    if isinstance(vae, AutoencoderTiny):
+        return vae.encode(x).latents
+    if isinstance(vae, AutoencoderDC):
+        return vae.encode(x).latent
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return vae.encode(x.unsqueeze(2)).latent_dist.mode().squeeze(2)
+    return vae.encode(x).latent_dist.mode()
+
+
+def decode_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in the VAE's dtype (about [-1, 1]) decoded from raw latents (B, C, h, w)."""
+    z = z.to(vae.device, vae.dtype)
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return vae.decode(z.unsqueeze(2)).sample.squeeze(2)
+    return vae.decode(z).sample
 
 
 def downsampling_factor(config) -> int:

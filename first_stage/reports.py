@@ -398,7 +398,7 @@ def evaluation_summary(reports: list[dict]) -> dict | None:
                     out[f"{label}, {where}"] = r[key]["mean"]
             if r.get("rfid") is not None:
                 out[f"rFID, {where}"] = r["rfid"]
-        else:
+        elif rep["kind"] == "latent_stats":
             out[f"std of latent samples, {where}"] = r["scale"]["std_of_samples"]
             out[f"P(abs(ẑ) > 4) (Gaussian {GAUSSIAN_TAIL[4]:.2g}), {where}"] = r["tails"]["p_abs_gt_4"]
             gaussian_peak = r["peaks"]["gaussian"]["median"]
@@ -462,6 +462,20 @@ def _distillation_lines(report: dict) -> list[str]:
         f"| ratio | {d['parameter_ratio']:.3f} | {d['flop_ratio']:.3f} | speed-up {d['speedup']:.2f}× |",
         "",
     ]
+
+
+def drift_sentence(report: dict) -> str:
+    """The model card's (and the export's printed) sentence on how far a moved encoder's latents moved, or ""."""
+    drift = report.get("latents", {}).get("drift")
+    if drift is None:
+        return ""
+    if "not_measured" in drift:
+        return f"How far the latents moved from {drift['from']} was not measured: {drift['not_measured']}."
+    o = drift["overall"]
+    return (f"The latents moved from those of {drift['from']} (raw latents of {drift['images']} calibration images, "
+            f"per channel least squares): cosine {o['cosine']:.6f}, relative error {o['relative_error']:.4g}, "
+            f"R² ≥ {o['r2_min']:.6f}, slopes {o['slope_min']:.4f} … {o['slope_max']:.4f}, offsets up to "
+            f"{o['offset_max_abs']:.3g}; eval/compare.py measures it on more images and resolutions.")
 
 
 def _verification_lines(report: dict) -> list[str]:
@@ -592,6 +606,7 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
     if bn is None:
         lines += [
             f"The normalisation: {report['latents']['origin']}." if "latents" in report else "",
+            drift_sentence(report),
             "",
             f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
             + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
@@ -602,7 +617,7 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         lines += [
             "## Latent normalisation: the BatchNorm over patches",
             "",
-            f"The statistics in `bn.running_mean` / `bn.running_var`: {bn['origin']}.",
+            f"The statistics in `bn.running_mean` / `bn.running_var`: {bn['origin']}. {drift_sentence(report)}",
             f"Variance: {bn['variance']}; stored as {bn['stored']}; `batch_norm_eps` = {bn['eps']:g}, "
             f"patches {bn['patch_size'][0]}×{bn['patch_size'][1]}, patch channels in order {bn['patch_order']}.",
             f"How pipelines read it: {report['normalisation']}; they decode the inverse.",

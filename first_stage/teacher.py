@@ -42,6 +42,9 @@ from .model import (Autoencoder, AutoencoderOutput, cast, count_parameters, down
                     is_tiny, preset_class)
 from .regularizers import sum_reduce
 
+# What a bench row's overrides say for a stand-in teacher (scripts/bench_train.py saves the recipe's model, freshly
+# initialised, and puts its folder there); quoted in --set values, as YAML reserves "@".
+TEACHER_STANDIN = "@teacher"
 # The state entries a fresh KL-class student takes from its teacher: what fixes its latents.
 ENCODER_PREFIXES = ("encoder.", "quant_conv.", "bn.")
 

@@ -49,7 +49,7 @@ from first_stage.data import make_dataloader
 from first_stage.discriminator import build_discriminator, discriminator_loss
 from first_stage.loss_term import adaptive_weight
 from first_stage.model import PRESETS, new_autoencoder, preset_class
-from first_stage.teacher import distillation_report
+from first_stage.teacher import TEACHER_STANDIN, distillation_report
 from first_stage.lifecycle import run_main
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
 from first_stage.performance import seconds_per_call, synchronize
@@ -68,8 +68,6 @@ GPU_PEAK_TFLOPS = {
 TERMS = bench_rows()
 # The random DINOv2 of --alignment-standin: the real sizes, and a toy one for the CPU smoke run.
 STANDINS = {**DINOV2_SIZES, "test": (64, 2, 2)}
-# What a row's overrides say for the stand-in teacher: the recipe's model, freshly initialised, saved (same cost).
-TEACHER_STANDIN = "@teacher"
 # CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
 CPU_FLOP_PER_CYCLE = 32
 

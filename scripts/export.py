@@ -27,7 +27,7 @@ from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, check_exportable, export_autoencoder
-from first_stage.reports import evaluation_summary
+from first_stage.reports import drift_sentence, evaluation_summary
 from first_stage.teacher import load_teacher
 from first_stage.lifecycle import run_main
 from first_stage.model import has_batch_norm
@@ -157,6 +157,8 @@ def main():
                   f"{stats['shift_factor']:.5f} (std {stats['std']:.5f}) from {stats['num_images']} images of "
                   f"{report['calibration']}")
             print(f"  config.json: {report['config_scale']}")
+        if drift_sentence(report):
+            print(f"  {drift_sentence(report)}")
         print(f"  pipelines normalise {report['normalisation']}")
         upcast = "" if "batch_norm" in report else f" force_upcast={report['fp16']['force_upcast']}"
         print(f"  fp16: {report['fp16']['verdict']}{upcast}")

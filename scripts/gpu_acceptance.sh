@@ -6,9 +6,11 @@
 #                                                  # compiled row and the batch search (tests run this)
 #
 # Rows: full-loss training of the SD kl-f8 VAE at 256² in bf16 (eager with channels_last off and on,
-# compiled), the FLUX.2 class (AutoencoderKLFlux2) against that step in the same run, the largest batch at 256²
+# compiled), the FLUX.2 class (AutoencoderKLFlux2) against that step in the same run, decoder distillation
+# from a FLUX.2-class teacher (its small decoder, a TAESD) with decode costs, the largest batch at 256²
 # and 512² with and without gradient checkpointing, encode and
-# decode in bf16, the cost of each X-regulariser on the f16c32 step, and a 50-step bf16 training run
+# decode in bf16, the cost of each X-regulariser and of the fp16-safe fine-tune on the f16c32 step, and a
+# 50-step bf16 training run
 # that exports and verifies. Each command has its
 # own time limit (ROW_TIMEOUT seconds, default 150) and the whole run stops at the first failure with
 # the command's name: it fails loudly, it does not hang. Writes OUT_DIR/acceptance.jsonl (the
@@ -32,6 +34,7 @@ if [[ "${ACCEPTANCE_SMOKE:-0}" == 1 ]]; then
   TERMS=(--preset tiny --set discriminator.channels=16 --resolution 96 --batch 2 --steps 1 --warmup 0 --precision bf16
          --alignment-standin test --set alignment.grid=model)
   FLUX2=flux2-tiny
+  STUDENTS=flux2-tiny:32-32,taesd-tiny
   MAX_BATCH=()   # the search needs CUDA memory to run out of
   COMPILE=0      # compiling takes minutes on a CPU; tests/test_performance.py checks compile_in_place
 else
@@ -47,6 +50,7 @@ else
          --set performance.tf32=true)
   MAX_BATCH=(--find-max-batch --no-naive --steps 2 --warmup 1)
   FLUX2=flux2
+  STUDENTS=flux2:96-192-384-384,taesd   # FLUX.2's small decoder; a TAESD with 32 latent channels
   COMPILE=1
 fi
 
@@ -83,6 +87,8 @@ row train_bf16_eager_channels_last "${BENCH[@]}" --no-naive --set performance.ch
 if [[ $COMPILE == 1 ]]; then row train_bf16_compiled "${BENCH[@]}" --no-naive --compile; fi
 # The FLUX.2 class (32 latent channels, BatchNorm over patches) against the sd-f8c4 step: counted FLOPs and time.
 row train_flux2 "${BENCH[@]}" --no-naive --presets "$FLUX2"
+# Distillation from a FLUX.2-class teacher: the step of each student and its decode cost against the teacher's.
+row train_distill "${BENCH[@]}" --no-naive --preset "$FLUX2" --students "$STUDENTS"
 if [[ ${#MAX_BATCH[@]} -gt 0 ]]; then
   for res in "$RES" "$RES_LARGE"; do
     SEARCH=("$PY" scripts/bench_train.py "${TRAIN[@]}" "${LPIPS[@]}" --resolution "$res" --precision bf16 --batch 8
@@ -93,9 +99,10 @@ if [[ ${#MAX_BATCH[@]} -gt 0 ]]; then
 fi
 row encode_bf16 "$PY" scripts/bench_encode.py "${ENCODE[@]}" --precision bf16
 # What each X-regulariser adds to the VA-VAE-shaped f16c32 step (DINOv2-L stand-in when none is cached).
-# Seven step builds (DINOv2-L loaded for three): twice the per-row limit.
+# Then the fp16-safe fine-tune's step (the activation penalty's hooks and the teacher's forward) on the same step.
+# Eight step builds (DINOv2-L loaded for three): twice the per-row limit.
 ROW_TIMEOUT=$((2 * ROW_TIMEOUT)) row train_terms "$PY" scripts/bench_train.py "${TERMS[@]}" "${LPIPS[@]}" --no-naive \
-  --terms alignment,alignment_fixed_weight,equivariance,scale_eq,latent_noise
+  --terms alignment,alignment_fixed_weight,equivariance,scale_eq,latent_noise,fp16_safe
 
 # 50 bf16 steps of the real entry point, then its export (reloaded and compared before it is named).
 RUN_DIR="$OUT/runs"

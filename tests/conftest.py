@@ -65,6 +65,17 @@ def vgg_file(tmp_path_factory):
 
 
 @pytest.fixture
+def accelerator():
+    """A one-process CPU Accelerator, its global state reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
 def tiny_vae():
     torch.manual_seed(0)
     return new_autoencoder(ModelConfig(preset="tiny"))

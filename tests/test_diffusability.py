@@ -26,13 +26,6 @@ from first_stage.reports import REPORT_SCHEMA
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def accelerator():
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def trained_held_out_loss(accelerator, train, held, steps, grid):
     """The held-out loss (T,) of a tiny probe trained ``steps`` steps on ``train``."""
     torch.manual_seed(0)

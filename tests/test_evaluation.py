@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from conftest import cpu_env, launch_command
 from PIL import Image
 
@@ -329,13 +327,6 @@ def test_eval_scripts_survive_undecodable_images_and_idle_processes(tiny_vae, im
         proc = subprocess.run([sys.executable, str(REPO / "eval" / script), *common, *extra, "--data", spec,
                                "--out", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=1800)
         assert proc.returncode == 1 and "error: no decodable image" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.fixture
-def accelerator():
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 DATA = "source=sample,split=all,resolution=32"

@@ -385,3 +385,8 @@ def test_a_decoder_only_fine_tune_keeps_the_normalisation_its_source_states(tiny
     assert AutoencoderKL.from_pretrained(tmp_path / "moved").config.scaling_factor == pytest.approx(
         moved["latent_stats"]["scaling_factor"])
     assert "NOT those of" in moved["latents"]["origin"]
+    # how far: the released VAE loaded again, its raw latents against these (the conv_in bias moved them a little)
+    drift = moved["latents"]["drift"]
+    assert drift["from"] == str(tmp_path / "released") and 0.9 < drift["overall"]["cosine"] < 1
+    assert "The latents moved from those of" in (tmp_path / "moved" / "README.md").read_text()
+    assert "drift" not in kept["latents"]

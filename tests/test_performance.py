@@ -151,17 +151,21 @@ def test_gpu_acceptance_script_runs_every_row_and_writes_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "acceptance.jsonl").read_text().splitlines()]
     terms = [f"first-stage + {t}" for t in ("alignment", "alignment_fixed_weight", "equivariance", "scale_eq",
-                                            "latent_noise")]
+                                            "latent_noise", "fp16_safe")]
     assert [r.get("step") for r in rows if r["bench"] == "train"] == [
-        "first-stage", "naive", "first-stage", "first-stage", "first-stage preset flux2-tiny", "first-stage", *terms]
+        "first-stage", "naive", "first-stage", "first-stage", "first-stage preset flux2-tiny", "first-stage",
+        "distill flux2-tiny:32-32", "distill taesd-tiny", "first-stage", *terms]
     assert rows[2]["performance"]["channels_last"]
     flux2 = rows[4]
     assert flux2["preset"] == "flux2-tiny" and rows[3]["preset"] == "tiny" and flux2["flops_vs_plain"] > 0
     assert all(r["precision"] == "bf16" for r in rows if r.get("step") == "first-stage")
+    students = [r for r in rows if r.get("step", "").startswith("distill")]
+    assert all(r["decode"]["flop_ratio"] < 1 and r["decode"]["teacher"]["class"] == "AutoencoderKLFlux2"
+               for r in students)
     term_rows = [r for r in rows if r.get("step") in terms]
     assert all(r["cost_vs_plain"] > 0 and r["skipped_steps"] == 0 for r in term_rows)
-    # noise is elementwise only: the same FLOP count as the plain step
-    assert [r["flops_vs_plain"] == 1 for r in term_rows] == [False, False, False, False, True]
+    # noise is elementwise only: the same FLOP count as the plain step; the fp16-safe step adds the teacher's forward
+    assert [r["flops_vs_plain"] == 1 for r in term_rows] == [False, False, False, False, True, False]
     assert "NOT the cost of a real DINOv2" in term_rows[0]["alignment_model"]
     assert [r["what"] for r in rows if r["bench"] == "encode"] == ["data", "encode", "decode", "encode_pipeline"]
     run = rows[-1]

@@ -24,6 +24,7 @@ from first_stage.data import DataError, calibration_batches, check_decodable, de
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.lifecycle import EXIT_NONFINITE, catch_stop_signals, claim_run, finish_run, run_main, stop_reason
 from first_stage.model import count_parameters
+from first_stage.reports import drift_sentence
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
                                  run_files, sum_over_processes, train_step, trainer_states, validate)
 
@@ -186,6 +187,8 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             scale = (f"BatchNorm statistics {report['batch_norm']['origin']}" if "batch_norm" in report
                      else f"{report['normalisation']}, {report['latents']['origin']}")
             accelerator.print(f"exported {run_dir / 'export'}: {scale}; {report['fp16']['verdict']}")
+            if drift_sentence(report):
+                accelerator.print(f"  {drift_sentence(report)}")
             for note in report.get("batch_norm", {}).get("pipelines", []):
                 accelerator.print(f"  caution: {note}")
     finish_run(accelerator, run_dir, exit_code, state.step, reason)  # several processes leave here
