@@ -40,7 +40,7 @@ from .evaluation import reconstruction_metrics, stream_images, summarize
 from .export import fp16_overflow_check
 from .latent_norm import LatentNormalizer
 from .latent_stats import AffineDrift
-from .model import count_parameters, decode_latent, downsampling_factor, encode_latent
+from .model import FP16_MAX, count_parameters, decode_latent, downsampling_factor, encode_latent
 from .reports import report
 
 # The classes this report reads, by the name diffusers writes into a folder's config.json (``_class_name``).
@@ -76,7 +76,6 @@ MEMORY_MEASURES = {
 _TILING_ATTRIBUTES = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_sample_min_height",
                       "tile_sample_min_width", "tile_sample_stride_height", "tile_sample_stride_width",
                       "tile_latent_min_height", "tile_latent_min_width")
-FP16_MAX = 65504.0
 
 
 class UnsupportedAutoencoderError(CheckpointError):
@@ -120,8 +119,6 @@ def normalizer_of(vae: nn.Module) -> LatentNormalizer:
 
 def downsampling(vae: nn.Module) -> int:
     """Pixels per latent cell along a side."""
-    if isinstance(vae, AutoencoderTiny):
-        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)  # one stride-2 conv per block after the first
     if isinstance(vae, (AutoencoderDC, AutoencoderKLQwenImage)):
         return vae.spatial_compression_ratio
     return downsampling_factor(vae.config)

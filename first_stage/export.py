@@ -39,13 +39,15 @@ from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoe
                       bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
 from .latent_norm import PATCH_ORDER, LatentNormalizer
 from .latent_stats import latent_drift, measure_latent_stats
-from .model import (DTYPES, Autoencoder, cast, count_parameters, decode_latent, downsampling_factor, encode_latent,
-                    encoder_fingerprint, has_batch_norm, is_tiny)
+from .model import (DTYPES, FP16_MAX, Autoencoder, cast, count_parameters, decode_latent, downsampling_factor,
+                    encode_latent, encoder_fingerprint, has_batch_norm, is_tiny)
 from .reports import model_card
-from .teacher import distillation_report
+from .teacher import Teacher, distillation_report
 from .terms import card_lines
 
-FP16_MAX = torch.finfo(torch.float16).max  # 65504
+# A fine-tune that held its latents (fp16-safe) keeps its source's normalisation when its raw latents moved by at
+# most this relative error |z - z_source| / |z_source| on the calibration images checked (the package's choice).
+HELD_DRIFT = 0.05
 # Max abs difference allowed between the in-memory model and the files read back (same dtype).
 RELOAD_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
@@ -101,7 +103,7 @@ class ExportSource:
     evaluation: dict | None = None  # figures of eval/ reports for the model card
     # A distillation student's frozen teacher (first_stage.teacher.Teacher): the export compares their decode
     # costs; an AutoencoderTiny's latents are its teacher's normalised ones. None: no teacher, or not found.
-    teacher: object | None = None
+    teacher: Teacher | None = None
     # What trained the weights, a model-card line per loss term (GeneratorLoss.card_lines, recorded by the
     # run); None: derived from ``config`` when it is the training config, else not known (an import).
     loss_terms: list[str] | None = None
@@ -246,7 +248,8 @@ def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True, 
     if origin["fingerprint"] != encoder_fingerprint(vae):
         if held and can_keep:
             return True, (f"kept from {source}: the encoder moved, but the fp16-safe fine-tune held its latents to "
-                          f"those of {source} (teacher.latent_weight); how far they moved is latents.drift")
+                          f"those of {source} (teacher.latent_weight; relative error at most {HELD_DRIFT:g}); how far "
+                          "they moved is latents.drift")
         return False, (f"re-measured at export: the encoder moved from {source}, so the latents of this VAE are NOT "
                        f"those of {source}; a diffusion model trained on that VAE's latents needs training on these")
     same = f"the {parts} are bit-identical to it, so the latents are those of {source}"
@@ -254,6 +257,17 @@ def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True, 
         return True, f"kept from {source}: {same}"
     why = origin.get("recalibrate") or "it states no latent normalisation of this kind"
     return False, f"measured at export: {same}; its normalisation is not kept ({why})"
+
+
+def held_latents(config: Config | None, source: ExportSource, drift: dict | None) -> bool:
+    """Whether a fine-tune whose encoder moved held its latents to its source's closely enough to keep the source's
+    normalisation: an fp16-safe run (the one fine-tune that trains its latents to stay) taught by that very source
+    (``teacher.latent_weight`` > 0), whose raw latents moved by at most :data:`HELD_DRIFT` relative error."""
+    if config is None or not config.fp16_safe.enabled or config.teacher.latent_weight <= 0 or drift is None:
+        return False
+    teacher = source.teacher
+    return (teacher is not None and encoder_fingerprint(teacher.vae) == source.encoder_origin["fingerprint"]
+            and "overall" in drift and drift["overall"]["relative_error"] <= HELD_DRIFT)
 
 
 def drift_from_source(vae: Autoencoder, source: ExportSource, x: torch.Tensor) -> dict:
@@ -345,8 +359,6 @@ def export_autoencoder(
     # Latent scale, from every process's share of the calibration images.
     vae = vae.eval()
     check_images: list[torch.Tensor] = []  # the first few calibration images, for the checks below
-    # a fine-tune that held its latents to its source's (fp16-safe) keeps the source's normalisation
-    held = config is not None and config.fp16_safe.enabled and config.teacher.latent_weight > 0
     if tiny:  # its latents are its teacher's normalised ones: nothing to measure, the images verify the files
         stats = None
         for _ in _keep_first(calibration, check_images):
@@ -358,6 +370,10 @@ def export_autoencoder(
     if not check_images:
         raise ValueError("export: the main process got no calibration image to verify the export with")
     x = check_images[0]
+    # an encoder that moved from the released VAE it started from: how far its latents moved
+    moved = source.encoder_origin is not None and source.encoder_origin["fingerprint"] != encoder_fingerprint(vae)
+    drift = drift_from_source(vae, source, x) if moved else None
+    held = held_latents(config, source, drift)
 
     # The model as exported: cast, with the measured scale in its config.
     exported = cast(vae, DTYPES[dtype], copy_first=True)
@@ -372,11 +388,17 @@ def export_autoencoder(
         norm.write_to(exported)  # float32 in every dtype (model.cast), the same values in both files
     elif tiny:  # a TAESD-style student: pipelines hand it the diffusion model's latents as they are
         keep, norm = True, LatentNormalizer.from_vae_config(vae.config)
-        origin = ("its teacher's normalised latents" + (f" ({source.teacher.source}: {source.teacher.norm.describe()})"
-                                                        if source.teacher is not None else "")
-                  + ", which pipelines pass it unchanged (scaling_factor 1, shift_factor 0)")
+        teacher = source.teacher
+        origin = "its teacher's normalised latents" + (
+            f" ({teacher.source}: {teacher.norm.describe()})" if teacher is not None else "")
+        if teacher is not None and teacher.norm.kind == "batch_norm":
+            origin += (", the patches put back in place (C, h, w): FLUX.2 pipelines normalise with vae.bn, which an "
+                       "AutoencoderTiny lacks, so a pipeline must hand it these latents itself")
+        else:
+            origin += ", which pipelines pass it unchanged (scaling_factor 1, shift_factor 0)"
         if (norm.scaling_factor, norm.shift_factor) != (1.0, 0.0):
-            raise ExportError(f"an AutoencoderTiny student reads normalised latents; its config says {norm.describe()}")
+            raise ExportError(f"an AutoencoderTiny student reads normalised latents: its scaling_factor and "
+                              f"shift_factor must be 1 and 0 (model.overrides), its config says {norm.describe()}")
     else:
         # a decoder-only fine-tune keeps the normalisation its source states, when it is of the kind asked for
         stated = (source.encoder_origin or {}).get("normalisation")
@@ -412,8 +434,8 @@ def export_autoencoder(
         "fp16": {"overflow_modules": fp16["overflow"], "peak_activation": fp16["peak"], "verdict": verdict,
                  "force_upcast": force_upcast, "resolution": x.shape[-1]},
     }
-    if source.encoder_origin is not None and source.encoder_origin["fingerprint"] != encoder_fingerprint(vae):
-        report["latents"]["drift"] = drift_from_source(vae, source, x)  # the encoder moved: how far
+    if drift is not None:
+        report["latents"]["drift"] = drift
     teacher = source.teacher
     if teacher is not None and (type(vae) is not type(teacher.vae) or vae.config.get("decoder_block_out_channels")
                                 != teacher.vae.config.get("decoder_block_out_channels")):

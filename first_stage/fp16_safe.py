@@ -30,9 +30,9 @@ from torch import nn
 from .config import Config, ConfigError
 from .data import calibration_batches
 from .loss_term import LossContext, LossTerm, refuse_below
+from .model import FP16_MAX, preset_class
 from .teacher import TEACHER_STANDIN
 
-FP16_MAX = torch.finfo(torch.float16).max  # 65504
 # rescale: a GroupNorm-fed convolution is brought to this fraction of fp16_safe.limit on the probe batch (one
 # power of two under the penalty's hinge, so the penalty starts at zero there; the package's choice).
 RESCALE_TARGET = 0.5
@@ -70,22 +70,27 @@ def activation_excess(a: torch.Tensor, limit: float, reduction: str) -> torch.Te
 class ActivationRecorder:
     """The hooks' store for one forward pass made with grad enabled: each module output's excess (a graph
     tensor) and peak |a| (detached), every tensor once (a container returns its last child's output).
-    ``clear`` runs before each forward pass (a pre-hook on the encoder) and after the loss takes the records, so
-    that neither a pass whose loss was never taken nor what a gradient-checkpointed backward recomputes (the
-    hooks fire again then; the gradients are the same) reaches the next step's loss."""
+    ``arm`` runs before each forward pass (a pre-hook on the encoder) and ``clear`` after the loss takes the
+    records, which disarms it: a pass whose loss was never taken leaves nothing for the next step, and what a
+    gradient-checkpointed backward recomputes (the hooks fire again then) is neither recorded nor kept alive."""
 
     def __init__(self, limit: float, reduction: str):
         self.limit, self.reduction = limit, reduction
         self.excess: list[torch.Tensor] = []
         self.peaks: list[torch.Tensor] = []
         self.seen: dict[int, torch.Tensor] = {}  # id → the tensor, held so that no id is reused mid-pass
+        self.armed = False
+
+    def arm(self, *_) -> None:
+        self.clear()
+        self.armed = True
 
     def clear(self, *_) -> None:
-        self.excess, self.peaks, self.seen = [], [], {}
+        self.excess, self.peaks, self.seen, self.armed = [], [], {}, False
 
     def record(self, module: nn.Module, args, output) -> None:
         """Forward hook: note the excess and peak of each floating tensor ``module`` returns."""
-        if not torch.is_grad_enabled():
+        if not (self.armed and torch.is_grad_enabled()):
             return
         for out in output if isinstance(output, (tuple, list)) else (output,):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point() or id(out) in self.seen:
@@ -172,6 +177,9 @@ class Fp16SafeTerm(LossTerm):
         refuse_below(config, 0, "fp16_safe.activation_weight")
         if not 0 < f.limit <= FP16_MAX:
             raise ConfigError(f"fp16_safe.limit must be in (0, {FP16_MAX:g}] (fp16's largest value), got {f.limit}")
+        if preset_class(config.model.preset) == "AutoencoderTiny":
+            raise ConfigError(f"fp16_safe.enabled with model.preset {config.model.preset}: an AutoencoderTiny "
+                              "trains only as a distillation student (its decoder runs before its encoder)")
         if config.performance.compile:
             raise ConfigError("fp16_safe.enabled does not run under performance.compile (its forward hooks record "
                               "every activation); set performance.compile=false")
@@ -181,7 +189,7 @@ class Fp16SafeTerm(LossTerm):
         self.rescaled = {}
         if f.rescale:
             self.rescaled = rescale_groupnorm_fed(vae, probe_batch(self.config, device), RESCALE_TARGET * f.limit)
-        vae.encoder.register_forward_pre_hook(self.recorder.clear)  # every forward pass encodes first
+        vae.encoder.register_forward_pre_hook(self.recorder.arm)  # every forward pass encodes first
         for name, module in vae.named_modules():
             if name:
                 module.register_forward_hook(self.recorder.record)

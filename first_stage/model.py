@@ -77,6 +77,9 @@ PRESETS: dict[str, dict] = {
 
 # Weight dtypes by the names configs and command lines use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+# The state entries that fix a KL-class VAE's latents: encoder, quant_conv, the FLUX.2 BatchNorm's statistics.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "bn.running_")
 CLASS_ARGS = {name: [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
               for name, cls in CLASSES.items()}
 AUTOENCODER_ARGS = CLASS_ARGS["AutoencoderKL"]
@@ -134,7 +137,7 @@ def encoder_fingerprint(vae: Autoencoder) -> str:
     released VAE it started from instead of re-measuring it."""
     digest = hashlib.sha256()
     for key, value in sorted(vae.state_dict().items()):
-        if key.startswith(("encoder.", "quant_conv.", "bn.running_")):
+        if key.startswith(ENCODER_PREFIXES):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -170,7 +173,7 @@ def decode_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def downsampling_factor(config) -> int:
     """Pixels per latent cell along a side: one 2x downsampling between consecutive levels of an
     ``AutoencoderKL``, ``AutoencoderKLFlux2`` or ``AutoencoderTiny`` (its encoder's levels) config."""
-    levels = config.get("encoder_block_out_channels") or config.get("block_out_channels")
+    levels = getattr(config, "encoder_block_out_channels", None) or config.block_out_channels
     return 2 ** (len(levels) - 1)
 
 

@@ -38,15 +38,13 @@ from .checkpoint import is_run_or_checkpoint, load_vae, stated_normalisation
 from .config import Config, ConfigError
 from .latent_norm import LatentNormalizer
 from .loss_term import LossContext, LossTerm, refuse_below
-from .model import (Autoencoder, AutoencoderOutput, cast, count_parameters, downsampling_factor, has_batch_norm,
-                    is_tiny, preset_class)
+from .model import (ENCODER_PREFIXES, Autoencoder, AutoencoderOutput, cast, count_parameters, downsampling_factor,
+                    encoder_fingerprint, has_batch_norm, is_tiny, preset_class)
 from .regularizers import sum_reduce
 
 # What a bench row's overrides say for a stand-in teacher (scripts/bench_train.py saves the recipe's model, freshly
 # initialised, and puts its folder there); quoted in --set values, as YAML reserves "@".
 TEACHER_STANDIN = "@teacher"
-# The state entries a fresh KL-class student takes from its teacher: what fixes its latents.
-ENCODER_PREFIXES = ("encoder.", "quant_conv.", "bn.")
 
 
 class Teacher:
@@ -58,11 +56,15 @@ class Teacher:
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor):
-        return self.vae.encode(x.float()).latent_dist
+        """The posterior of images ``x``, computed in the teacher's dtype even under the student's autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.vae.encode(x.to(self.vae.dtype)).latent_dist
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z.float()).sample
+        """The teacher's decoding of latents ``z``, in its dtype even under the student's autocast."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.vae.decode(z.to(self.vae.dtype)).sample
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
         """The diffusion model's latent for ``z``, in the latent's own layout (B, C, h, w): a FLUX.2-class
@@ -78,14 +80,30 @@ def load_teacher(config: Config, device: torch.device) -> Teacher | None:
     vae = cast(load_vae(path).vae, torch.float32, device).requires_grad_(False)
     if is_tiny(vae):
         raise ConfigError(f"teacher.path {path}: an AutoencoderTiny has no posterior to teach from")
-    if preset_class(config.model.preset) == "AutoencoderTiny":
-        # its decoder reads normalised latents: the teacher must state a normalisation that was measured
-        stated = has_batch_norm(vae) or stated_normalisation(Path(path)) is not None
-        if is_run_or_checkpoint(Path(path)) or not stated:
-            raise ConfigError(f"teacher.path {path}: an AutoencoderTiny student reads its teacher's normalised "
-                              "latents, and this teacher states no measured normalisation (a training run or a "
-                              "latent-diffusion file): export it first (scripts/export.py) and teach from the export")
+    fresh = config.model.init_from is None
+    if fresh and is_run_or_checkpoint(Path(path)):
+        # a fresh student's latents and their normalisation are the teacher's: an export states them
+        raise ConfigError(f"teacher.path {path} is a training run or checkpoint: a student built fresh takes its "
+                          "teacher's latents and their normalisation, which a run has not measured; export it first "
+                          "(scripts/export.py) and teach from the export")
+    if preset_class(config.model.preset) == "AutoencoderTiny" and not (
+            has_batch_norm(vae) or stated_normalisation(Path(path)) is not None):
+        raise ConfigError(f"teacher.path {path}: an AutoencoderTiny student reads its teacher's normalised latents, "
+                          "and this teacher states no measured normalisation (a latent-diffusion file: its scale was "
+                          "a constant of the code): export it first (scripts/export.py) and teach from the export")
     return Teacher(vae, str(path))
+
+
+def student_spec(spec: str, latent_channels: int) -> tuple[str, dict]:
+    """(preset, model overrides) of a student written ``preset[:w1-w2-...]`` (the decoder widths of a KL-class
+    student: ``flux2:96-192-384-384`` is FLUX.2's small decoder); an AutoencoderTiny gets the teacher's
+    ``latent_channels``."""
+    preset, _, widths = spec.partition(":")
+    if preset_class(preset) == "AutoencoderTiny":
+        if widths:
+            raise ValueError(f"student {spec}: an AutoencoderTiny takes no decoder widths here")
+        return preset, {"latent_channels": latent_channels}
+    return preset, {"decoder_block_out_channels": [int(w) for w in widths.split("-")]} if widths else {}
 
 
 def check_student(student: Autoencoder, teacher: Teacher) -> None:
@@ -95,6 +113,11 @@ def check_student(student: Autoencoder, teacher: Teacher) -> None:
     if mine != theirs:
         raise ConfigError(f"the student ({type(student).__name__}) has {mine[0]} latent channels at f{mine[1]}, its "
                           f"teacher {teacher.source} {theirs[0]} at f{theirs[1]}: set model.overrides to match")
+    levels = len(student.config.decoder_block_out_channels) if is_tiny(student) else 0
+    if levels and 2 ** (levels - 1) != mine[1]:
+        raise ConfigError(f"model.overrides: the AutoencoderTiny's decoder has {levels} levels, so it does not "
+                          f"upsample f{mine[1]} latents to the image size; give "
+                          "decoder_block_out_channels and num_decoder_blocks as many levels as the encoder")
 
 
 def adopt_encoder(student: Autoencoder, teacher: Teacher) -> None:
@@ -106,15 +129,19 @@ def adopt_encoder(student: Autoencoder, teacher: Teacher) -> None:
                           "AutoencoderTiny preset, e.g. taesd)")
     mine = student.state_dict()
     taken = {k: v for k, v in teacher.vae.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
-    for key, value in taken.items():
-        if key not in mine or mine[key].shape != value.shape:
+    for key in sorted(set(taken) | {k for k in mine if k.startswith(ENCODER_PREFIXES)}):
+        if key not in mine or key not in taken or mine[key].shape != taken[key].shape:
             shape = tuple(mine[key].shape) if key in mine else "absent"
+            value = taken.get(key, torch.empty(0))
             hint = (" (AutoencoderKL has one width list, block_out_channels, for encoder and decoder: a decoder of "
                     "other widths needs AutoencoderKLFlux2's decoder_block_out_channels or an AutoencoderTiny)"
                     if not has_batch_norm(student) else "")
-            raise ConfigError(f"the student's {key} is {shape}, its teacher's {tuple(value.shape)}: the student must "
-                              f"have the teacher's encoder{hint}")
+            theirs = tuple(value.shape) if key in taken else "absent"
+            raise ConfigError(f"the student's {key} is {shape}, its teacher's {theirs}: the student must have the "
+                              f"teacher's encoder{hint}")
     student.load_state_dict(taken, strict=False)
+    if encoder_fingerprint(student) != encoder_fingerprint(teacher.vae):  # what the export's "kept" rests on
+        raise RuntimeError("adopt_encoder: the student's encoder is not bit for bit its teacher's after the copy")
 
 
 class TeacherTerm(LossTerm):
@@ -152,6 +179,10 @@ class TeacherTerm(LossTerm):
             if config.discriminator.pretrain_steps:
                 raise ConfigError("discriminator.pretrain_steps: pre-training a discriminator against an untrained "
                                   "AutoencoderTiny student teaches it nothing; set it to 0")
+            if config.model.trainable == "all" and config.teacher.latent_weight <= 0:
+                raise ConfigError("teacher.latent_weight must be > 0 for an AutoencoderTiny student that trains its "
+                                  "encoder (model.trainable: all): its encoder learns the teacher's normalised latents "
+                                  "from that term alone")
         elif config.model.init_from is None and config.model.trainable != "decoder":
             raise ConfigError(f"teacher.path with model.init_from null builds a student that takes the teacher's "
                               f"encoder: it trains its decoder only (model.trainable: decoder, not "

@@ -497,6 +497,12 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
     return {**{k: t / accelerator.num_processes for k, t in zip(keys, totals)}, **step_logs}
 
 
+def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean PSNR in dB of reconstructions (clamped to [-1, 1]) of images in [-1, 1] (peak-to-peak 2: peak² = 4)."""
+    mse = (reconstruction.clamp(-1, 1) - images).pow(2).mean(dim=(1, 2, 3))
+    return (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean().item()
+
+
 @torch.no_grad()
 def validate(parts: TrainingParts, val_images: torch.Tensor, use_ema: bool, grid_path: Path) -> dict:
     """Reconstruct the fixed validation batch with the EMA weights; save a grid; return statistics."""
@@ -507,11 +513,14 @@ def validate(parts: TrainingParts, val_images: torch.Tensor, use_ema: bool, grid
     vae.eval()
     reconstruction, posterior = parts.raw_model.reconstruct(val_images)
     reconstruction = reconstruction.float()
+    # an AutoencoderTiny student ships its own encoder too: its round trip beside the teacher's latents decoded
+    own = vae.decode(vae.encode(val_images).latents).sample.float() if parts.raw_model.teacher is not None else None
     vae.train()
     if use_ema:
         parts.ema.restore(vae.parameters())
-    mse = (reconstruction.clamp(-1, 1) - val_images).pow(2).mean(dim=(1, 2, 3))
-    stats = {"val/psnr": (10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean().item()}  # range [-1,1]: peak² = 4
+    stats = {"val/psnr": psnr(reconstruction, val_images)}
+    if own is not None:
+        stats["val/psnr_own_encoder"] = psnr(own, val_images)
     stats.update(latent_batch_stats(posterior))
     save_grid(val_images, reconstruction, grid_path)
     return stats

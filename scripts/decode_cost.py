@@ -18,8 +18,8 @@ import torch
 from first_stage.checkpoint import load_vae
 from first_stage.config import ModelConfig
 from first_stage.lifecycle import run_main
-from first_stage.model import DTYPES, cast, new_autoencoder, preset_class
-from first_stage.teacher import Teacher, distillation_report
+from first_stage.model import DTYPES, PRESETS, cast, new_autoencoder
+from first_stage.teacher import Teacher, distillation_report, student_spec
 
 
 def main():
@@ -35,15 +35,15 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     source = args.teacher
+    if not Path(source).exists() and source not in PRESETS:
+        raise SystemExit(f"--teacher {source}: neither a preset ({', '.join(PRESETS)}) nor a VAE at "
+                         f"{Path(source).resolve()}")
     vae = load_vae(source).vae if Path(source).exists() else new_autoencoder(ModelConfig(preset=source))
     teacher = Teacher(cast(vae, DTYPES[args.dtype], args.device), source)
     x = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     lines = []
     for spec in args.students.split(","):
-        preset, _, widths = spec.partition(":")
-        overrides = {"decoder_block_out_channels": [int(w) for w in widths.split("-")]} if widths else {}
-        if preset_class(preset) == "AutoencoderTiny":
-            overrides["latent_channels"] = teacher.vae.config.latent_channels
+        preset, overrides = student_spec(spec, teacher.vae.config.latent_channels)
         student = new_autoencoder(ModelConfig(preset=preset, overrides=overrides))
         student = cast(student, DTYPES[args.dtype], args.device)
         report = distillation_report(student, teacher, x.to(args.device, DTYPES[args.dtype]), args.repeats)

@@ -5,18 +5,21 @@ photographs, exported and loaded back in diffusers."""
 import json
 
 import pytest
+from safetensors.torch import save_file
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
 
 from first_stage.checkpoint import EXPORT_REPORT
+from first_stage.convert import to_ldm_state_dict
 from first_stage.config import ConfigError, DataConfig, ModelConfig, load_config
 from first_stage.data import calibration_batches
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters, new_autoencoder
-from first_stage.teacher import ENCODER_PREFIXES, Teacher, decode_cost
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+from first_stage.model import ENCODER_PREFIXES
+from first_stage.teacher import Teacher, decode_cost
+from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step, validate
 
 STEPS = 6
 
@@ -106,6 +109,8 @@ def test_tiny_student_learns_the_teachers_normalised_latents(tmp_path, photograp
                                  "teacher.latent_weight=1"], photographs)
     for key in ("train/loss/teacher_output", "train/loss/teacher_latent"):
         assert logs[-1][key] < 0.8 * logs[0][key], key
+    stats = validate(parts, photographs, True, tmp_path / "grid.png")  # the teacher's latents and its own encoder
+    assert {"val/psnr", "val/psnr_own_encoder"} <= stats.keys()
     assert all(torch.equal(v, before[k]) for k, v in parts.teacher.vae.state_dict().items())
 
     report = export(config, parts, photographs, tmp_path / "export")
@@ -134,19 +139,31 @@ def test_teacher_normalises_in_the_latents_own_layout(tmp_path):
 
 
 def test_students_a_class_cannot_hold_are_refused(tmp_path):
-    """AutoencoderKL has one width list: a narrower decoder than its teacher's encoder is refused naming the key;
-    an AutoencoderTiny without a teacher, a fresh KL student that would train its encoder, and a teacher that states
-    no measured normalisation for a TAESD student are refused at load or build."""
-    save_teacher(tmp_path / "teacher", "tiny")
-    accelerator = Accelerator(cpu=True)
-    try:
-        config = load_config(None, [f"teacher.path={tmp_path / 'teacher'}", "model.trainable=decoder",
-                                    "model.overrides={block_out_channels: [16, 32], norm_num_groups: 8}"])
-        with pytest.raises(ConfigError, match=r"encoder.conv_in.weight.*one width list"):
-            build_parts(config, accelerator)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    """AutoencoderKL has one width list: a narrower decoder than its teacher's encoder is refused naming the key, and
+    so is a student whose encoder has more blocks than its teacher's (part of it would stay random); an
+    AutoencoderTiny without a teacher or without the term that trains its encoder, a fresh KL student that would
+    train its encoder, and a teacher that states no measured normalisation for a TAESD student are refused at load
+    or build."""
+    teacher = save_teacher(tmp_path / "teacher", "tiny")
+    save_file(to_ldm_state_dict(teacher), tmp_path / "ldm.safetensors")  # a latent-diffusion file states no scale
+    common = [f"teacher.path={tmp_path / 'teacher'}", "model.trainable=decoder"]
+    refusals = [
+        (common + ["model.overrides={block_out_channels: [16, 32], norm_num_groups: 8}"],
+         r"encoder.conv_in.bias is \(16,\), its teacher.s \(32,\).*one width list"),
+        (common + ["model.overrides={layers_per_block: 2}"], r"encoder.down_blocks.0.resnets.1.*absent"),
+        ([f"teacher.path={tmp_path / 'ldm.safetensors'}", "model.preset=taesd-tiny", "teacher.latent_weight=1"],
+         "states no measured normalisation"),
+    ]
+    for overrides, message in refusals:
+        accelerator = Accelerator(cpu=True)
+        try:
+            with pytest.raises(ConfigError, match=message):
+                build_parts(load_config(None, overrides), accelerator)
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    with pytest.raises(ConfigError, match="teacher.latent_weight must be > 0"):
+        load_config(None, [f"teacher.path={tmp_path / 'teacher'}", "model.preset=taesd-tiny"])
     with pytest.raises(ConfigError, match="AutoencoderTiny, which trains only as a distillation student"):
         load_config(None, ["model.preset=taesd-tiny"])
     with pytest.raises(ConfigError, match="model.trainable: decoder"):
@@ -154,6 +171,19 @@ def test_students_a_class_cannot_hold_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="equivariance"):
         load_config(None, [f"teacher.path={tmp_path / 'teacher'}", "model.trainable=decoder",
                            "equivariance.enabled=true"])
+
+
+def test_the_teacher_runs_in_its_own_dtype_under_the_students_autocast(tmp_path):
+    """Accelerate autocasts the student's forward, inside which a TAESD student's teacher encodes: the teacher's
+    posterior and decoding stay fp32 and equal to what it computes outside autocast."""
+    teacher = Teacher(save_teacher(tmp_path / "teacher", "tiny").eval(), "t")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = torch.randn(2, 4, 16, 16)
+    plain_mean, plain_image = teacher.posterior(x).mean, teacher.decode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mean, image = teacher.posterior(x).mean, teacher.decode(z)
+    assert mean.dtype == image.dtype == torch.float32
+    assert torch.equal(mean, plain_mean) and torch.equal(image, plain_image)
 
 
 def test_decode_cost_counts_flops_and_parameters():

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
 
 from first_stage.checkpoint import build_autoencoder
 from first_stage.config import ConfigError, ModelConfig
@@ -11,8 +11,14 @@ from first_stage.model import (PRESETS, AutoencoderWrapper, autoencoder_kwargs, 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_build(preset):
     vae = build_autoencoder(ModelConfig(preset=preset))
-    assert isinstance(vae, AutoencoderKLFlux2 if preset.startswith("flux2") else AutoencoderKL)
-    assert type(vae).__name__ == preset_class(preset)
+    expected = AutoencoderKLFlux2 if preset.startswith("flux2") else AutoencoderTiny if preset.startswith(
+        "taesd") else AutoencoderKL
+    assert type(vae) is expected and type(vae).__name__ == preset_class(preset)
+    if preset == "taesd":  # diffusers' AutoencoderTiny defaults: TAESD's architecture
+        ignore = "_use_default_values"
+        assert {k: v for k, v in vae.config.items() if k != ignore} == {
+            k: v for k, v in AutoencoderTiny().config.items() if k != ignore}
+        assert count_parameters(vae) == count_parameters(AutoencoderTiny())
     if preset == "flux2":  # diffusers' AutoencoderKLFlux2 defaults: FLUX.2's VAE
         ignore = "_use_default_values"
         assert {k: v for k, v in vae.config.items() if k != ignore} == {
