@@ -255,6 +255,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     max_nonfinite: int = 20  # consecutive non-finite (or empty-batch) skipped steps before the run stops
+    # The watchdog (REPA-E #30: a run whose gradients decayed to zero): the run stops with a checkpoint and exit
+    # status 3 after this many consecutive optimiser steps whose VAE gradient norm (unscaled, before clipping) is
+    # at most vanishing_grad_norm; 0 switches it off.
+    max_vanishing_steps: int = 20
+    vanishing_grad_norm: float = 1.0e-10
     tracker: Literal["auto", "tensorboard", "wandb", "jsonl"] = "auto"
 
 

@@ -1,10 +1,14 @@
 """The diffusability probe: how well a small latent diffusion model learns a VAE's latents.
 
-A diffusers ``UNet2DModel`` sized from the latent shape is trained with the flow-matching
-(rectified-flow) objective of SD3, FLUX and SiT: x_t = (1 − t)·x₀ + t·ε, the model predicts the
-velocity v = ε − x₀, timesteps are logit-normal (t = sigmoid(n), n ~ N(0, 1)). What it measures:
-the loss on held-out latents at a fixed grid of timesteps (:func:`held_out_loss`), and samples
-drawn with an Euler ODE solver from fixed noise (:func:`sample`).
+Two probe families, sized from the latent shape (:func:`build_probe`): a diffusers ``UNet2DModel``
+(``PROBES``) and a latent diffusion transformer (:class:`ProbeDiT`, ``DIT_PROBES``: DiT/SiT-style
+adaLN-zero blocks on patches of 1 or 2 latent pixels; ``small`` and ``base`` are DiT-S and DiT-B).
+Both are trained with the flow-matching (rectified-flow) objective of SD3, FLUX, SiT and LightningDiT:
+x_t = (1 − t)·x₀ + t·ε, the model predicts the velocity v = ε − x₀, timesteps are logit-normal
+(t = sigmoid(n), n ~ N(0, 1)); an EMA of the weights (:func:`ema_update`) is what is evaluated and
+sampled. What it measures: the loss on held-out latents at a fixed grid of timesteps
+(:func:`held_out_loss`), its ratio to the Gaussian optimum per timestep, weighted as training samples
+t (:func:`weighted_ratio`), and samples drawn with an Euler ODE solver from fixed noise (:func:`sample`).
 
 Everything random is a function of a seed and the sample's place (its id, the step, its position
 in the global batch), never of the process count: the global batch of a step is drawn on every
@@ -14,10 +18,12 @@ independent Gaussian latents of the same per-channel variance: a probe that lear
 marginal variance gets that; structure it exploits shows as loss below it.
 
 :func:`probe_vae` is the whole measurement of one VAE: encode the images through the evaluation
-driver (:func:`first_stage.evaluation.stream_images`), normalise the latents as a pipeline would
-(:class:`first_stage.latent_norm.LatentNormalizer`, read from the VAE: the FLUX.2 class's BatchNorm gives
-the probe 2×2 patches, (4C, h/2, w/2), as FLUX.2's transformer sees them) or per channel,
-train the probe, evaluate it and draw samples.
+driver (:func:`first_stage.evaluation.stream_images`) or read them back from the latent cache
+(:func:`cache_key`), then for each normalisation asked (``channel`` first by default: per-channel
+mean/std, which ranks VAEs by what their latents are, not how they are scaled; ``exported``: as a
+pipeline reads the VAE, :class:`first_stage.latent_norm.LatentNormalizer` — the FLUX.2 class's
+BatchNorm gives the probe 2×2 patches, (4C, h/2, w/2), as FLUX.2's transformer sees them) train
+the probe with several seeds, evaluate it and draw samples from the first.
 """
 
 from __future__ import annotations

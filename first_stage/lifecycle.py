@@ -36,8 +36,10 @@ from .perceptual import LPIPSWeightsError, LPIPSWeightsNotFound
 
 EXIT_ERROR = 1
 EXIT_NONFINITE = 2
+EXIT_VANISHED = 3  # the watchdog: the VAE's gradients vanished (train.max_vanishing_steps)
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}  # the shell's 128 + signal number
-RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", 143: "stopped", 130: "stopped"}  # status.json, by exit code
+# status.json's state, by exit code
+RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", EXIT_VANISHED: "vanished", 143: "stopped", 130: "stopped"}
 LOCK_FILE = ".lock"  # <run>/.lock: held by the run's trainer for its whole life
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

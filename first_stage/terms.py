@@ -34,6 +34,7 @@ def check_config(config: Config) -> None:
     refuse_below(config, 1, "train.batch_size", "train.grad_accum", "train.log_every", "train.image_every",
                  "train.checkpoint_every", "train.max_nonfinite", "data.resolution", "export.calibration_images",
                  "data.prefetch_factor")
+    refuse_below(config, 0, "train.max_vanishing_steps", "train.vanishing_grad_norm")
     refuse_below(config, 0, "train.max_steps", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.lr",
                  "loss.perceptual_weight", "data.num_workers")  # train.keep_checkpoints <= 0 keeps them all
     if not 0 <= config.train.ema_decay <= 1:

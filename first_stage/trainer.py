@@ -73,6 +73,7 @@ class TrainingState:
     skipped_steps: int = 0  # non-finite losses, empty batches or overflowing fp16 gradients
     consecutive_nonfinite: int = 0
     consecutive_empty: int = 0  # steps skipped in a row because some process got no decodable image
+    consecutive_vanishing: int = 0  # optimiser steps in a row whose VAE gradient norm was at most vanishing_grad_norm
     last_finite_step: int = -1
     skipped_images: int = 0  # corrupt or undecodable
     upsized_images: int = 0  # smaller than the crop
@@ -130,6 +131,10 @@ class StepMeter:
 
     def reset(self) -> None:
         self.images, self.data_wait, self.start = 0, 0.0, time.time()
+
+
+# Test hooks (train/train.py's FIRST_STAGE_INJECT_* variables): what the generator loss of a step is multiplied by.
+INJECTED = {"nonfinite": float("nan"), "zero": 0.0}
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -355,7 +360,7 @@ def posterior_noise(seed: int, step: int, micro: int, accelerator, batch: int, n
 
 
 def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.Tensor, step: int,
-               config: Config, inject_nonfinite: bool = False, plan: ForwardPlan | None = None) -> tuple[bool, dict]:
+               config: Config, inject: str | None = None, plan: ForwardPlan | None = None) -> tuple[bool, dict]:
     """One micro-batch's backward passes: the generator's with the discriminator frozen, then the
     discriminator's on detached images (under equivariance: the transformed target and its
     reconstruction, as in EQ-VAE). Returns (the loss was finite on every process, logs); a
@@ -367,8 +372,8 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
             out = parts.model(x, noise, plan)
         parts.raw_discriminator.requires_grad_(True)
         d_loss, logs = discriminator_step_loss(parts.discriminator, out.target, out.reconstruction, dcfg.loss)
-        if inject_nonfinite:
-            d_loss = d_loss * float("nan")
+        if inject is not None:
+            d_loss = d_loss * INJECTED[inject]
         finite = sum_over_processes(accelerator, float(not torch.isfinite(d_loss).item()))[0] == 0
         if finite:
             parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
@@ -380,8 +385,8 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     out = parts.model(x, noise, plan)
     loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
                                parts.raw_model.encoder_last_layer(), plan)
-    if inject_nonfinite:
-        loss = loss * float("nan")
+    if inject is not None:
+        loss = loss * INJECTED[inject]
     finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
     if finite:
         accelerator.backward(loss)
@@ -409,8 +414,11 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
         factor = lr_factor(state.step - pretrain, ocfg, tcfg.max_steps - pretrain) if vae_trains else 1.0
         if vae_trains:
             set_lr(parts.optimizer, ocfg.lr * factor)
-            if ocfg.grad_clip:
-                logs["train/grad_norm"] = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip).item()
+            # the norm before clipping, unscaled (no clipping: a max norm of infinity multiplies by exactly 1)
+            norm = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip or math.inf).item()
+            logs["train/grad_norm"] = norm
+            vanished = norm <= tcfg.vanishing_grad_norm
+            state.consecutive_vanishing = state.consecutive_vanishing + 1 if vanished else 0
             parts.optimizer.step()
         if parts.disc_optimizer is not None and any(p.grad is not None for p in parts.discriminator.parameters()):
             set_lr(parts.disc_optimizer, parts.disc_lr * factor)
@@ -439,7 +447,7 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
 
 
 def train_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState, batches: Iterator[dict],
-               meter: StepMeter | None = None, inject_nonfinite: bool = False) -> dict:
+               meter: StepMeter | None = None, inject: str | None = None) -> dict:
     """One optimiser step: ``train.grad_accum`` micro-batches from ``batches`` (dicts with
     ``pixel_values``, ``skipped``, ``upsized``), then :func:`optimizer_step`. Updates ``state``
     (step, image counts) and ``meter``; returns the step's logs: each loss is the mean over the
@@ -476,7 +484,7 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                                 latent_shape, accelerator.device)
                 plan = forward_plan(parts, draw)
                 micro_finite, micro_logs = micro_step(accelerator, parts, x, noise, state.step, config,
-                                                      inject_nonfinite, plan)
+                                                      inject, plan)
                 finite &= micro_finite
                 micro_batches += 1
                 for key, value in micro_logs.items():

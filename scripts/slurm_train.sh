@@ -57,5 +57,5 @@ echo "$(date -Is) run ended: $(cat "$RUN_DIR/status.json")"
 case "$STATE" in
     finished) exit 0 ;;
     stopped) if [ "$TIME_LIMIT" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi; exit 0 ;;  # pre-emption: SLURM requeues
-    *) exit 1 ;;  # nonfinite or failed: a person looks at it
+    *) exit 1 ;;  # nonfinite, vanished or failed: a person looks at it
 esac

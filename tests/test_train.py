@@ -322,6 +322,20 @@ def test_too_many_nonfinite_stops_with_checkpoint(tmp_path):
     assert "last finite step was 0" in status(run)["reason"]
 
 
+def test_e2e_watchdog_stops_when_the_gradients_vanish(tmp_path):
+    """Steps whose loss is multiplied by 0 (FIRST_STAGE_INJECT_ZERO) have no gradient: after
+    train.max_vanishing_steps of them in a row the run stops with a checkpoint, exit status 3 and status.json's
+    state "vanished", naming the watchdog's key; a step with gradients in between resets the count."""
+    proc, run = run_train(tmp_path, "zero", "train.max_steps=10", "discriminator.enabled=false",
+                          "train.max_vanishing_steps=2", env={"FIRST_STAGE_INJECT_ZERO": "1,3,4,5"}, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "checkpoint-5").is_dir()
+    assert status(run)["state"] == "vanished" and status(run)["exit_code"] == 3 and status(run)["step"] == 5
+    assert "train.vanishing_grad_norm" in status(run)["reason"]
+    norms = {m["step"]: m["train/grad_norm"] for m in metrics(run) if "train/grad_norm" in m}
+    assert norms[2] == 0 and norms[4] == norms[5] == 0 and norms[1] > 0 and norms[3] > 0
+
+
 def test_sigterm_saves_resumable_checkpoint(tmp_path):
     proc = start_train(tmp_path, "preempt", "train.checkpoint_every=100000")
     run = tmp_path / "preempt"

@@ -100,7 +100,7 @@ def test_train_step_follows_the_lr_schedule_and_skips_nonfinite(parts_and_accele
     everything = {name: copy.deepcopy(getattr(parts, name).state_dict())  # weights, BatchNorm statistics, optimisers
                   for name in ("raw_model", "raw_discriminator", "optimizer", "disc_optimizer", "disc_scaler")}
 
-    train_step(accelerator, parts, config, state, batches, inject_nonfinite=True)
+    train_step(accelerator, parts, config, state, batches, inject="nonfinite")
     for name, before_skip in everything.items():
         assert identical(getattr(parts, name).state_dict(), before_skip), name  # a skipped step changes nothing
     assert state.step == 2 and state.skipped_steps == 1 and state.consecutive_nonfinite == 1
@@ -269,3 +269,15 @@ def test_full_disk_during_a_save_names_the_cause_and_the_intact_checkpoint(parts
         save_checkpoint(accelerator, tmp_path, 2, {TRAINING_STATE: "{}"}, 0, trainer_states(parts))
     assert [p.name for p in tmp_path.iterdir()] == [intact.name]  # the partial files are gone
     check_checkpoint(intact)
+
+
+def test_e2e_watchdog_counts_steps_without_gradient(parts_and_accelerator, images):
+    """A step whose loss is multiplied by 0 logs a gradient norm of 0 and counts towards the watchdog; a step with
+    gradients logs their norm (unscaled, before clipping) and resets the count."""
+    config, parts, accelerator = parts_and_accelerator
+    state = TrainingState()
+    batch = {"pixel_values": images, "skipped": 0, "upsized": 0}
+    logs = train_step(accelerator, parts, config, state, iter([batch]), inject="zero")
+    assert logs["train/grad_norm"] == 0 and state.consecutive_vanishing == 1 and state.skipped_steps == 0
+    logs = train_step(accelerator, parts, config, state, iter([batch]))
+    assert logs["train/grad_norm"] > 0 and state.consecutive_vanishing == 0

@@ -22,7 +22,8 @@ from first_stage.checkpoint import CONFIG_FILE, TRAINING_STATE, resolve_resume, 
 from first_stage.config import exported_weights, load_config, save_config
 from first_stage.data import DataError, calibration_batches, check_decodable, describe, make_dataloader
 from first_stage.export import ExportOptions, ExportSource, export_autoencoder
-from first_stage.lifecycle import EXIT_NONFINITE, catch_stop_signals, claim_run, finish_run, run_main, stop_reason
+from first_stage.lifecycle import (EXIT_NONFINITE, EXIT_VANISHED, catch_stop_signals, claim_run, finish_run, run_main,
+                                   stop_reason)
 from first_stage.model import count_parameters
 from first_stage.reports import drift_sentence
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
@@ -30,7 +31,9 @@ from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
-INJECT_NONFINITE = {int(s) for s in os.environ.get("FIRST_STAGE_INJECT_NONFINITE", "").split(",") if s}
+# Test hooks: the steps whose loss is made non-finite, or zero (no gradient: the watchdog's case).
+INJECT = {int(s): kind for kind in ("nonfinite", "zero")
+          for s in os.environ.get(f"FIRST_STAGE_INJECT_{kind.upper()}", "").split(",") if s}
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,7 +133,7 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
     checkpoint_files = run_files(config, parts)
     exit_code, reason = 0, f"reached train.max_steps={tcfg.max_steps}"
     while state.step < tcfg.max_steps:
-        logs = train_step(accelerator, parts, config, state, batches, meter, state.step in INJECT_NONFINITE)
+        logs = train_step(accelerator, parts, config, state, batches, meter, INJECT.get(state.step))
         progress.update(1)
         last = state.step == tcfg.max_steps
         if state.step % tcfg.log_every == 0 or last:
@@ -147,8 +150,9 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             log(accelerator, validate(parts, val_images, tcfg.ema, grid), state.step, run_dir)
 
         too_many = max(state.consecutive_nonfinite, state.consecutive_empty) >= tcfg.max_nonfinite
+        vanished = 0 < tcfg.max_vanishing_steps <= state.consecutive_vanishing
         stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
-        if state.step % tcfg.checkpoint_every == 0 or too_many or stop or last:
+        if state.step % tcfg.checkpoint_every == 0 or too_many or vanished or stop or last:
             files = {**checkpoint_files, TRAINING_STATE: json.dumps(state.state_dict(), indent=1)}
             save_checkpoint(accelerator, ckpt_root, state.step, files, tcfg.keep_checkpoints, trainer_states(parts))
         if too_many:
@@ -157,6 +161,13 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             reason = f"{tcfg.max_nonfinite} consecutive {what}; the last finite step was {state.last_finite_step}"
             accelerator.print(f"stopping: {reason}. Checkpoint saved.")
             exit_code = EXIT_NONFINITE
+            break
+        if vanished:
+            reason = (f"the VAE's gradient norm was at most train.vanishing_grad_norm={tcfg.vanishing_grad_norm:g} "
+                      f"for {state.consecutive_vanishing} consecutive steps (the last {logs.get('train/grad_norm')}): "
+                      "training had stopped moving the weights")
+            accelerator.print(f"stopping: {reason}. Checkpoint saved.")
+            exit_code = EXIT_VANISHED
             break
         if stop:
             exit_code, reason = stop_reason(stop_signal)
