@@ -3,13 +3,17 @@
     python eval/diffusability.py --vae DIR [DIR ...] --data DATA_SPEC --num-images N --steps S --out OUT
     accelerate launch --num_processes 8 --mixed_precision bf16 eval/diffusability.py ...
 
-For each VAE: encode the images once (posterior mean, or a seeded sample: --latents), normalise the
-latents as a pipeline would (the VAE's exported scaling/shift factors, or per-channel statistics:
---normalise), cache them in OUT/latents/, hold out the last --held-out images of the pick, train the
-same flow-matching probe (a diffusers UNet2DModel; same seed, data order and steps for every VAE) on
-the rest, and report the held-out loss on a fixed timestep grid during and after training, samples
-from fixed noise (decoded, with their latent statistics), gFID with --inception-weights, and the
-cost. --vae and DATA_SPEC as in eval/latent_stats.py. Definitions and recipes: docs/diffusability.md.
+For each VAE: encode the images once (posterior mean, or a seeded sample: --latents; read back from
+OUT/latents/ when that cache was written for the same VAE files, data and settings), hold out
+--held-out images of the pick (whole groups of them with --group-pattern), and for each --normalise
+(per-channel statistics first: the scale-invariant ranking figure; then the VAE's exported
+normalisation, as a pipeline reads it) train --seeds probes (--probe-family unet: a diffusers
+UNet2DModel; dit: a DiT; same seeds, data order and steps for every VAE) on the rest. Reports the
+held-out loss of the probes' EMA weights on a fixed timestep grid during and after training, its
+ratio to the Gaussian optimum weighted as training samples t (mean and spread over seeds, final and
+best), the training loss, the latents' DCT high-band share, samples from fixed noise (decoded, with
+their latent statistics), gFID with --inception-weights, and the cost. --vae and DATA_SPEC as in
+eval/latent_stats.py. Definitions and recipes: docs/diffusability.md.
 """
 
 import argparse
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from first_stage.diffusability import PROBES, probe_vae, settings_from
+from first_stage.diffusability import (DEPLOYED_STD_TOLERANCE, DIT_PROBES, FAMILIES, NORMALISATIONS, PROBES, probe_vae,
+                                      settings_from)
 from first_stage.evaluation import add_source_arguments, evaluate_each, evaluation_inputs
 from first_stage.lifecycle import run_main
 from first_stage.reports import (diffusability_plots, diffusability_rows, markdown_table, report, save_rows,
@@ -33,10 +38,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--latents", choices=["mean", "sample"], default="mean",
                         help="posterior mean, or one sample per image (seeded by the image)")
-    parser.add_argument("--normalise", choices=["exported", "channel"], default="exported",
-                        help="as pipelines read the VAE's config (scaling/shift factors, or latents_mean/std), "
-                             "or per-channel mean/std of the latents")
-    parser.add_argument("--probe", choices=sorted(PROBES), default="tiny", help="probe size")
+    parser.add_argument("--normalise", nargs="+", choices=NORMALISATIONS, default=list(NORMALISATIONS),
+                        help="normalisations probed, the first ranks: channel (per-channel mean/std of the latents: "
+                             "scale-invariant) and/or exported (as pipelines read the VAE's config)")
+    parser.add_argument("--probe-family", choices=FAMILIES, default="unet",
+                        help="unet: diffusers UNet2DModel; dit: a DiT (adaLN-zero, patch 1 or 2)")
+    parser.add_argument("--probe", choices=sorted(set(PROBES) | set(DIT_PROBES)), default="tiny",
+                        help="probe size (dit: small = DiT-S, base = DiT-B)")
+    parser.add_argument("--seeds", type=int, default=3, help="probes trained per normalisation (seed, seed + 1, ...)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the probe's weights, evaluated")
+    parser.add_argument("--group-pattern", default=None,
+                        help="regex: images whose file names give the same match (group 1 if any) are held out "
+                             "together, e.g. '^(.+)_\\d+_\\d+\\.png$' for tiles of one photograph")
     parser.add_argument("--steps", type=int, default=2000, help="probe optimiser steps")
     parser.add_argument("--batch-size", type=int, default=64, help="probe global batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="probe AdamW learning rate (after a linear warm-up)")
@@ -52,7 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="run the VAE in bf16")
     add_source_arguments(parser)
     args = parser.parse_args()
-    for flag in ("--samples", "--steps", "--held-out", "--timesteps", "--sample-steps"):
+    for flag in ("--samples", "--steps", "--held-out", "--timesteps", "--sample-steps", "--seeds"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:  # 0 timesteps give NaN figures, 0 steps the noise itself
             parser.error(f"{flag} must be at least 1")
     return args
@@ -83,15 +96,21 @@ def main():
         write_json(rep, out / "report.json")
         table = markdown_table(diffusability_rows(entries), [f"VAE {i + 1}" for i in range(len(entries))], "reference")
         r = entries[0]["results"]
-        notes = [f"Probe: diffusers UNet2DModel `{args.probe}` ({r['probe']['parameters'] / 1e6:.2f} M parameters), "
-                 f"flow matching with logit-normal t, {args.steps} steps of {args.batch_size} latents, lr {args.lr}, "
-                 f"seed {args.seed}; the same for every VAE. Latents: posterior {args.latents}, normalised "
-                 f"({args.normalise}) as listed below. Held-out loss on {r['held_out_images']} images the probe "
-                 f"never trained on, at {args.timesteps} fixed timesteps with fixed noise. Gaussian reference: the "
-                 "optimal loss for independent Gaussian latents of the same channel variances (below it = "
-                 f"structure the probe uses). gFID: {r['gfid_note']}. Definitions: docs/diffusability.md.", ""]
-        notes += [f"Normalisation, VAE {i + 1}: {e['results']['normalisation']['pipeline']}."
-                  for i, e in enumerate(entries)] + [""]
+        q = r["probe"]
+        notes = [f"Probe: {q['name']} ({q['family']}, preset `{q['preset']}`, {q['parameters'] / 1e6:.2f} M "
+                 f"parameters), flow matching with logit-normal t, {args.steps} steps of {args.batch_size} latents, "
+                 f"lr {args.lr}, EMA {args.ema_decay} evaluated, {args.seeds} seed(s) from {args.seed} per "
+                 f"normalisation; the same for every VAE. Latents: posterior {args.latents}. Ranking figure: the "
+                 f"held-out loss / Gaussian reference per timestep, weighted by the logit-normal training density, "
+                 f"on `{args.normalise[0]}`-normalised latents (mean ± sd over seeds). Held-out loss on "
+                 f"{r['held_out_images']} images the probe never trained on"
+                 f"{' (grouped by ' + repr(args.group_pattern) + ')' if args.group_pattern else ''}, at "
+                 f"{args.timesteps} fixed timesteps with fixed noise. Gaussian reference: the optimal loss for "
+                 "independent Gaussian latents of the same channel variances (below it = structure the probe uses). "
+                 f"Deployed latents are flagged when their std is outside [1/{DEPLOYED_STD_TOLERANCE}, "
+                 f"{DEPLOYED_STD_TOLERANCE}]. gFID: {r['gfid_note']}. Definitions: docs/diffusability.md.", ""]
+        notes += [f"Normalisation, VAE {i + 1}, `{kind}`: {column['normalisation']['pipeline']}."
+                  for i, e in enumerate(entries) for kind, column in e["results"]["columns"].items()] + [""]
         notes += [f"![{p.stem}]({p.name})" for p in diffusability_plots(entries, out)] + [""]
         notes += [f"Samples, VAE {i + 1} (Euler, {args.sample_steps} steps, fixed noise): "
                   f"![samples]({e['results']['samples']['file']})" for i, e in enumerate(entries)]

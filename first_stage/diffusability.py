@@ -28,25 +28,33 @@ the probe with several seeds, evaluate it and draw samples from the first.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import gather_object
 from diffusers import UNet2DModel
-from safetensors.torch import save_file
+from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import DataConfig
 from .data import DataError, describe
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
-from .model import Autoencoder
 from .latent_stats import GAUSSIAN_TAIL, reduce_sum
+from .model import Autoencoder
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
 # s does not halve that often exactly), so the lowest resolution is at least 4×4 (f8 latents get a level
@@ -56,14 +64,131 @@ PROBES = {
     "small": {"widths": (64, 128, 256), "layers_per_block": 2, "norm_num_groups": 32},
     "base": {"widths": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},  # ~DiT-B scale
 }
+# The transformer's hidden width, depth and heads: ``small`` is DiT-S, ``base`` DiT-B (and LightningDiT-B's
+# width/depth/heads: the "LightningDiT-B proxy" of VA-VAE and its successors), ``tiny`` a CPU test size.
+DIT_PROBES = {
+    "tiny": {"hidden": 64, "depth": 2, "heads": 4},
+    "small": {"hidden": 384, "depth": 12, "heads": 6},  # DiT-S
+    "base": {"hidden": 768, "depth": 12, "heads": 12},  # DiT-B
+}
+FAMILIES = ("unet", "dit")
+DIT_NAMES = {"tiny": "DiT-tiny", "small": "DiT-S", "base": "DiT-B"}
 TIME_SCALE = 1000.0  # t in [0, 1] enters the sinusoidal embedding as t · 1000, like DDPM's steps
+FREQUENCIES = 256  # width of the DiT's sinusoidal timestep embedding (DiT's)
+NORMALISATIONS = ("channel", "exported")
+# The as-deployed latents are flagged when their std is outside [1/1.5, 1.5]: a diffusion model trained on
+# them sees a signal-to-noise ratio at every t that is ≥ 2.25× off the one its noise schedule was tuned for.
+DEPLOYED_STD_TOLERANCE = 1.5
 
 
-def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny") -> UNet2DModel:
-    """A ``UNet2DModel`` for latents (C, h, w) (square), from ``PROBES[preset]``."""
-    if preset not in PROBES:
-        raise ValueError(f"unknown probe preset {preset!r}; choose from {sorted(PROBES)}")
+class DiTBlock(nn.Module):
+    """One adaLN-zero transformer block (DiT): attention and MLP, each on a LayerNorm shifted and scaled
+    by the conditioning and gated by it, the gates initialised to zero so the block starts as identity."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * hidden, hidden))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens ``x`` (B, N, D) under conditioning ``c`` (B, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
+        b, n, d = x.shape
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D/H)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + gate1 * self.proj(attended)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class ProbeDiT(nn.Module):
+    """A latent diffusion transformer as DiT, SiT and LightningDiT build it: patches of ``patch`` latent
+    pixels embedded by a strided convolution plus fixed 2-D sin-cos positions, adaLN-zero blocks
+    conditioned on a sinusoidal embedding of t (scaled by :data:`TIME_SCALE`) plus, with
+    ``num_classes``, a class embedding; a modulated LayerNorm and a zero-initialised linear layer back
+    to patches. The velocity has the input's shape.
+
+    Written here rather than taken from diffusers: its ``DiTTransformer2DModel`` needs class labels
+    (no unconditional mode), replaces 10 % of them by the null class during training with torch's
+    global generator (so the probe's draws would no longer be a function of its seed and the sample,
+    and would differ with the process count), and gives every block its own timestep and label
+    embedders, so its DiT-B is not the DiT-B people quote."""
+
+    def __init__(self, channels: int, side: int, hidden: int, depth: int, heads: int, patch: int,
+                 num_classes: int = 0):
+        super().__init__()
+        if side % patch or hidden % 4 or hidden % heads:
+            raise ValueError(f"a DiT probe needs a latent side divisible by its patch {patch} (got {side}) "
+                             f"and a width divisible by 4 and its heads (got {hidden}, {heads} heads)")
+        self.patch, self.num_classes = patch, num_classes
+        grid = side // patch
+        self.embed = nn.Conv2d(channels, hidden, patch, stride=patch)
+        position = get_2d_sincos_pos_embed(hidden, grid, base_size=grid, output_type="pt").float()
+        self.register_buffer("position", position[None], persistent=False)  # (1, N, D), fixed
+        self.time = nn.Sequential(nn.Linear(FREQUENCIES, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label = nn.Embedding(num_classes, hidden) if num_classes else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.out = nn.Linear(hidden, patch * patch * channels)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """DiT's initialisation: Xavier for linear layers and the patch embedding, N(0, 0.02) for the
+        embedders, zero for every modulation and the output layer (each block starts as identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.embed.weight.view(self.embed.weight.shape[0], -1))
+        nn.init.zeros_(self.embed.bias)
+        for layer in (self.time[0], self.time[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.label is not None:
+            nn.init.normal_(self.label.weight, std=0.02)
+        for last in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.out]:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity (B, C, h, w) at latents ``x`` (B, C, h, w) and times ``t`` (B,) (already × 1000)."""
+        b, c, h, w = x.shape
+        p = self.patch
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.position  # (B, N, D)
+        frequencies = get_timestep_embedding(t, FREQUENCIES, flip_sin_to_cos=True, downscale_freq_shift=0)
+        cond = self.time(frequencies.to(tokens.dtype))  # (B, D)
+        if self.label is not None:
+            cond = cond + self.label(class_labels)
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+        shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
+        out = self.out(self.norm(tokens) * (1 + scale) + shift)  # (B, N, p·p·C)
+        return out.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def dit_patch(side: int) -> int:
+    """The DiT probe's patch: 2 for latents wider than 16 (DiT on f8 latents: 32² → 16² tokens), else 1
+    (LightningDiT on f16 latents: 16² tokens)."""
+    return 2 if side > 16 and side % 2 == 0 else 1
+
+
+def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family: str = "unet") -> nn.Module:
+    """The probe for latents (C, h, w) (square): a ``UNet2DModel`` from ``PROBES[preset]`` or a
+    :class:`ProbeDiT` from ``DIT_PROBES[preset]``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown probe family {family!r}; choose from {list(FAMILIES)}")
+    presets = PROBES if family == "unet" else DIT_PROBES
+    if preset not in presets:
+        raise ValueError(f"unknown probe preset {preset!r}; choose from {sorted(presets)}")
     channels, side, _ = latent_shape
+    if family == "dit":
+        return ProbeDiT(channels, side, patch=dit_patch(side), **DIT_PROBES[preset])
     spec = PROBES[preset]
     levels = max(1, min(len(spec["widths"]), int(math.log2(max(side, 4) / 4)) + 1))
     while side % 2 ** (levels - 1):  # every downsampling must halve exactly, or the skips do not line up
@@ -77,12 +202,24 @@ def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny") -> UNe
         attention_head_dim=8, add_attention=levels > 1)
 
 
+def probe_name(family: str, preset: str, latent_shape: tuple[int, int, int]) -> str:
+    """What ran, as a report names it: ``UNet2DModel tiny`` or ``DiT-B/1``."""
+    if family == "dit":
+        return f"{DIT_NAMES[preset]}/{dit_patch(latent_shape[1])}"
+    return f"UNet2DModel {preset}"
+
+
+def velocity(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The probe's velocity at ``x`` (B, C, h, w), times ``t`` (B,) in [0, 1]; either family."""
+    out = model(x, t * TIME_SCALE)
+    return out.sample if hasattr(out, "sample") else out
+
+
 def flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-sample flow-matching loss (B,): mean over elements of (v̂(x_t, t) − (ε − x₀))²."""
     tt = t.view(-1, 1, 1, 1).to(x0.dtype)
     xt = (1 - tt) * x0 + tt * noise
-    v = model(xt, t * TIME_SCALE).sample
-    return (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    return (velocity(model, xt, t).float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
 
 
 def gaussian_reference(channel_var: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +236,35 @@ def timestep_grid(points: int) -> torch.Tensor:
     return (torch.arange(points, dtype=torch.float64) + 0.5) / points
 
 
+def logit_normal_density(t: torch.Tensor) -> torch.Tensor:
+    """The density of t = sigmoid(n), n ~ N(0, 1), the training timesteps: φ(logit t) / (t(1 − t))."""
+    t = t.double()
+    logit = torch.log(t / (1 - t))
+    return torch.exp(-0.5 * logit**2) / (math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+def timestep_weights(grid: torch.Tensor) -> torch.Tensor:
+    """Weights (T,) summing to 1 of the grid's timesteps: the logit-normal density there, so an average
+    over the grid weighs each t as training samples it (the ends, t = 1/16 and 15/16 of an 8-point grid,
+    get 0.11× the weight of the middle, where a plain mean gives them as much)."""
+    density = logit_normal_density(grid)
+    return density / density.sum()
+
+
+def weighted_ratio(loss: torch.Tensor, reference: torch.Tensor, grid: torch.Tensor) -> float:
+    """The headline: the per-t ratios loss/reference (T,) averaged with :func:`timestep_weights` (a
+    ratio per t, so no timestep dominates because its loss is large; weighted as training samples t)."""
+    return (timestep_weights(grid) * loss.double() / reference.double()).sum().item()
+
+
+def training_reference(channel_var: torch.Tensor, points: int = 4096) -> float:
+    """The Gaussian optimum of the *training* loss: :func:`gaussian_reference` averaged over logit-normal
+    t (midpoint rule on ``points`` points of (0, 1)): what the training loss is compared with."""
+    grid = timestep_grid(points)
+    density = logit_normal_density(grid)
+    return ((density * gaussian_reference(channel_var, grid)).sum() / density.sum()).item()
+
+
 def seeded_normal(shape: tuple[int, ...], *seed: int) -> torch.Tensor:
     """N(0, I) of ``shape`` from a generator seeded by ``seed`` (a tuple of ints)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(hash(seed) & (2**63 - 1)))
@@ -111,6 +277,7 @@ def held_out_loss(model, latents: torch.Tensor, ids: list[int], grid: torch.Tens
     ``grid`` (T,), with noise seeded by (seed, image id, timestep index): the same figure at every
     evaluation and for every VAE compared. The images are split over processes and the sums
     combined. Returns (T,) float64."""
+    was_training = model.training
     model.eval()
     sums = torch.zeros(len(grid), dtype=torch.float64)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -123,16 +290,26 @@ def held_out_loss(model, latents: torch.Tensor, ids: list[int], grid: torch.Tens
             tt = torch.full((len(rows),), t, device=accelerator.device)
             with accelerator.autocast():
                 sums[k] += flow_loss(model, x0, noise.to(accelerator.device), tt).double().sum().cpu()
-    model.train()
+    model.train(was_training)
     return reduce_sum(accelerator, sums) / len(latents)
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema ← d·ema + (1 − d)·model, d = min(``decay``, (1 + step)/(10 + step)) (the warm-up keeps short
+    runs from evaluating mostly the initial weights)."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+
+
 def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, batch_size: int, seed: int,
-                evaluate: Callable[[int], None] | None = None, eval_every: int = 0, warmup: int = 100) -> dict:
+                evaluate: Callable[[int, float | None], None] | None = None, eval_every: int = 0, warmup: int = 100,
+                ema: nn.Module | None = None, ema_decay: float = 0.999) -> dict:
     """Train the prepared ``model`` on ``train`` latents (N, C, h, w) for ``steps`` steps of a global
     batch of ``batch_size`` (divisible by the process count): data order, timesteps and noise of
     step s are drawn from (seed, s) on every process, which takes its slice. Linear lr warm-up over
-    ``warmup`` steps, gradient clipping at 1. Calls ``evaluate(step)`` every ``eval_every`` steps and
+    ``warmup`` steps, gradient clipping at 1, ``ema`` (an unprepared copy) updated after every step.
+    Calls ``evaluate(step, training loss since the last call, or None)`` every ``eval_every`` steps and
     at the end. Returns the cost: steps/s and wall time (evaluation excluded)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if batch_size % world:
@@ -141,10 +318,11 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
     base_lr = [group["lr"] for group in optimizer.param_groups]
     shape = tuple(train.shape[1:])
     trained = 0.0
+    running = torch.zeros(2, dtype=torch.float64)  # this process's (loss sum, count) since the last evaluation
     model.train()
     for step in range(steps):
         if evaluate is not None and eval_every and step % eval_every == 0:
-            evaluate(step)
+            evaluate(step, _running_mean(accelerator, running))
         start = time.time()
         g = torch.Generator().manual_seed(hash((seed, 2, step)) & (2**63 - 1))
         rows = torch.randint(len(train), (batch_size,), generator=g)  # sampled with replacement
@@ -160,12 +338,23 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, accelerator.unwrap_model(model), ema_decay, step)
+        running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()  # bill the step's kernels to the step
         trained += time.time() - start
     if evaluate is not None:
-        evaluate(steps)
+        evaluate(steps, _running_mean(accelerator, running))
     return {"steps_per_s": steps / max(trained, 1e-9), "train_seconds": trained}
+
+
+def _running_mean(accelerator, running: torch.Tensor) -> float | None:
+    """The training loss averaged over processes and the steps since the last call (None before any);
+    resets ``running``."""
+    total = reduce_sum(accelerator, running.clone())
+    running.zero_()
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 @torch.no_grad()
@@ -174,14 +363,35 @@ def sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
     Euler steps; returns the sampled latents (K, C, h, w)."""
     if steps < 1:
         raise ValueError(f"sampling needs at least one Euler step, got {steps}")
+    was_training = model.training
     model.eval()
     x = noise.clone()
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        v = model(x, torch.full((len(x),), t * TIME_SCALE, device=x.device)).sample.float()
+        v = velocity(model, x, torch.full((len(x),), t, device=x.device)).float()
         x = x + (t_next - t) * v
-    model.train()
+    model.train(was_training)
     return x
+
+
+def dct_high_share(latents: torch.Tensor) -> float:
+    """The share of the latents' (N, C, h, w) energy in the high DCT band — coefficients (u, v) with
+    u ≥ h/2 or v ≥ w/2, what a 2× downsampling discards — after removing each channel's mean. White
+    noise gives 1 − ⌈h/2⌉⌈w/2⌉/(hw) (0.75 for even sides); smooth latents give less."""
+    x = latents.double() - latents.double().mean(dim=(0, 2, 3), keepdim=True)
+    h, w = x.shape[-2:]
+    coefficients = _dct_matrix(h) @ x @ _dct_matrix(w).T  # (N, C, h, w), orthonormal 2-D DCT-II
+    energy = coefficients.pow(2).sum(dim=(0, 1))  # (h, w)
+    low = energy[:(h + 1) // 2, :(w + 1) // 2].sum()
+    return (1 - low / energy.sum().clamp_min(1e-300)).item()
+
+
+def _dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (n, n): row u is the u-th basis vector."""
+    k = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(math.pi * (k[None] + 0.5) * k[:, None] / n) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m
 
 
 @dataclass(frozen=True)
@@ -191,7 +401,10 @@ class ProbeSettings:
     num_images: int = 1000  # images encoded, held-out ones included
     held_out: int = 128  # images the probe never trains on
     latents: str = "mean"  # "mean": the posterior mean; "sample": one sample per image, seeded by the image
-    normalise: str = "exported"  # "exported": as a pipeline reads the VAE's config; "channel": per-channel mean/std
+    # Each normalisation trains its own probes; the first is the ranking figure. "channel": per-channel
+    # mean/std of the training latents (scale-invariant); "exported": as a pipeline reads the VAE's config.
+    normalise: tuple[str, ...] = NORMALISATIONS
+    probe_family: str = "unet"
     probe: str = "tiny"
     steps: int = 2000
     batch_size: int = 64
@@ -199,6 +412,9 @@ class ProbeSettings:
     warmup: int = 100
     eval_every: int | None = None  # default: steps / 10
     timesteps: int = 8  # points of the held-out timestep grid
+    seeds: int = 3  # probes trained per normalisation: seed, seed + 1, …
+    ema_decay: float = 0.999  # the evaluated and sampled weights: an EMA of the trained ones (see ema_update)
+    group_pattern: str | None = None  # regex: images whose file names match alike are held out together
     samples: int = 16  # samples shown
     sample_steps: int = 50  # Euler steps per sample
     fid_samples: int | None = None  # default: the held-out images
@@ -206,15 +422,28 @@ class ProbeSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("held_out", "steps", "timesteps", "samples", "sample_steps"):
+        for name in ("held_out", "steps", "timesteps", "samples", "sample_steps", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"probe setting {name} must be at least 1, got {getattr(self, name)}")
+        normalise = (self.normalise,) if isinstance(self.normalise, str) else tuple(self.normalise)
+        if not normalise or any(n not in NORMALISATIONS for n in normalise) or len(set(normalise)) < len(normalise):
+            raise ValueError(f"probe setting normalise must be distinct values of {list(NORMALISATIONS)}, "
+                             f"got {self.normalise!r}")
+        object.__setattr__(self, "normalise", normalise)  # a list from argparse becomes a tuple
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"probe setting ema_decay must be in [0, 1), got {self.ema_decay}")
+        presets = PROBES if self.probe_family == "unet" else DIT_PROBES
+        if self.probe_family not in FAMILIES or self.probe not in presets:
+            raise ValueError(f"probe setting probe must be one of {sorted(presets)} for family "
+                             f"{self.probe_family!r} (families: {list(FAMILIES)}), got {self.probe!r}")
+        if self.group_pattern is not None:
+            re.compile(self.group_pattern)
 
 
 @torch.no_grad()
 def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, batch: dict) -> list[tuple]:
-    """(image id, latent (C, h, w)) of each image of a batch; the held-out images (id ≥ ``held_from``)
-    also enter ``fid`` as real images."""
+    """(image id, latent (C, h, w), file name) of each image of a batch; the held-out images
+    (id ≥ ``held_from``) also enter ``fid`` as real images."""
     x = batch["pixel_values"]
     posterior = vae.encode(x.to(vae.dtype)).latent_dist
     z = posterior.mean.float().cpu()
@@ -224,7 +453,8 @@ def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, batc
     held = [k for k, i in enumerate(batch["ids"]) if i >= held_from]
     if fid is not None and held:
         fid.update((x[held].float() + 1) / 2, real=True)
-    return list(zip(batch["ids"], z))
+    names = batch.get("names") or [None] * len(batch["ids"])
+    return list(zip(batch["ids"], z, [str(n) for n in names]))
 
 
 def probe_normaliser(vae: Autoencoder, train: torch.Tensor, kind: str) -> LatentNormalizer:
@@ -272,53 +502,123 @@ def draw_samples(probe, vae: Autoencoder, norm: LatentNormalizer, shape: tuple[i
     return torch.stack([x for _, x in drawn]), torch.stack([image for _, image in shown])
 
 
+# What the latent cache depends on besides the VAE and the data: a cache written with other values is
+# not read back.
+_CACHE_SETTINGS = ("num_images", "latents", "seed")
+
+
+def cache_key(source: str, data: DataConfig, images: int, settings: ProbeSettings) -> str:
+    """The key the latent cache is written with and read back by: the VAE (``source``, and the size and
+    modification time of every file under it when it is a path), the data (:func:`describe`), the number
+    of images and the settings that change the encoded latents (:data:`_CACHE_SETTINGS`)."""
+    files = []
+    root = Path(source) if source else None
+    if root is not None and root.exists():
+        paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file())
+        files = [(str(q.relative_to(root.parent)), q.stat().st_size, q.stat().st_mtime_ns) for q in paths]
+    key = {"vae": source, "files": files, "data": describe(data), "resolution": data.resolution, "images": images,
+           **{name: getattr(settings, name) for name in _CACHE_SETTINGS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_cache(cache: Path | None, key: str) -> tuple[torch.Tensor, list[int], list[str]] | None:
+    """The raw latents (N, C, h, w), image ids and file names a cache written under ``key`` holds, or
+    None (no file, another key, or a cache from before the raw latents were kept)."""
+    if cache is None or not cache.is_file():
+        return None
+    with safe_open(cache, "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("key") != key or "names" not in metadata:
+        return None
+    tensors = load_file(cache)
+    return tensors["latents"], tensors["ids"].tolist(), json.loads(metadata["names"])
+
+
+def split_held_out(ids: list[int], names: list[str], held_from: int, settings: ProbeSettings) -> list[bool]:
+    """Which images are held out. Default: those with id ≥ ``held_from`` (the last of the seeded random
+    pick: a random subset). With ``group_pattern``: images are grouped by the pattern's first match in
+    their file name (group 1 when it has one; the whole name when it does not match), groups are taken
+    in an order seeded by ``seed`` until at least ``held_out`` images are held out — so the tiles of one
+    photograph are all on one side."""
+    if settings.group_pattern is None:
+        return [i >= held_from for i in ids]
+    pattern = re.compile(settings.group_pattern)
+    groups = []
+    for name in names:
+        match = pattern.search(Path(name).name)
+        groups.append(name if match is None else match.group(1 if pattern.groups else 0))
+    order = sorted(set(groups), key=lambda g: hashlib.blake2b(f"{settings.seed}:{g}".encode()).digest())
+    held, count = set(), 0
+    for g in order:
+        if count >= settings.held_out:
+            break
+        held.add(g)
+        count += groups.count(g)
+    return [g in held for g in groups]
+
+
 def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, settings: ProbeSettings,
               inception_weights: str | None = None, cache: Path | None = None,
               source: str = "") -> tuple[dict, torch.Tensor]:
-    """Encode ``images`` images of ``data``, split off the held-out ones, normalise, train the probe,
-    evaluate it and draw samples (gFID with ``inception_weights``). Writes the normalised latents to
-    ``cache`` (a safetensors file, ``source`` naming the VAE in its metadata) when given. Returns, on
-    the main process, the results and the decoded samples to show (K, 3, H, W); ({}, an empty
-    tensor) on the others."""
+    """Encode ``images`` images of ``data`` (or read their latents back from ``cache`` when it was written
+    with the same :func:`cache_key` and no gFID is asked, which needs the images), split off the held-out
+    ones, and for each normalisation of ``settings.normalise`` train ``settings.seeds`` probes, evaluating
+    their EMA weights on the held-out latents; draw samples (gFID with ``inception_weights``) from the
+    first normalisation's first probe. Writes the raw latents, ids and names and the first
+    normalisation's train/held-out latents to ``cache`` (a safetensors file, ``source`` naming the VAE in
+    its metadata) when given. Returns, on the main process, the results and the decoded samples to show
+    (K, 3, H, W); ({}, an empty tensor) on the others."""
     wall = time.time()
     held_from = images - settings.held_out  # ids are places in the random draw: the held-out ones are random
     if held_from < 1:
         raise DataError(f"{images} images of {describe(data)}: too few to hold out {settings.held_out} and train on "
                         "the rest; lower --held-out or raise --num-images")
+    if settings.group_pattern is not None and inception_weights is not None:
+        raise ValueError("a grouped held-out split (--group-pattern) cannot be combined with gFID yet: the real "
+                         "images enter FID while they are encoded, before the groups are known")
     fid = build_fid(inception_weights, accelerator.device)
-    encode = functools.partial(_encode, vae, settings, held_from, fid)
-    encoded, skipped = stream_images(accelerator, data, images, settings.encode_batch_size, settings.seed, encode)
-    if not encoded:
-        raise DataError(f"no decodable image among the images picked of {describe(data)}")
-    latents, ids = torch.stack([z for _, z in encoded]), [i for i, _ in encoded]  # (N, C, h, w), in id order
+    key = cache_key(source, data, images, settings)
+    cached = read_cache(cache, key) if fid is None else None
+    if cached is not None:
+        latents, ids, names = cached
+        skipped = []
+    else:
+        encode = functools.partial(_encode, vae, settings, held_from, fid)
+        encoded, skipped = stream_images(accelerator, data, images, settings.encode_batch_size, settings.seed, encode)
+        if not encoded:
+            raise DataError(f"no decodable image among the images picked of {describe(data)}")
+        latents = torch.stack([z for _, z, _ in encoded])  # (N, C, h, w), in id order
+        ids, names = [i for i, _, _ in encoded], [n for _, _, n in encoded]
     encode_seconds = time.time() - wall
-    split = sum(i < held_from for i in ids)
-    if split == 0 or split == len(ids):
-        raise DataError(f"{describe(data)}: no decodable image left to {'train on' if split == 0 else 'hold out'}")
-    norm = probe_normaliser(vae, latents[:split], settings.normalise)
-    normalised = norm.normalize(latents)
-    train, held = normalised[:split], normalised[split:]
-    train_ids, held_ids = ids[:split], ids[split:]
+    held_mask = split_held_out(ids, names, held_from, settings)
+    if all(held_mask) or not any(held_mask):
+        raise DataError(f"{describe(data)}: no decodable image left to {'train on' if all(held_mask) else 'hold out'}")
+    train_rows = [k for k, h in enumerate(held_mask) if not h]
+    held_rows = [k for k, h in enumerate(held_mask) if h]
+    train_raw, held_raw = latents[train_rows], latents[held_rows]
+    train_ids, held_ids = [ids[k] for k in train_rows], [ids[k] for k in held_rows]
+
+    grid = timestep_grid(settings.timesteps)
+    columns, first = {}, None
+    for kind in settings.normalise:
+        norm = probe_normaliser(vae, train_raw, kind)
+        train, held = norm.normalize(train_raw), norm.normalize(held_raw)
+        runs = [_probe_run(train, held, held_ids, grid, settings, settings.seed + j, accelerator)
+                for j in range(settings.seeds)]
+        columns[kind] = _column(kind, norm, train, grid, runs)
+        if first is None:
+            first = (norm, train, held, runs[0]["probe"])
+    norm, train, held, probe = first
     if cache is not None and accelerator.is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"train": train.contiguous(), "held_out": held.contiguous(), "train_ids": torch.tensor(train_ids),
+        save_file({"latents": latents.contiguous(), "ids": torch.tensor(ids), "train": train.contiguous(),
+                   "held_out": held.contiguous(), "train_ids": torch.tensor(train_ids),
                    "held_out_ids": torch.tensor(held_ids)}, cache,
-                  metadata={"vae": source, "latents": settings.latents, "normalise": settings.normalise,
-                            "normaliser": norm.describe()})
+                  metadata={"vae": source, "key": key, "names": json.dumps(names), "latents": settings.latents,
+                            "normalise": settings.normalise[0], "normaliser": norm.describe()})
 
-    # The probe: the same initial weights for every VAE and on every process.
-    torch.manual_seed(settings.seed)
-    model = build_probe(tuple(train.shape[1:]), settings.probe)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    grid, curve = timestep_grid(settings.timesteps), []
-    evaluate = functools.partial(_evaluate, curve, model, held, held_ids, grid, settings, accelerator)
-    cost = train_probe(accelerator, model, optimizer, train, settings.steps, settings.batch_size, settings.seed,
-                       evaluate, settings.eval_every or max(1, settings.steps // 10), settings.warmup)
-    probe = accelerator.unwrap_model(model)
-    accelerator.free_memory()  # the Accelerator lets go of this VAE's probe and optimiser
-
-    # Samples from fixed noise, decoded with the VAE (and gFID: a collective, on every process).
+    # Samples from fixed noise with the ranking column's first probe, decoded with the VAE (and gFID: a
+    # collective, on every process).
     shape = tuple(train.shape[1:])
     count = max(settings.samples, (settings.fid_samples or len(held_ids)) if fid is not None else 0)
     drawn, shown = draw_samples(probe, vae, norm, shape, count, settings, accelerator, fid)
@@ -328,31 +628,114 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
     gfid_note = (f"{count} samples against the {len(held_ids)} held-out images" if fid is not None
                  else "not measured: no --inception-weights")
     mean, std = train.mean(dim=(0, 2, 3)), train.std(dim=(0, 2, 3))
-    reference = gaussian_reference(train.var(dim=(0, 2, 3)), grid)
-    final = curve[-1][1]
+    ranking = columns[settings.normalise[0]]
+    deployed_norm = probe_normaliser(vae, train_raw, "exported")
+    deployed_std = deployed_norm.normalize(train_raw).std().item()
+    costs = [run["cost"] for column in columns.values() for run in column.pop("runs")]
     return {
         "images": len(ids), "train_images": len(train_ids), "held_out_images": len(held_ids),
         "latent_shape": list(shape), "latents": settings.latents,
-        "normalisation": {"kind": settings.normalise, "pipeline": norm.describe(), "config": norm.config_entries(),
-                          "std": train.std().item(), "channel_std": std.tolist()},
-        "probe": {"preset": settings.probe, "parameters": sum(p.numel() for p in probe.parameters()),
-                  "steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed},
-        "held_out_loss": {"timesteps": grid.tolist(), "per_timestep": final.tolist(), "mean": final.mean().item(),
-                          "gaussian_reference": reference.tolist(), "gaussian_reference_mean": reference.mean().item()},
-        "curve": [{"step": step, "mean": loss.mean().item(), "per_timestep": loss.tolist()} for step, loss in curve],
+        "split": {"grouped": settings.group_pattern is not None, "group_pattern": settings.group_pattern},
+        "cache": {"read_back": cached is not None, "key": key},
+        "normalisation": ranking["normalisation"],
+        "probe": {"family": settings.probe_family, "preset": settings.probe,
+                  "name": probe_name(settings.probe_family, settings.probe, shape),
+                  "parameters": sum(p.numel() for p in probe.parameters()), "steps": settings.steps,
+                  "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
+                  "seeds": settings.seeds, "ema_decay": settings.ema_decay},
+        "ranking": {"normalise": settings.normalise[0], "ratio": ranking["held_out_loss"]["ratio"],
+                    "ratio_sd": ranking["held_out_loss"]["ratio_sd"]},
+        "deployed": {"std": deployed_std, "pipeline": deployed_norm.describe(), "tolerance": DEPLOYED_STD_TOLERANCE,
+                     "flag": not 1 / DEPLOYED_STD_TOLERANCE <= deployed_std <= DEPLOYED_STD_TOLERANCE},
+        "columns": columns,
+        "held_out_loss": ranking["held_out_loss"], "curve": ranking["curve"], "train_loss": ranking["train_loss"],
+        "dct": {"high_share": dct_high_share(train),
+                "white_noise": 1 - math.ceil(shape[1] / 2) * math.ceil(shape[2] / 2) / (shape[1] * shape[2])},
         "samples": {"count": count, "std": drawn.std().item(), "p_abs_gt_4": tail(drawn, mean, std),
                     "real_std": held.std().item(), "real_p_abs_gt_4": tail(held, mean, std),
                     "gaussian_p_abs_gt_4": GAUSSIAN_TAIL[4]},
         "gfid": gfid, "gfid_note": gfid_note,
-        "cost": {**cost, "encode_seconds": encode_seconds, "wall_seconds": time.time() - wall},
+        "cost": {"steps_per_s": sum(c["steps_per_s"] for c in costs) / len(costs),
+                 "train_seconds": sum(c["train_seconds"] for c in costs), "probes_trained": len(costs),
+                 "encode_seconds": encode_seconds, "wall_seconds": time.time() - wall},
         "skipped_files": skipped,
     }, shown
 
 
+def _probe_run(train: torch.Tensor, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor,
+               settings: ProbeSettings, seed: int, accelerator) -> dict:
+    """Train one probe from ``seed`` (its init, data order, timesteps and noise; the held-out noise stays
+    that of ``settings.seed``, the same for every probe) and evaluate its EMA weights. Returns its curve
+    [(step, held-out loss (T,), training loss or None)], cost and EMA probe."""
+    torch.manual_seed(seed)  # the same initial weights for every VAE and on every process
+    model = build_probe(tuple(train.shape[1:]), settings.probe, settings.probe_family)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    curve = []
+    evaluate = functools.partial(_evaluate, curve, ema, held, held_ids, grid, settings, accelerator)
+    cost = train_probe(accelerator, model, optimizer, train, settings.steps, settings.batch_size, seed, evaluate,
+                       settings.eval_every or max(1, settings.steps // 10), settings.warmup, ema, settings.ema_decay)
+    del model, optimizer
+    accelerator.free_memory()  # the Accelerator lets go of this probe and optimiser
+    return {"seed": seed, "curve": curve, "cost": cost, "probe": ema}
+
+
 def _evaluate(curve: list, model, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor, settings: ProbeSettings,
-              accelerator, step: int) -> None:
-    """Append (step, held-out loss (T,)) to ``curve``: the evaluation :func:`probe_vae` hands to :func:`train_probe`."""
-    curve.append((step, held_out_loss(model, held, held_ids, grid, settings.seed, settings.batch_size, accelerator)))
+              accelerator, step: int, train_loss: float | None) -> None:
+    """Append (step, held-out loss (T,), training loss) to ``curve``: what :func:`_probe_run` hands to
+    :func:`train_probe`."""
+    loss = held_out_loss(model, held, held_ids, grid, settings.seed, settings.batch_size, accelerator)
+    curve.append((step, loss, train_loss))
+
+
+def _spread(values: list[float]) -> float:
+    """The sample standard deviation (0 for one value)."""
+    return torch.tensor(values, dtype=torch.float64).std().item() if len(values) > 1 else 0.0
+
+
+def _column(kind: str, norm: LatentNormalizer, train: torch.Tensor, grid: torch.Tensor, runs: list[dict]) -> dict:
+    """One normalisation's figures over its seeds: final, best and per-seed held-out ratios (weighted as
+    training samples t), the seed-mean loss per timestep and curve, and the training loss against its
+    Gaussian optimum."""
+    channel_var = train.var(dim=(0, 2, 3))
+    reference = gaussian_reference(channel_var, grid)
+    train_reference = training_reference(channel_var)
+    seeds = []
+    for run in runs:
+        ratios = [weighted_ratio(loss, reference, grid) for _, loss, _ in run["curve"]]
+        best = min(range(len(ratios)), key=ratios.__getitem__)
+        train_loss = run["curve"][-1][2]
+        seeds.append({"seed": run["seed"], "ratio": ratios[-1], "best_ratio": ratios[best],
+                      "best_step": run["curve"][best][0], "train_loss": train_loss,
+                      "train_ratio": train_loss / train_reference if train_loss is not None else None})
+    final = torch.stack([run["curve"][-1][1] for run in runs]).mean(0)  # (T,), mean over seeds
+    curve = []
+    for k, (step, _, _) in enumerate(runs[0]["curve"]):
+        losses = torch.stack([run["curve"][k][1] for run in runs]).mean(0)
+        trained = [run["curve"][k][2] for run in runs]
+        curve.append({"step": step, "mean": losses.mean().item(), "per_timestep": losses.tolist(),
+                      "ratio": sum(weighted_ratio(run["curve"][k][1], reference, grid) for run in runs) / len(runs),
+                      "train_loss": sum(trained) / len(trained) if None not in trained else None})
+    ratios = [s["ratio"] for s in seeds]
+    train_losses = [s["train_loss"] for s in seeds]
+    train_loss = sum(train_losses) / len(train_losses) if None not in train_losses else None
+    return {
+        "normalisation": {"kind": kind, "pipeline": norm.describe(), "config": norm.config_entries(),
+                          "std": train.std().item(), "channel_std": train.std(dim=(0, 2, 3)).tolist()},
+        "held_out_loss": {
+            "timesteps": grid.tolist(), "per_timestep": final.tolist(), "mean": final.mean().item(),
+            "gaussian_reference": reference.tolist(), "gaussian_reference_mean": reference.mean().item(),
+            "weights": timestep_weights(grid).tolist(), "ratio_per_timestep": (final / reference).tolist(),
+            "ratio": sum(ratios) / len(ratios), "ratio_sd": _spread(ratios),
+            "ratio_unweighted": (final / reference).mean().item(),
+            "best_ratio": sum(s["best_ratio"] for s in seeds) / len(seeds),
+            "best_ratio_sd": _spread([s["best_ratio"] for s in seeds]), "seeds": seeds},
+        "train_loss": {"mean": train_loss, "gaussian_reference": train_reference,
+                       "ratio": train_loss / train_reference if train_loss is not None else None},
+        "curve": curve, "runs": runs,
+    }
 
 
 def settings_from(options) -> ProbeSettings:

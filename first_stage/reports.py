@@ -62,11 +62,19 @@ _RECONSTRUCTION_RESULTS = {
 _DIFFUSABILITY_RESULTS = {
     "type": "object",
     "required": ["images", "train_images", "held_out_images", "latent_shape", "normalisation", "held_out_loss",
-                 "curve", "samples", "gfid", "cost"],
+                 "curve", "samples", "gfid", "cost", "probe", "ranking", "deployed", "columns", "dct"],
     "properties": {
         "images": {"type": "integer", "minimum": 2},
+        "probe": {"type": "object", "required": ["family", "preset", "name", "parameters", "seeds", "ema_decay"]},
         "held_out_loss": {"type": "object", "required": ["timesteps", "per_timestep", "mean", "gaussian_reference",
-                                                         "gaussian_reference_mean"]},
+                                                         "gaussian_reference_mean", "weights", "ratio", "ratio_sd",
+                                                         "best_ratio", "seeds"]},
+        "ranking": {"type": "object", "required": ["normalise", "ratio", "ratio_sd"]},
+        "deployed": {"type": "object", "required": ["std", "tolerance", "flag"]},
+        "columns": {"type": "object", "minProperties": 1,
+                    "additionalProperties": {"type": "object", "required": ["normalisation", "held_out_loss",
+                                                                            "train_loss", "curve"]}},
+        "dct": {"type": "object", "required": ["high_share", "white_noise"]},
         "curve": {"type": "array", "items": {"type": "object", "required": ["step", "mean", "per_timestep"]}},
         "samples": {"type": "object", "required": ["file", "count", "std", "p_abs_gt_4", "real_std",
                                                    "real_p_abs_gt_4"]},
@@ -218,12 +226,32 @@ def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     Gaussian latents of the same per-channel variance, for the loss; the real latents, for samples)."""
     r = [v["results"] for v in vaes]
     loss = [x["held_out_loss"] for x in r]
-    rows = [("latents trained on / held out", [f"{x['train_images']} / {x['held_out_images']}" for x in r], None),
-            ("normalisation", [x["normalisation"]["kind"] for x in r], None),
-            ("std of the normalised latents", [x["normalisation"]["std"] for x in r], None),
-            ("held-out flow loss, mean over t ↓", [h["mean"] for h in loss], None),
-            ("Gaussian reference (same channel variances)", [h["gaussian_reference_mean"] for h in loss], None),
-            ("loss / Gaussian reference ↓", [h["mean"] / h["gaussian_reference_mean"] for h in loss], 1.0)]
+    rows = [("probe", [f"{x['probe']['name']}, {x['probe']['seeds']} seed(s)" for x in r], None),
+            ("latents trained on / held out", [f"{x['train_images']} / {x['held_out_images']}"
+                                               + (" (grouped)" if x.get("split", {}).get("grouped") else "")
+                                               for x in r], None)]
+    for kind in r[0]["columns"]:  # the first is the ranking figure
+        c = [x["columns"][kind] for x in r]
+        rows += [(f"**{kind}**: loss / Gaussian reference, t-weighted, final ↓",
+                  [_spread_cell(h["held_out_loss"]["ratio"], h["held_out_loss"]["ratio_sd"]) for h in c], 1.0),
+                 (f"{kind}: best during training (mean ± sd)",
+                  [_spread_cell(h["held_out_loss"]["best_ratio"], h["held_out_loss"]["best_ratio_sd"]) for h in c],
+                  None),
+                 (f"{kind}: per-seed final ratios", [", ".join(f"{s['ratio']:.4g}" for s in h["held_out_loss"]["seeds"])
+                                                     for h in c], None),
+                 (f"{kind}: unweighted mean of per-t ratios", [h["held_out_loss"]["ratio_unweighted"] for h in c], 1.0),
+                 (f"{kind}: training loss / its Gaussian optimum", [h["train_loss"]["ratio"] for h in c], 1.0),
+                 (f"{kind}: std of the normalised latents", [h["normalisation"]["std"] for h in c], 1.0)]
+    rows += [("std of the deployed latents (flag: outside the tolerance)",
+              [f"{x['deployed']['std']:.4g}" + (f" ⚠ outside [1/{x['deployed']['tolerance']:g}, "
+                                                f"{x['deployed']['tolerance']:g}]" if x["deployed"]["flag"] else "")
+               for x in r], 1.0),
+             ("DCT high-band energy share (reference: white noise)", [x["dct"]["high_share"] for x in r],
+              r[0]["dct"]["white_noise"]),
+             ("held-out flow loss, mean over t ↓", [h["mean"] for h in loss], None),
+             ("Gaussian reference (same channel variances)", [h["gaussian_reference_mean"] for h in loss], None),
+             ("loss / Gaussian reference, ratio of means (old headline)",
+              [h["mean"] / h["gaussian_reference_mean"] for h in loss], 1.0)]
     rows += [(f"held-out flow loss at t = {t:.3g}", [h["per_timestep"][k] for h in loss], None)
              for k, t in enumerate(loss[0]["timesteps"])]
     rows += [("std of sampled latents (real: held-out)", [x["samples"]["std"] for x in r], None),
@@ -236,6 +264,11 @@ def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     return rows
 
 
+def _spread_cell(mean: float, sd: float) -> str:
+    """``mean ± sd`` for a table cell."""
+    return f"{mean:.4g} ± {sd:.2g}"
+
+
 def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True):
     """A figure and its axes (as ``pyplot.subplots`` makes them) outside pyplot's figure manager."""
     fig = Figure(figsize=figsize)
@@ -244,9 +277,10 @@ def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True):
 
 def diffusability_plots(vaes: list[dict], out: Path) -> list[Path]:
     """The held-out loss during training (mean over t) and at the end per timestep, against each
-    VAE's Gaussian reference (dashed); several VAEs overlaid."""
+    VAE's Gaussian reference (dashed); the held-out ratio to it weighted over t (solid) and the training
+    loss's ratio to its optimum (dotted), seed means, during training; several VAEs overlaid."""
     names, results = _label(vaes), [v["results"] for v in vaes]
-    fig, axes = _subplots(1, 2, figsize=(11, 4))
+    fig, axes = _subplots(1, 3, figsize=(16, 4))
     for i, (name, x) in enumerate(zip(names, results)):
         colour = f"C{i}"
         steps = [c["step"] for c in x["curve"]]
@@ -255,13 +289,22 @@ def diffusability_plots(vaes: list[dict], out: Path) -> list[Path]:
         loss = x["held_out_loss"]
         axes[1].plot(loss["timesteps"], loss["per_timestep"], color=colour, marker=".", label=name)
         axes[1].plot(loss["timesteps"], loss["gaussian_reference"], color=colour, ls="--", lw=0.8)
+        axes[2].plot(steps, [c["ratio"] for c in x["curve"]], color=colour, marker=".", label=name)
+        trained = [(c["step"], c["train_loss"] / x["train_loss"]["gaussian_reference"]) for c in x["curve"]
+                   if c["train_loss"] is not None]
+        if trained:
+            axes[2].plot(*zip(*trained), color=colour, ls=":", lw=1)
     axes[0].set_xlabel("probe step")
     axes[0].set_ylabel("held-out flow loss, mean over t")
     axes[1].set_xlabel("t (0: data, 1: noise)")
     axes[1].set_ylabel("held-out flow loss at the end")
+    axes[2].set_xlabel("probe step")
+    axes[2].set_ylabel("loss / Gaussian optimum")
+    axes[2].axhline(1.0, color="grey", ls="--", lw=0.8)
     axes[0].legend(fontsize=7)
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_title("dashed: Gaussian latents of the same channel variances", fontsize=8)
+    axes[2].set_title("solid: held-out, t-weighted; dotted: training loss (ranking normalisation)", fontsize=8)
     fig.tight_layout()
     path = out / "diffusability_loss.png"
     fig.savefig(path, dpi=100)

@@ -105,12 +105,13 @@ def test_probe_normalises_a_per_channel_export_per_channel(accelerator, tiny_vae
     """An export that carries latents_mean/latents_std (scaling_factor 1): the probe must use them."""
     vae = evaluation_autoencoder(spread_export(tiny_vae, tmp_path / "vae"), accelerator.device)
     settings = ProbeSettings(num_images=9, held_out=3, steps=2, batch_size=4, timesteps=2, samples=2, sample_steps=2,
-                             encode_batch_size=4)
+                             encode_batch_size=4, seeds=1)
     cache = tmp_path / "cache.safetensors"
     result, shown = probe_vae(vae, accelerator, evaluation_data(DATA), 9, settings, cache=cache)
     assert_channels_normalised(cache)
-    assert result["normalisation"]["pipeline"].startswith("per channel")
-    assert result["normalisation"]["config"]["latents_std"] == pytest.approx(vae.config.latents_std)
+    deployed = result["columns"]["exported"]["normalisation"]  # the ranking column is per-channel statistics
+    assert deployed["pipeline"].startswith("per channel")
+    assert deployed["config"]["latents_std"] == pytest.approx(vae.config.latents_std)
     assert shown.shape == (2, 3, 32, 32) and result["train_images"] == 6
 
 
