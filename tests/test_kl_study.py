@@ -89,7 +89,8 @@ def test_study_end_to_end(tmp_path):
     assert "## What the figures show" in text and kl_study.INTERPRETATION[0] in text
     probed = [v["diffusability"] for v in study["variants"].values()]
     assert all(p["held_out_images"] == 2 and p["train_images"] == 6 and len(p["curve"]) == 3 for p in probed)
-    assert study["meta"]["probe"]["steps"] == 2 and "probe: held-out / Gaussian reference, t-weighted, per channel" in text
+    assert study["meta"]["probe"]["steps"] == 2
+    assert "probe: held-out / Gaussian reference, t-weighted, per channel" in text
     for figure in ("rate_distortion", "zhat_tails", "peak_positions", "logvar_histogram", "channel_std_kl",
                    "diffusability", "diffusability_loss"):
         assert (out / f"{figure}.png").is_file() and f"kl_study/{figure}.png" in text
