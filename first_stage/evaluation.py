@@ -27,7 +27,7 @@ from .config import Config, DataConfig, with_overrides
 from .data import DataError, available_images, calibration_batches, describe
 from .latent_norm import LatentNormalizer
 from .latent_stats import LatentStatistics, carried_and_implied, reduce_sum
-from .model import Autoencoder, cast, downsampling_factor, is_tiny
+from .model import Autoencoder, cast, decode_latent, downsampling_factor, encode_latent, is_tiny
 from .perceptual import VGG16_FILENAME, load_lpips
 
 
@@ -292,7 +292,7 @@ def _reconstruct(vae: Autoencoder, lpips, fid, lowest: WorstImages, batch: dict)
     """The metrics of :func:`reconstruction` for a batch: (image id, file, PSNR, SSIM, LPIPS or None)
     of each image; the worst kept, FID fed."""
     x = batch["pixel_values"]
-    rec = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float()
+    rec = decode_latent(vae, encode_latent(vae, x)).float()
     metrics = reconstruction_metrics(x, rec, lpips)
     lowest.add(metrics["psnr"], x, rec, batch["names"])
     if fid is not None:

@@ -235,17 +235,18 @@ def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where:
     return kind
 
 
-def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True, held: bool = False) -> tuple[bool, str]:
+def latent_origin(vae: Autoencoder, origin: dict | None, moved: bool, can_keep: bool = True,
+                  held: bool = False) -> tuple[bool, str]:
     """Whether the export keeps the latent normalisation the VAE carries: its encoder and quant_conv (and a
     FLUX.2-class BatchNorm) are bit-identical to those of the released VAE it started from (``origin``,
-    :func:`first_stage.checkpoint.encoder_origin`), or were ``held`` to its latents by training (the fp16-safe
-    fine-tune), and that VAE states a normalisation of the kind asked for (``can_keep``). Returns that and the
-    sentence that says so: whether the latents are the source's."""
+    :func:`first_stage.checkpoint.encoder_origin`; ``moved`` when its fingerprint differs), or were ``held`` to
+    its latents by training (the fp16-safe fine-tune), and that VAE states a normalisation of the kind asked for
+    (``can_keep``). Returns that and the sentence that says so: whether the latents are the source's."""
     if origin is None:
         return False, "measured at export on the calibration images (not started from a released VAE)"
     source, parts = origin["source"], "encoder, quant_conv and BatchNorm" if has_batch_norm(vae) else \
         "encoder and quant_conv"
-    if origin["fingerprint"] != encoder_fingerprint(vae):
+    if moved:
         if held and can_keep:
             return True, (f"kept from {source}: the encoder moved, but the fp16-safe fine-tune held its latents to "
                           f"those of {source} (teacher.latent_weight; relative error at most {HELD_DRIFT:g}); how far "
@@ -259,25 +260,23 @@ def latent_origin(vae: Autoencoder, origin: dict | None, can_keep: bool = True, 
     return False, f"measured at export: {same}; its normalisation is not kept ({why})"
 
 
-def held_latents(config: Config | None, source: ExportSource, drift: dict | None) -> bool:
+def held_latents(config: Config | None, drift: dict | None, taught_by_source: bool) -> bool:
     """Whether a fine-tune whose encoder moved held its latents to its source's closely enough to keep the source's
     normalisation: an fp16-safe run (the one fine-tune that trains its latents to stay) taught by that very source
-    (``teacher.latent_weight`` > 0), whose raw latents moved by at most :data:`HELD_DRIFT` relative error."""
+    (``taught_by_source``, ``teacher.latent_weight`` > 0), whose raw latents moved by at most :data:`HELD_DRIFT`
+    relative error."""
     if config is None or not config.fp16_safe.enabled or config.teacher.latent_weight <= 0 or drift is None:
         return False
-    teacher = source.teacher
-    return (teacher is not None and encoder_fingerprint(teacher.vae) == source.encoder_origin["fingerprint"]
-            and "overall" in drift and drift["overall"]["relative_error"] <= HELD_DRIFT)
+    return taught_by_source and "overall" in drift and drift["overall"]["relative_error"] <= HELD_DRIFT
 
 
-def drift_from_source(vae: Autoencoder, source: ExportSource, x: torch.Tensor) -> dict:
+def drift_from_source(vae: Autoencoder, origin: dict, x: torch.Tensor, teacher: nn.Module | None = None) -> dict:
     """How far the raw latents of ``x`` moved from those of the released VAE the weights started from
-    (:func:`first_stage.latent_stats.latent_drift`): the run's teacher when it is that VAE (fp16-safe), else the
-    source loaded again; a source that no longer loads is said so."""
-    origin, teacher = source.encoder_origin, source.teacher
+    (``origin``; :func:`first_stage.latent_stats.latent_drift`): ``teacher`` when the run's teacher is that VAE
+    (fp16-safe), else the source loaded again; a source that no longer loads is said so."""
     try:
-        if teacher is not None and encoder_fingerprint(teacher.vae) == origin["fingerprint"]:
-            reference = teacher.vae
+        if teacher is not None:
+            reference = teacher
         else:
             reference = cast(load_vae(origin["source"]).vae, torch.float32, vae.device)
         return {"from": origin["source"], **latent_drift(reference, vae, x.to(vae.device))}
@@ -371,9 +370,12 @@ def export_autoencoder(
         raise ValueError("export: the main process got no calibration image to verify the export with")
     x = check_images[0]
     # an encoder that moved from the released VAE it started from: how far its latents moved
-    moved = source.encoder_origin is not None and source.encoder_origin["fingerprint"] != encoder_fingerprint(vae)
-    drift = drift_from_source(vae, source, x) if moved else None
-    held = held_latents(config, source, drift)
+    released = source.encoder_origin
+    moved = released is not None and released["fingerprint"] != encoder_fingerprint(vae)
+    taught_by_source = moved and source.teacher is not None and (
+        encoder_fingerprint(source.teacher.vae) == released["fingerprint"])
+    drift = drift_from_source(vae, released, x, source.teacher.vae if taught_by_source else None) if moved else None
+    held = held_latents(config, drift, taught_by_source)
 
     # The model as exported: cast, with the measured scale in its config.
     exported = cast(vae, DTYPES[dtype], copy_first=True)
@@ -381,7 +383,7 @@ def export_autoencoder(
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
     if flux2:
-        keep, origin = latent_origin(vae, source.encoder_origin, held=held)
+        keep, origin = latent_origin(vae, released, moved, held=held)
         norm = LatentNormalizer.of(vae)
         if not keep:
             norm = norm.with_statistics(stats["batch_norm"]["running_mean"], stats["batch_norm"]["running_var"])
@@ -401,9 +403,9 @@ def export_autoencoder(
                               f"shift_factor must be 1 and 0 (model.overrides), its config says {norm.describe()}")
     else:
         # a decoder-only fine-tune keeps the normalisation its source states, when it is of the kind asked for
-        stated = (source.encoder_origin or {}).get("normalisation")
+        stated = (released or {}).get("normalisation")
         carried = None if stated is None else LatentNormalizer.from_vae_config(stated)
-        keep, origin = latent_origin(vae, source.encoder_origin, carried is not None and carried.kind == kind, held)
+        keep, origin = latent_origin(vae, released, moved, carried is not None and carried.kind == kind, held)
         norm = carried if keep else LatentNormalizer.measured(kind, stats["mean"], stats["std"],
                                                               stats["channel_mean"], stats["channel_std"])
     scale = norm.config_entries()

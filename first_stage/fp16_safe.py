@@ -30,7 +30,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .data import calibration_batches
 from .loss_term import LossContext, LossTerm, refuse_below
-from .model import FP16_MAX, preset_class
+from .model import FP16_MAX, decode_latent, encode_latent, preset_class
 from .teacher import TEACHER_STANDIN
 
 # rescale: a GroupNorm-fed convolution is brought to this fraction of fp16_safe.limit on the probe batch (one
@@ -127,7 +127,7 @@ def rescale_groupnorm_fed(vae: nn.Module, x: torch.Tensor, target: float) -> dic
     was_training = vae.training
     try:
         vae.eval()
-        vae.decode(vae.encode(x.float()).latent_dist.mode())
+        decode_latent(vae, encode_latent(vae, x))
     finally:
         vae.train(was_training)
         for handle in handles:

@@ -235,6 +235,15 @@ class AutoencoderOutput(NamedTuple):
     latents: torch.Tensor | None = None  # (B,C,h,w) an AutoencoderTiny student's own encoding of the inputs
 
 
+def posterior_sample(posterior: DiagonalGaussianDistribution, noise: torch.Tensor | None) -> torch.Tensor:
+    """``mean + std * noise``, with ``noise``'s top-left corner the size of the latent (smaller under
+    ``plan.lowres``), or a fresh draw when ``noise`` is None."""
+    if noise is None:
+        return posterior.sample()
+    noise = noise[..., :posterior.mean.shape[-2], :posterior.mean.shape[-1]]
+    return posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+
+
 class AutoencoderWrapper(nn.Module):
     """What Accelerate prepares: the autoencoder, the loss's log-variance and (with alignment) the
     trained 1x1 projection of latents to the vision model's features, in one module.
@@ -270,11 +279,7 @@ class AutoencoderWrapper(nn.Module):
         if plan.lowres is not None:
             x = plan.lowres.image(x, self.factor)
         posterior = self.vae.encode(x).latent_dist
-        if noise is None:
-            z = posterior.sample()
-        else:
-            noise = noise[..., :posterior.mean.shape[-2], :posterior.mean.shape[-1]]  # smaller under plan.lowres
-            z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        z = posterior_sample(posterior, noise)
         z_decoded, target = z, x
         if plan.transform is not None:
             z_decoded, target = plan.transform.latent(z), plan.transform.image(x, self.factor)
@@ -297,7 +302,7 @@ class AutoencoderWrapper(nn.Module):
         pipelines normalise it, through the student's decoder; and the student's encoding of ``x``, which
         learns the teacher's normalised posterior mean (first_stage.teacher.TeacherTerm)."""
         posterior = self.teacher.posterior(x)
-        z = posterior.sample() if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        z = posterior_sample(posterior, noise)
         reconstruction = self.vae.decode(self.teacher.normalise(z)).sample
         return AutoencoderOutput(reconstruction, posterior, self.logvar, x, x, z, latents=self.vae.encode(x).latents)
 

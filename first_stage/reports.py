@@ -551,15 +551,22 @@ def _bundle_lines(report: dict) -> list[str]:
     ]
 
 
-def tiny_card(vae: Autoencoder, report: dict, config: Config | None) -> str:
-    """``README.md`` of an AutoencoderTiny student's export: no posterior, its teacher's normalised latents."""
-    c = vae.config
-    lines = [
-        f"# {report['name']}: a tiny autoencoder (TAESD-style) distilled for latent diffusion",
+def _header_lines(report: dict, title: str) -> list[str]:
+    """The model card's title and where the weights came from."""
+    return [
+        f"# {report['name']}: {title}",
         "",
         f"Exported by first-stage {__version__} on {report['date']} from `{report['source']}`"
         + (f" (step {report['step']})." if report["step"] is not None else "."),
         "",
+    ]
+
+
+def tiny_card(vae: Autoencoder, report: dict, config: Config | None) -> str:
+    """``README.md`` of an AutoencoderTiny student's export: no posterior, its teacher's normalised latents."""
+    c = vae.config
+    lines = [
+        *_header_lines(report, "a tiny autoencoder (TAESD-style) distilled for latent diffusion"),
         "## Architecture",
         "",
         "| downsampling | latent channels | encoder widths × blocks | decoder widths × blocks | parameters |",
@@ -602,11 +609,7 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
     c, stats, scale = vae.config, report["latent_stats"], report["config_scale"]
     down = downsampling_factor(c)
     lines = [
-        f"# {report['name']}: a KL autoencoder for latent diffusion",
-        "",
-        f"Exported by first-stage {__version__} on {report['date']} from `{report['source']}`"
-        + (f" (step {report['step']})." if report["step"] is not None else "."),
-        "",
+        *_header_lines(report, "a KL autoencoder for latent diffusion"),
         "## Architecture",
         "",
         "| downsampling | latent channels | block_out_channels | layers_per_block | quant convs | mid attention "
