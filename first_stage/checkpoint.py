@@ -51,7 +51,11 @@ def accelerate_model_file(index: int) -> str:
 # with torch.save and read only with torch.load(weights_only=True): Accelerate's
 # register_for_checkpointing would read them back with weights_only=False, which runs any code a
 # pickle in the folder carries.
-TRAINER_STATES = {"ema": "ema.pt", "disc_optimizer": "disc_optimizer.pt", "disc_scaler": "disc_scaler.pt"}
+TRAINER_STATES = {"ema": "ema.pt", "disc_optimizer": "disc_optimizer.pt", "disc_scaler": "disc_scaler.pt",
+                  # end-to-end tuning (first_stage.e2e): the transformer, its EMA (BatchNorm buffers included: the
+                  # export's normaliser), its optimiser and GradScaler
+                  "raw_transformer": "e2e_transformer.pt", "transformer_ema": "e2e_ema.pt",
+                  "transformer_optimizer": "e2e_optimizer.pt", "transformer_scaler": "e2e_scaler.pt"}
 
 
 def legacy_state_files(discriminator: bool) -> dict[str, str]:
@@ -327,7 +331,7 @@ def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
     """The file of checkpoint ``path`` holding trainer state ``name`` (a key of :data:`TRAINER_STATES`),
     also in a checkpoint of first-stage 0.1."""
     file = path / TRAINER_STATES[name]
-    legacy = path / legacy_state_files(discriminator)[name]
+    legacy = path / legacy_state_files(discriminator).get(name, TRAINER_STATES[name])
     return legacy if not file.is_file() and legacy.is_file() else file
 
 

@@ -166,6 +166,9 @@ class DiscriminatorConfig:
     norm: Literal["batch", "group", "none"] = "batch"
     loss: Literal["hinge", "non_saturating"] = "hinge"
     adaptive_weight_max: float = 1e4
+    # false: the generator term is weight × g_loss, a fixed weight (REPA-E's 0.1, loss/losses.py), without the
+    # adaptive weight's extra backward
+    adaptive: bool = True
     # Weights to start from: an export's finetune/discriminator.safetensors, or a latent-diffusion
     # autoencoder checkpoint holding loss.discriminator.* (n_layers, channels and norm must match).
     init_from: str | None = None
@@ -205,6 +208,40 @@ class Fp16SafeConfig:
     # ResnetBlock2D's conv1, read by norm2), weight and bias alike, so that its fp32 peak on a probe batch is
     # limit / 2: GroupNorm divides the scale out again, so the VAE's function is unchanged up to GroupNorm's eps.
     rescale: bool = True
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """End-to-end tuning against a latent diffusion transformer (REPA-E, End2End-Diffusion/REPA-E
+    ``train_repae.py``; first_stage/e2e.py, docs/e2e.md). Defaults are REPA-E's where its code states them."""
+
+    enabled: bool = False
+    # The vision model whose patch tokens the REPA loss aligns to, as alignment.model: a local folder or a
+    # Hugging Face id in the local cache (REPA-E: dinov2-vit-b). It sees what REPA-E's DINOv2 sees: the image in
+    # [0, 1] normalised with ImageNet's mean and std, bicubic to 14 pixels per token of the transformer.
+    model: str = "facebook/dinov2-base"
+    # The transformer's width, depth and heads: a key of first_stage.dit.DIT_SIZES ("base": SiT-B/DiT-B).
+    transformer: Literal["tiny", "small", "base", "large", "xlarge"] = "base"
+    patch: int | None = None  # its patch size; None: 1 up to 16-wide latents, 2 above (SiT-B/2 for f8 at 256²)
+    encoder_depth: int = 8  # the REPA projector reads the tokens after this block (REPA-E's --encoder-depth)
+    projector_dim: int = 2048  # the projector MLP's hidden width
+    # VAE step: + align_weight × the REPA loss of the align pass (transformer frozen, BatchNorm in eval mode)
+    align_weight: float = 1.5  # --vae-align-proj-coeff
+    proj_coeff: float = 0.5  # transformer step: flow-matching loss + proj_coeff × its REPA loss (--proj-coeff)
+    path: Literal["linear", "cosine"] = "linear"  # the interpolant (--path-type)
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"  # how t is drawn (--weighting)
+    # The transformer's AdamW (REPA-E: lr 1e-4, betas 0.9/0.999, wd 0, eps 1e-8, clip 1.0, constant lr).
+    lr: float = 1.0e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1.0e-8
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.9999  # the transformer's EMA, its BatchNorm buffers included (no warm-up, REPA-E's)
+    bn_momentum: float = 0.1  # the latent BatchNorm (affine off; its buffers are the exported normaliser)
+    bn_eps: float = 1.0e-4
+    # Continue from an export's finetune/e2e_transformer.safetensors (its EMA read from e2e_transformer_ema.safetensors
+    # beside it when there); None: a new transformer, its BatchNorm measured at the first step.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +340,7 @@ class Config:
     latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     fp16_safe: Fp16SafeConfig = field(default_factory=Fp16SafeConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_data: DataConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -41,10 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from diffusers import UNet2DModel
-from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,6 +52,7 @@ from .data import DataError, describe
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
 from .latent_stats import GAUSSIAN_TAIL, reduce_sum
+from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch
 from .model import Autoencoder
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
@@ -66,116 +65,13 @@ PROBES = {
 }
 # The transformer's hidden width, depth and heads: ``small`` is DiT-S, ``base`` DiT-B (and LightningDiT-B's
 # width/depth/heads: the "LightningDiT-B proxy" of VA-VAE and its successors), ``tiny`` a CPU test size.
-DIT_PROBES = {
-    "tiny": {"hidden": 64, "depth": 2, "heads": 4},
-    "small": {"hidden": 384, "depth": 12, "heads": 6},  # DiT-S
-    "base": {"hidden": 768, "depth": 12, "heads": 12},  # DiT-B
-}
+DIT_PROBES = {name: DIT_SIZES[name] for name in ("tiny", "small", "base")}
 FAMILIES = ("unet", "dit")
-DIT_NAMES = {"tiny": "DiT-tiny", "small": "DiT-S", "base": "DiT-B"}
 TIME_SCALE = 1000.0  # t in [0, 1] enters the sinusoidal embedding as t · 1000, like DDPM's steps
-FREQUENCIES = 256  # width of the DiT's sinusoidal timestep embedding (DiT's)
 NORMALISATIONS = ("channel", "exported")
 # The as-deployed latents are flagged when their std is outside [1/1.5, 1.5]: a diffusion model trained on
 # them sees a signal-to-noise ratio at every t that is ≥ 2.25× off the one its noise schedule was tuned for.
 DEPLOYED_STD_TOLERANCE = 1.5
-
-
-class DiTBlock(nn.Module):
-    """One adaLN-zero transformer block (DiT): attention and MLP, each on a LayerNorm shifted and scaled
-    by the conditioning and gated by it, the gates initialised to zero so the block starts as identity."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * hidden, hidden))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Tokens ``x`` (B, N, D) under conditioning ``c`` (B, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
-        b, n, d = x.shape
-        h = self.norm1(x) * (1 + scale1) + shift1
-        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D/H)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + gate1 * self.proj(attended)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
-
-
-class ProbeDiT(nn.Module):
-    """A latent diffusion transformer as DiT, SiT and LightningDiT build it: patches of ``patch`` latent
-    pixels embedded by a strided convolution plus fixed 2-D sin-cos positions, adaLN-zero blocks
-    conditioned on a sinusoidal embedding of t (scaled by :data:`TIME_SCALE`) plus, with
-    ``num_classes``, a class embedding; a modulated LayerNorm and a zero-initialised linear layer back
-    to patches. The velocity has the input's shape.
-
-    Written here rather than taken from diffusers: its ``DiTTransformer2DModel`` needs class labels
-    (no unconditional mode), replaces 10 % of them by the null class during training with torch's
-    global generator (so the probe's draws would no longer be a function of its seed and the sample,
-    and would differ with the process count), and gives every block its own timestep and label
-    embedders, so its DiT-B is not the DiT-B people quote."""
-
-    def __init__(self, channels: int, side: int, hidden: int, depth: int, heads: int, patch: int,
-                 num_classes: int = 0):
-        super().__init__()
-        if side % patch or hidden % 4 or hidden % heads:
-            raise ValueError(f"a DiT probe needs a latent side divisible by its patch {patch} (got {side}) "
-                             f"and a width divisible by 4 and its heads (got {hidden}, {heads} heads)")
-        self.patch, self.num_classes = patch, num_classes
-        grid = side // patch
-        self.embed = nn.Conv2d(channels, hidden, patch, stride=patch)
-        position = get_2d_sincos_pos_embed(hidden, grid, base_size=grid, output_type="pt").float()
-        self.register_buffer("position", position[None], persistent=False)  # (1, N, D), fixed
-        self.time = nn.Sequential(nn.Linear(FREQUENCIES, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.label = nn.Embedding(num_classes, hidden) if num_classes else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.out = nn.Linear(hidden, patch * patch * channels)
-        self._initialise()
-
-    def _initialise(self) -> None:
-        """DiT's initialisation: Xavier for linear layers and the patch embedding, N(0, 0.02) for the
-        embedders, zero for every modulation and the output layer (each block starts as identity)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.embed.weight.view(self.embed.weight.shape[0], -1))
-        nn.init.zeros_(self.embed.bias)
-        for layer in (self.time[0], self.time[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        if self.label is not None:
-            nn.init.normal_(self.label.weight, std=0.02)
-        for last in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.out]:
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The velocity (B, C, h, w) at latents ``x`` (B, C, h, w) and times ``t`` (B,) (already × 1000)."""
-        b, c, h, w = x.shape
-        p = self.patch
-        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.position  # (B, N, D)
-        frequencies = get_timestep_embedding(t, FREQUENCIES, flip_sin_to_cos=True, downscale_freq_shift=0)
-        cond = self.time(frequencies.to(tokens.dtype))  # (B, D)
-        if self.label is not None:
-            cond = cond + self.label(class_labels)
-        for block in self.blocks:
-            tokens = block(tokens, cond)
-        shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
-        out = self.out(self.norm(tokens) * (1 + scale) + shift)  # (B, N, p·p·C)
-        return out.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
-
-
-def dit_patch(side: int) -> int:
-    """The DiT probe's patch: 2 for latents wider than 16 (DiT on f8 latents: 32² → 16² tokens), else 1
-    (LightningDiT on f16 latents: 16² tokens)."""
-    return 2 if side > 16 and side % 2 == 0 else 1
 
 
 def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family: str = "unet") -> nn.Module:

@@ -149,8 +149,9 @@ class GANTerm(LossTerm):
         if ctx.discriminator is None or ctx.last_layer is None:
             raise ValueError("the GAN term is active: pass the discriminator and the decoder's last layer")
         g_loss = generator_adversarial_loss(ctx.discriminator(out.reconstruction), d.loss)
-        d_weight = d.weight * adaptive_weight(ctx.nll, g_loss, ctx.last_layer, d.adaptive_weight_max)
-        return d_weight * g_loss, {"train/loss/g": g_loss.item(), "train/d_weight": d_weight.item()}
+        d_weight = (d.weight * adaptive_weight(ctx.nll, g_loss, ctx.last_layer, d.adaptive_weight_max)
+                    if d.adaptive else d.weight)
+        return d_weight * g_loss, {"train/loss/g": g_loss.item(), "train/d_weight": float(d_weight)}
 
     def card_line(self) -> str:
         d = self.config.discriminator
@@ -159,4 +160,5 @@ class GANTerm(LossTerm):
         if d.pretrain_steps:
             ramp += f" (steps 0-{d.pretrain_steps - 1}: the discriminator alone, against the frozen VAE)"
         return (f"PatchGAN ({d.n_layers} layers, {d.norm} norm, {d.loss} loss) from step {d.start}{ramp}, "
-                f"weight {d.weight:g} × the adaptive weight (max {d.adaptive_weight_max:g})")
+                f"weight {d.weight:g}" + (f" × the adaptive weight (max {d.adaptive_weight_max:g})" if d.adaptive
+                                          else " (fixed, no adaptive weight)"))

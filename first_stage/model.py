@@ -217,6 +217,7 @@ class ForwardPlan:
     reference_std: float | None = None  # latent_noise.reference_std
     scale_factors: tuple[int, ...] = ()  # 2502.14831: also decode down_s(z) for each s
     antialias: bool = False  # equivariance.antialias, for the scale term's resizes
+    diffusion: object | None = None  # e2e: the transformer's t, noise and vision tokens (first_stage.e2e.DiffusionDraw)
 
 
 class AutoencoderOutput(NamedTuple):

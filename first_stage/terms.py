@@ -9,6 +9,7 @@ from __future__ import annotations
 from .alignment import AlignmentTerm
 from .config import Config, ConfigError
 from .discriminator import GANTerm
+from .e2e import E2ETerm
 from .equivariance import EqVAETerm, LatentNoiseTerm, ScaleEquivarianceTerm
 from .fp16_safe import Fp16SafeTerm
 from .loss_term import LossTerm, refuse_below
@@ -24,6 +25,7 @@ TERMS: dict[str, type[LossTerm]] = {
     "latent_noise": LatentNoiseTerm,
     "teacher": TeacherTerm,
     "fp16_safe": Fp16SafeTerm,
+    "e2e": E2ETerm,
     "gan": GANTerm,
 }
 

@@ -37,13 +37,14 @@ from torch import nn
 from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_TERMS, TRAINER_STATES, TRAINING_STATE,
                          CheckpointError, build_autoencoder, check_architecture, check_checkpoint, encoder_origin,
                          read_state, recorded_origin, trainer_state_file)
-from .config import Config, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
+from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
+from .e2e import E2ETerm, ema_update
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, is_tiny, set_trainable
+from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, has_batch_norm, is_tiny, set_trainable
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -74,6 +75,7 @@ class TrainingState:
     consecutive_nonfinite: int = 0
     consecutive_empty: int = 0  # steps skipped in a row because some process got no decodable image
     consecutive_vanishing: int = 0  # optimiser steps in a row whose VAE gradient norm was at most vanishing_grad_norm
+    consecutive_vanishing_transformer: int = 0  # the same of the e2e transformer's gradient norm
     last_finite_step: int = -1
     skipped_images: int = 0  # corrupt or undecodable
     upsized_images: int = 0  # smaller than the crop
@@ -108,6 +110,14 @@ class TrainingParts:
     # A VAE started from released weights: what first_stage.checkpoint.encoder_origin says of it at the start
     encoder_origin: dict | None = None
     teacher: Teacher | None = None  # the frozen teacher of a distillation or fp16-safe run (config section teacher)
+    # End-to-end tuning (config section e2e, first_stage.e2e): its loss term (the align pass, the transformer's
+    # loss), the transformer (DDP-wrapped on several processes) and the module itself, its EMA, optimiser, scaler
+    e2e: E2ETerm | None = None
+    transformer: nn.Module | None = None
+    raw_transformer: nn.Module | None = None
+    transformer_ema: nn.Module | None = None
+    transformer_optimizer: torch.optim.Optimizer | None = None
+    transformer_scaler: torch.amp.GradScaler | None = None
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``resolution``² image."""
@@ -251,7 +261,34 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
         parts.discriminator = accelerator.prepare_model(discriminator)
         parts.raw_discriminator = accelerator.unwrap_model(parts.discriminator)
         parts.disc_scaler = torch.amp.GradScaler(accelerator.device.type, enabled=tcfg.mixed_precision == "fp16")
+    e2e = next((term for term in loss_fn.terms if isinstance(term, E2ETerm)), None)
+    if e2e is not None:
+        attach_transformer(parts, e2e, config, accelerator)
     return parts
+
+
+def attach_transformer(parts: TrainingParts, e2e: E2ETerm, config: Config, accelerator) -> None:
+    """End-to-end tuning's transformer in ``parts``: DDP-wrapped on several processes (its own module, not one
+    of Accelerate's: it has its own optimiser and GradScaler, like the discriminator, and its checkpoint files
+    are named, not numbered), its AdamW (section e2e's settings, constant learning rate) and fp16 GradScaler."""
+    vae = parts.raw_model.vae
+    if not has_batch_norm(vae) and config.export.latent_norm != "per_channel":
+        raise ConfigError(f"export.latent_norm: end-to-end tuning exports its BatchNorm's per-channel statistics as "
+                          f"latents_mean/latents_std; set export.latent_norm=per_channel (this config says "
+                          f"{config.export.latent_norm})")
+    if has_batch_norm(vae) and config.e2e.bn_eps != vae.config.batch_norm_eps:
+        raise ConfigError(f"e2e.bn_eps: the transformer's BatchNorm becomes the VAE's bn, whose eps is "
+                          f"{vae.config.batch_norm_eps:g}; set e2e.bn_eps={vae.config.batch_norm_eps:g}")
+    raw = e2e.transformer
+    transformer = raw
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+        transformer = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None)
+    parts.e2e, parts.transformer, parts.raw_transformer, parts.transformer_ema = e2e, transformer, raw, e2e.ema
+    parts.transformer_optimizer = adamw(raw.parameters(), config.e2e, config.e2e.lr, config.performance.fused_optimizer)
+    parts.transformer_scaler = torch.amp.GradScaler(accelerator.device.type,
+                                                    enabled=config.train.mixed_precision == "fp16")
 
 
 def note_layout(accelerator, state: TrainingState) -> None:
@@ -316,7 +353,16 @@ def restore(accelerator, parts: TrainingParts, path: Path, config: Config | None
     discriminator = parts.discriminator is not None
     for name in TRAINER_STATES:
         if getattr(parts, name) is not None:
-            getattr(parts, name).load_state_dict(read_state(trainer_state_file(path, name, discriminator)))
+            file = trainer_state_file(path, name, discriminator)
+            if not file.is_file():
+                raise CheckpointError(f"{file} not found: the checkpoint was written by a run without it (e.g. "
+                                      "without e2e.enabled); resume with the run's own config, or start a new run "
+                                      "with model.init_from set to this run")
+            try:
+                getattr(parts, name).load_state_dict(read_state(file))
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointError(f"{file} does not fit this config's {name}: {str(err)[:300]}. Resume with "
+                                      f"the run's own config: --config {path / CONFIG_FILE}") from None
     # the released VAE the run started from, as the run recorded it then (init_from may have changed since)
     parts.encoder_origin = recorded_origin(path)
     state = TrainingState()
@@ -383,6 +429,8 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     if parts.raw_discriminator is not None:
         parts.raw_discriminator.requires_grad_(False)
     out = parts.model(x, noise, plan)
+    if parts.e2e is not None:
+        e2e_start(parts, out.z, plan)
     loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
                                parts.raw_model.encoder_last_layer(), plan)
     if inject is not None:
@@ -395,7 +443,23 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
             d_loss, d_logs = discriminator_step_loss(parts.discriminator, out.target, out.reconstruction, dcfg.loss)
             parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
             logs.update(d_logs)
+    if finite and parts.e2e is not None:  # the transformer's step on the detached latent: never reaches the VAE
+        transformer_loss, t_logs = parts.e2e.transformer_loss(parts.transformer, out.z, plan.diffusion)
+        if inject is not None:
+            transformer_loss = transformer_loss * INJECTED[inject]
+        logs.update(t_logs)
+        finite = sum_over_processes(accelerator, float(not torch.isfinite(transformer_loss).item()))[0] == 0
+        if finite:
+            parts.transformer_scaler.scale(transformer_loss / config.train.grad_accum).backward()
     return finite, logs
+
+
+def e2e_start(parts: TrainingParts, z: torch.Tensor, plan: ForwardPlan) -> None:
+    """Before the align pass of the run's first step: the transformer's BatchNorm (and its EMA's) starts from
+    the measured statistics of this micro-batch's latents over every process (REPA-E's ``init_bn``)."""
+    if int(parts.raw_transformer.bn.num_batches_tracked) == 0:  # no transformer step yet (a skipped one undoes its)
+        parts.raw_transformer.bn.start_from(parts.e2e.layout.layout(z.detach()))
+        ema_update(parts.transformer_ema, parts.raw_transformer, 0.0)
 
 
 def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState,
@@ -417,10 +481,23 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
             # the norm before clipping, unscaled (no clipping: a max norm of infinity multiplies by exactly 1)
             norm = accelerator.clip_grad_norm_(parts.model.parameters(), ocfg.grad_clip or math.inf).item()
             logs["train/grad_norm"] = norm
-            vanished = norm <= tcfg.vanishing_grad_norm
-            state.consecutive_vanishing = state.consecutive_vanishing + 1 if vanished else 0
+            norms = [norm]
+            if parts.transformer_optimizer is not None:
+                norms.append(transformer_grad_norm(parts, config.e2e.grad_clip))
+                logs["train/e2e_grad_norm"] = norms[-1]
+            # a finite loss with an infinite gradient (fp16's GradScalers skip theirs themselves)
+            finite = tcfg.mixed_precision == "fp16" or all(map(math.isfinite, norms))
+        if finite and vae_trains:
+            state.consecutive_vanishing = state.consecutive_vanishing + 1 if norms[0] <= tcfg.vanishing_grad_norm else 0
             parts.optimizer.step()
-        if parts.disc_optimizer is not None and any(p.grad is not None for p in parts.discriminator.parameters()):
+            if parts.transformer_optimizer is not None:
+                vanished = norms[1] <= tcfg.vanishing_grad_norm
+                state.consecutive_vanishing_transformer = state.consecutive_vanishing_transformer + 1 if vanished else 0
+                parts.transformer_scaler.step(parts.transformer_optimizer)
+                parts.transformer_scaler.update()
+        disc_grads = parts.disc_optimizer is not None and any(p.grad is not None
+                                                               for p in parts.discriminator.parameters())
+        if finite and disc_grads:
             set_lr(parts.disc_optimizer, parts.disc_lr * factor)
             parts.disc_scaler.unscale_(parts.disc_optimizer)
             if ocfg.grad_clip:
@@ -428,22 +505,30 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
                                                                               ocfg.grad_clip).item()
             parts.disc_scaler.step(parts.disc_optimizer)
             parts.disc_scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
-    if parts.disc_optimizer is not None:
-        parts.disc_optimizer.zero_grad(set_to_none=True)
+    for optimizer in (parts.optimizer, parts.disc_optimizer, parts.transformer_optimizer):
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
 
     if finite and not empty and not (vae_trains and accelerator.optimizer_step_was_skipped):
         if tcfg.ema and vae_trains:
             parts.ema.step(parts.raw_model.vae.parameters())
+        if parts.transformer_ema is not None and vae_trains:
+            ema_update(parts.transformer_ema, parts.raw_transformer, config.e2e.ema_decay)
         state.consecutive_nonfinite, state.consecutive_empty, state.last_finite_step = 0, 0, state.step
     else:
-        reason = "non-finite loss" if not finite else "empty batch" if empty else "fp16 overflow"
+        reason = ("empty batch" if empty else "non-finite loss or gradient" if not finite else "fp16 overflow")
         state.skipped_steps += 1
         state.consecutive_nonfinite += 0 if finite else 1
         state.consecutive_empty = state.consecutive_empty + 1 if empty else 0
         accelerator.print(f"step {state.step}: skipped ({reason})")
     state.step += 1
     return logs
+
+
+def transformer_grad_norm(parts: TrainingParts, clip: float | None) -> float:
+    """The e2e transformer's gradient norm, unscaled, before clipping at ``clip`` (None: no clipping)."""
+    parts.transformer_scaler.unscale_(parts.transformer_optimizer)
+    return torch.nn.utils.clip_grad_norm_(parts.raw_transformer.parameters(), clip or math.inf).item()
 
 
 def train_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState, batches: Iterator[dict],
@@ -457,11 +542,12 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
     process: a partial window would step with gradients that were never synchronised.
     """
     tcfg = config.train
-    accumulated = [parts.model] + ([parts.discriminator] if parts.discriminator is not None else [])
+    accumulated = [m for m in (parts.model, parts.discriminator, parts.transformer) if m is not None]
     finite, empty, sums, micro_batches, step_logs = True, False, {}, 0, {}
     # Forward passes in train mode update buffers (the discriminator's BatchNorm statistics): a
     # skipped step puts them back, so that it changes nothing at all.
-    buffers = [(b, b.clone()) for module in (parts.raw_model, parts.raw_discriminator) if module is not None
+    buffers = [(b, b.clone()) for module in (parts.raw_model, parts.raw_discriminator, parts.raw_transformer)
+               if module is not None
                for b in module.buffers()]
     for micro in range(tcfg.grad_accum):
         wait = time.time()

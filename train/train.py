@@ -150,7 +150,11 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             log(accelerator, validate(parts, val_images, tcfg.ema, grid), state.step, run_dir)
 
         too_many = max(state.consecutive_nonfinite, state.consecutive_empty) >= tcfg.max_nonfinite
-        vanished = 0 < tcfg.max_vanishing_steps <= state.consecutive_vanishing
+        vanished_parts = [(name, count, key) for name, count, key in (
+            ("VAE's", state.consecutive_vanishing, "train/grad_norm"),
+            ("e2e transformer's", state.consecutive_vanishing_transformer, "train/e2e_grad_norm"))
+            if 0 < tcfg.max_vanishing_steps <= count]
+        vanished = bool(vanished_parts)
         stop = sum_over_processes(accelerator, float(bool(stop_signal)))[0] > 0
         if state.step % tcfg.checkpoint_every == 0 or too_many or vanished or stop or last:
             files = {**checkpoint_files, TRAINING_STATE: json.dumps(state.state_dict(), indent=1)}
@@ -163,9 +167,10 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             exit_code = EXIT_NONFINITE
             break
         if vanished:
-            reason = (f"the VAE's gradient norm was at most train.vanishing_grad_norm={tcfg.vanishing_grad_norm:g} "
-                      f"for {state.consecutive_vanishing} consecutive steps (the last {logs.get('train/grad_norm')}): "
-                      "training had stopped moving the weights")
+            reason = " and ".join(
+                f"the {name} gradient norm was at most train.vanishing_grad_norm={tcfg.vanishing_grad_norm:g} for "
+                f"{count} consecutive steps (the last {logs.get(key)})" for name, count, key in vanished_parts
+            ) + ": training had stopped moving the weights"
             accelerator.print(f"stopping: {reason}. Checkpoint saved.")
             exit_code = EXIT_VANISHED
             break
