@@ -339,6 +339,65 @@ def test_e2e_watchdog_stops_when_the_gradients_vanish(tmp_path):
     assert norms[2] == 0 and norms[4] == norms[5] == 0 and norms[1] > 0 and norms[3] > 0
 
 
+# End-to-end tuning (REPA-E) at test size: a 2-block transformer, REPA at block 1, the tiny DINOv2.
+E2E = ["e2e.enabled=true", "e2e.transformer=tiny", "e2e.encoder_depth=1", "e2e.projector_dim=16",
+       "export.latent_norm=per_channel"]
+E2E_FILES = ("e2e_transformer.pt", "e2e_ema.pt", "e2e_optimizer.pt", "e2e_scaler.pt")
+
+
+def e2e_states(run_dir, step) -> dict:
+    return {name: torch.load(run_dir / "checkpoints" / f"checkpoint-{step}" / name, weights_only=True)
+            for name in E2E_FILES}
+
+
+def flat_transformer(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for k, v in sorted(state.items()) if not k.startswith("bn.")])
+
+
+def test_e2e_exact_resume(tmp_path, dinov2_folder):
+    """An e2e run resumed mid-way equals the straight one bit for bit: the VAE, the discriminator, the transformer,
+    its EMA (BatchNorm buffers included), its optimiser and scaler, and every logged loss."""
+    e2e = [*E2E, f"e2e.model={dinov2_folder}"]
+    _, straight = run_train(tmp_path, "straight", "train.max_steps=4", *e2e)
+    run_train(tmp_path, "resumed", "train.max_steps=2", *e2e)
+    _, resumed = run_train(tmp_path, "resumed", "train.max_steps=4", *e2e, resume="latest")
+    keys = ("train/loss/total", "train/e2e/vae_align", "train/e2e/denoise", "train/e2e/proj", "train/e2e_grad_norm")
+    for key in keys:
+        a = {m["step"]: m[key] for m in metrics(straight) if key in m}
+        assert a == {m["step"]: m[key] for m in metrics(resumed) if key in m} and sorted(a) == [1, 2, 3, 4], key
+    assert_same_checkpoint(straight, resumed, 4)
+    a, b = e2e_states(straight, 4), e2e_states(resumed, 4)
+    for name in ("e2e_transformer.pt", "e2e_ema.pt"):
+        assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert str(a["e2e_optimizer.pt"]) == str(b["e2e_optimizer.pt"])
+    assert int(a["e2e_ema.pt"]["bn.num_batches_tracked"]) == 4
+
+
+def test_e2e_two_processes_equal_one_with_double_batch(tmp_path, dinov2_folder):
+    """Two processes of 2 images train the VAE and the transformer as one process of 4: the latent BatchNorm's
+    statistics are summed over processes (SyncBN), so its running statistics agree too."""
+    e2e = [*EQUIVALENCE, *E2E, f"e2e.model={dinov2_folder}"]
+    _, two = run_train(tmp_path, "two", *e2e, launch=launch_command(2), env=cpu_env())
+    _, one = run_train(tmp_path, "one", *e2e, "train.batch_size=4")
+    assert_same_training(two, one, extra_keys=("train/e2e/vae_align", "train/e2e/denoise", "train/e2e/proj"))
+    a, b, b1 = (e2e_states(r, s)["e2e_transformer.pt"] for r, s in ((two, 2), (one, 2), (one, 1)))
+    update = (flat_transformer(b) - flat_transformer(b1)).norm()
+    assert update > 0 and (flat_transformer(a) - flat_transformer(b)).norm() < 0.01 * update
+    for key in ("bn.running_mean", "bn.running_var"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_e2e_watchdog_names_the_transformer(tmp_path, dinov2_folder):
+    """With the losses multiplied by 0, both the VAE's and the transformer's gradient norms vanish: the run stops
+    with exit status 3 and a reason naming both."""
+    proc, run = run_train(tmp_path, "zero", "train.max_steps=6", "discriminator.enabled=false", *E2E,
+                          f"e2e.model={dinov2_folder}", "train.max_vanishing_steps=2",
+                          env={"FIRST_STAGE_INJECT_ZERO": "0,1"}, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert status(run)["state"] == "vanished" and status(run)["step"] == 2
+    assert "the e2e transformer's gradient norm" in status(run)["reason"] and "the VAE's" in status(run)["reason"]
+
+
 def test_sigterm_saves_resumable_checkpoint(tmp_path):
     proc = start_train(tmp_path, "preempt", "train.checkpoint_every=100000")
     run = tmp_path / "preempt"
