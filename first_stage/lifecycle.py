@@ -36,7 +36,7 @@ from .perceptual import LPIPSWeightsError, LPIPSWeightsNotFound
 
 EXIT_ERROR = 1
 EXIT_NONFINITE = 2
-EXIT_VANISHED = 3  # the watchdog: the VAE's gradients vanished (train.max_vanishing_steps)
+EXIT_VANISHED = 3  # the watchdog: the VAE's or the e2e transformer's gradients vanished (train.max_vanishing_steps)
 STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}  # the shell's 128 + signal number
 # status.json's state, by exit code
 RUN_STATES = {0: "finished", EXIT_NONFINITE: "nonfinite", EXIT_VANISHED: "vanished", 143: "stopped", 130: "stopped"}
