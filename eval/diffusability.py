@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-pattern", default=None,
                         help="regex: images whose file names give the same match (group 1 if any) are held out "
                              "together, e.g. '^(.+)_\\d+_\\d+\\.png$' for tiles of one photograph")
+    parser.add_argument("--repa-model", default=None,
+                        help="DiT probe only: train it with REPA against this vision model's patch tokens (a local "
+                             "folder or a cached Hugging Face id, e.g. facebook/dinov2-base; never downloaded)")
+    parser.add_argument("--repa-weight", type=float, default=0.5, help="the REPA term's weight (REPA's proj_coeff)")
+    parser.add_argument("--repa-depth", type=int, default=None,
+                        help="the block whose tokens REPA aligns (default: a third of the blocks, 4 of DiT-B's 12)")
     parser.add_argument("--steps", type=int, default=2000, help="probe optimiser steps")
     parser.add_argument("--batch-size", type=int, default=64, help="probe global batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="probe AdamW learning rate (after a linear warm-up)")

@@ -49,10 +49,11 @@ from torch import nn
 
 from .config import DataConfig
 from .data import DataError, describe
+from .alignment import load_foundation_model
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
 from .latent_stats import GAUSSIAN_TAIL, reduce_sum
-from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch
+from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch, repa_loss, repa_projector
 from .model import Autoencoder
 
 # Channel widths per level; a latent of side s gets min(levels, log2(s / 4) + 1) of them (fewer when
@@ -74,9 +75,38 @@ NORMALISATIONS = ("channel", "exported")
 DEPLOYED_STD_TOLERANCE = 1.5
 
 
-def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family: str = "unet") -> nn.Module:
+class RepaProbe(nn.Module):
+    """A DiT probe trained with REPA's alignment (REPA; REPA-E's transformer step): its tokens after block
+    ``depth``, through REPA's projector, are pulled toward a vision model's patch tokens of the same image.
+    Called without tokens it is the DiT alone (what evaluation and sampling run)."""
+
+    def __init__(self, dit: ProbeDiT, feature_dim: int, depth: int, projector_dim: int):
+        super().__init__()
+        self.dit, self.depth = dit, depth
+        self.projector = repa_projector(dit.embed.out_channels, projector_dim, feature_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None):
+        """The velocity; with ``tokens`` (B, N, D), (the velocity, the REPA loss against them)."""
+        if tokens is None:
+            return self.dit(x, t)
+        prediction, features = self.dit.run(x, t, features_at=self.depth)
+        return prediction, repa_loss(self.projector(features), tokens)
+
+
+def repa_depth(preset: str, depth: int | None) -> int:
+    """The block REPA reads in a DiT probe of ``preset``: ``depth``, or a third of the blocks (4 of DiT-B's 12)."""
+    blocks = DIT_PROBES[preset]["depth"]
+    chosen = depth if depth is not None else max(1, blocks // 3)
+    if not 1 <= chosen <= blocks:
+        raise ValueError(f"probe setting repa_depth must be in [1, {blocks}] for the {preset} DiT, got {chosen}")
+    return chosen
+
+
+def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family: str = "unet",
+                repa: tuple[int, int] | None = None) -> nn.Module:
     """The probe for latents (C, h, w) (square): a ``UNet2DModel`` from ``PROBES[preset]`` or a
-    :class:`ProbeDiT` from ``DIT_PROBES[preset]``."""
+    :class:`ProbeDiT` from ``DIT_PROBES[preset]``; with ``repa`` = (the vision model's width, the block REPA
+    reads), that DiT in a :class:`RepaProbe` (projector width 2048 as REPA's, the hidden width for ``tiny``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown probe family {family!r}; choose from {list(FAMILIES)}")
     presets = PROBES if family == "unet" else DIT_PROBES
@@ -84,7 +114,12 @@ def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family
         raise ValueError(f"unknown probe preset {preset!r}; choose from {sorted(presets)}")
     channels, side, _ = latent_shape
     if family == "dit":
-        return ProbeDiT(channels, side, patch=dit_patch(side), **DIT_PROBES[preset])
+        dit = ProbeDiT(channels, side, patch=dit_patch(side), **DIT_PROBES[preset])
+        if repa is None:
+            return dit
+        return RepaProbe(dit, repa[0], repa[1], DIT_PROBES[preset]["hidden"] if preset == "tiny" else 2048)
+    if repa is not None:
+        raise ValueError("the REPA term is for the DiT probe (--probe-family dit)")
     spec = PROBES[preset]
     levels = max(1, min(len(spec["widths"]), int(math.log2(max(side, 4) / 4)) + 1))
     while side % 2 ** (levels - 1):  # every downsampling must halve exactly, or the skips do not line up
@@ -116,6 +151,14 @@ def flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> 
     tt = t.view(-1, 1, 1, 1).to(x0.dtype)
     xt = (1 - tt) * x0 + tt * noise
     return (velocity(model, xt, t).float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+
+
+def repa_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample flow-matching loss (B,), REPA loss) of a :class:`RepaProbe` against vision ``tokens``."""
+    tt = t.view(-1, 1, 1, 1).to(x0.dtype)
+    prediction, align = model((1 - tt) * x0 + tt * noise, t * TIME_SCALE, tokens)
+    return (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), align
 
 
 def gaussian_reference(channel_var: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -200,13 +243,16 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, batch_size: int, seed: int,
                 evaluate: Callable[[int, float | None], None] | None = None, eval_every: int = 0, warmup: int = 100,
-                ema: nn.Module | None = None, ema_decay: float = 0.999) -> dict:
+                ema: nn.Module | None = None, ema_decay: float = 0.999, tokens: torch.Tensor | None = None,
+                repa_weight: float = 0.0) -> dict:
     """Train the prepared ``model`` on ``train`` latents (N, C, h, w) for ``steps`` steps of a global
     batch of ``batch_size`` (divisible by the process count): data order, timesteps and noise of
     step s are drawn from (seed, s) on every process, which takes its slice. Linear lr warm-up over
     ``warmup`` steps, gradient clipping at 1, ``ema`` (an unprepared copy) updated after every step.
     Calls ``evaluate(step, training loss since the last call, or None)`` every ``eval_every`` steps and
-    at the end. Returns the cost: steps/s and wall time (evaluation excluded)."""
+    at the end. With ``tokens`` (N, T, D), the vision tokens of the ``train`` images, a :class:`RepaProbe`
+    adds ``repa_weight`` × REPA (the training loss reported stays the flow-matching loss). Returns the
+    cost: steps/s and wall time (evaluation excluded)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} processes")
@@ -227,10 +273,14 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
         mine = slice(rank * local, (rank + 1) * local)
         for group, lr in zip(optimizer.param_groups, base_lr):
             group["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        x0, eps, tt = (v[mine].to(accelerator.device) for v in (train[rows], noise, t))
         with accelerator.autocast():
-            loss = flow_loss(model, train[rows[mine]].to(accelerator.device), noise[mine].to(accelerator.device),
-                             t[mine].to(accelerator.device)).mean()
-        accelerator.backward(loss)
+            if tokens is None:
+                loss = total = flow_loss(model, x0, eps, tt).mean()
+            else:
+                flow, align = repa_flow_loss(model, x0, eps, tt, tokens[rows[mine]].to(accelerator.device))
+                loss, total = flow.mean(), flow.mean() + repa_weight * align
+        accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -311,6 +361,12 @@ class ProbeSettings:
     seeds: int = 3  # probes trained per normalisation: seed, seed + 1, …
     ema_decay: float = 0.999  # the evaluated and sampled weights: an EMA of the trained ones (see ema_update)
     group_pattern: str | None = None  # regex: images whose file names match alike are held out together
+    # REPA for the DiT probe: a vision model (a local folder or a cached Hugging Face id, as alignment.model) whose
+    # patch tokens the probe's tokens after block repa_depth (None: a third of the blocks) align to, weight repa_weight
+    # (REPA's proj_coeff 0.5); None: off.
+    repa_model: str | None = None
+    repa_weight: float = 0.5
+    repa_depth: int | None = None
     samples: int = 16  # samples shown
     sample_steps: int = 50  # Euler steps per sample
     fid_samples: int | None = None  # default: the held-out images
@@ -334,12 +390,20 @@ class ProbeSettings:
                              f"{self.probe_family!r} (families: {list(FAMILIES)}), got {self.probe!r}")
         if self.group_pattern is not None:
             re.compile(self.group_pattern)
+        if self.repa_model is not None:
+            if self.probe_family != "dit":
+                raise ValueError("probe setting repa_model: the REPA term is for the DiT probe (probe_family dit)")
+            repa_depth(self.probe, self.repa_depth)
+            if self.repa_weight < 0:
+                raise ValueError(f"probe setting repa_weight must be >= 0, got {self.repa_weight}")
 
 
 @torch.no_grad()
-def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, batch: dict) -> list[tuple]:
-    """(image id, latent (C, h, w), file name) of each image of a batch; the held-out images
-    (id ≥ ``held_from``) also enter ``fid`` as real images."""
+def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, vision, batch: dict) -> list[tuple]:
+    """(image id, latent (C, h, w), file name, vision tokens (T, D) fp16 or None) of each image of a batch; the
+    held-out images (id ≥ ``held_from``) also enter ``fid`` as real images. ``vision``: the REPA term's
+    vision model (:class:`first_stage.alignment.FoundationFeatures`), whose tokens are taken on the DiT probe's
+    token grid as REPA's DINOv2 sees the image (ImageNet-normalised, bicubic, 14 pixels per token)."""
     x = batch["pixel_values"]
     posterior = vae.encode(x.to(vae.dtype)).latent_dist
     z = posterior.mean.float().cpu()
@@ -350,7 +414,13 @@ def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, batc
     if fid is not None and held:
         fid.update((x[held].float() + 1) / 2, real=True)
     names = batch.get("names") or [None] * len(batch["ids"])
-    return list(zip(batch["ids"], z, [str(n) for n in names]))
+    tokens = [None] * len(batch["ids"])
+    if vision is not None:
+        side = LatentNormalizer.of(vae).layout(z[:1]).shape[-1]  # what the probe reads (FLUX.2: 2×2 patches)
+        grid = (side // dit_patch(side),) * 2
+        features = vision(x.to(vision.mean.device), grid, normalize=True, interpolation="bicubic")
+        tokens = list(features.flatten(2).transpose(1, 2).half().cpu())  # (B, T, D)
+    return list(zip(batch["ids"], z, [str(n) for n in names], tokens))
 
 
 def probe_normaliser(vae: Autoencoder, train: torch.Tensor, kind: str) -> LatentNormalizer:
@@ -474,17 +544,24 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
                          "images enter FID while they are encoded, before the groups are known")
     fid = build_fid(inception_weights, accelerator.device)
     key = cache_key(source, data, images, settings)
-    cached = read_cache(cache, key) if fid is None else None
+    # the cache holds latents only: gFID needs the images, REPA their vision tokens
+    cached = read_cache(cache, key) if fid is None and settings.repa_model is None else None
+    vision = None
+    if settings.repa_model is not None:
+        vision = load_foundation_model(settings.repa_model, "latent").to(accelerator.device)
+    tokens = None
     if cached is not None:
         latents, ids, names = cached
         skipped = []
     else:
-        encode = functools.partial(_encode, vae, settings, held_from, fid)
+        encode = functools.partial(_encode, vae, settings, held_from, fid, vision)
         encoded, skipped = stream_images(accelerator, data, images, settings.encode_batch_size, settings.seed, encode)
         if not encoded:
             raise DataError(f"no decodable image among the images picked of {describe(data)}")
-        latents = torch.stack([z for _, z, _ in encoded])  # (N, C, h, w), in id order
-        ids, names = [i for i, _, _ in encoded], [n for _, _, n in encoded]
+        latents = torch.stack([z for _, z, _, _ in encoded])  # (N, C, h, w), in id order
+        ids, names = [i for i, _, _, _ in encoded], [n for _, _, n, _ in encoded]
+        if vision is not None:
+            tokens = torch.stack([v for _, _, _, v in encoded])  # (N, T, D) fp16
     encode_seconds = time.time() - wall
     held_mask = split_held_out(ids, names, held_from, settings)
     if all(held_mask) or not any(held_mask):
@@ -499,7 +576,8 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
     for kind in settings.normalise:
         norm = probe_normaliser(vae, train_raw, kind)
         train, held = norm.normalize(train_raw), norm.normalize(held_raw)
-        runs = [_probe_run(train, held, held_ids, grid, settings, settings.seed + j, accelerator)
+        runs = [_probe_run(train, held, held_ids, grid, settings, settings.seed + j, accelerator,
+                           tokens[train_rows] if tokens is not None else None)
                 for j in range(settings.seeds)]
         columns[kind] = _column(kind, norm, train, grid, runs)
         if first is None:
@@ -538,7 +616,10 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
                   "name": probe_name(settings.probe_family, settings.probe, shape),
                   "parameters": sum(p.numel() for p in probe.parameters()), "steps": settings.steps,
                   "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
-                  "seeds": settings.seeds, "ema_decay": settings.ema_decay},
+                  "seeds": settings.seeds, "ema_decay": settings.ema_decay,
+                  "repa": None if settings.repa_model is None else {
+                      "model": settings.repa_model, "weight": settings.repa_weight,
+                      "depth": repa_depth(settings.probe, settings.repa_depth), "tokens": list(tokens.shape[1:])}},
         "ranking": {"normalise": settings.normalise[0], "ratio": ranking["held_out_loss"]["ratio"],
                     "ratio_sd": ranking["held_out_loss"]["ratio_sd"]},
         "deployed": {"std": deployed_std, "pipeline": deployed_norm.describe(), "tolerance": DEPLOYED_STD_TOLERANCE,
@@ -559,12 +640,13 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
 
 
 def _probe_run(train: torch.Tensor, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor,
-               settings: ProbeSettings, seed: int, accelerator) -> dict:
+               settings: ProbeSettings, seed: int, accelerator, tokens: torch.Tensor | None = None) -> dict:
     """Train one probe from ``seed`` (its init, data order, timesteps and noise; the held-out noise stays
     that of ``settings.seed``, the same for every probe) and evaluate its EMA weights. Returns its curve
     [(step, held-out loss (T,), training loss or None)], cost and EMA probe."""
     torch.manual_seed(seed)  # the same initial weights for every VAE and on every process
-    model = build_probe(tuple(train.shape[1:]), settings.probe, settings.probe_family)
+    repa = None if tokens is None else (tokens.shape[-1], repa_depth(settings.probe, settings.repa_depth))
+    model = build_probe(tuple(train.shape[1:]), settings.probe, settings.probe_family, repa)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -572,7 +654,8 @@ def _probe_run(train: torch.Tensor, held: torch.Tensor, held_ids: list[int], gri
     curve = []
     evaluate = functools.partial(_evaluate, curve, ema, held, held_ids, grid, settings, accelerator)
     cost = train_probe(accelerator, model, optimizer, train, settings.steps, settings.batch_size, seed, evaluate,
-                       settings.eval_every or max(1, settings.steps // 10), settings.warmup, ema, settings.ema_decay)
+                       settings.eval_every or max(1, settings.steps // 10), settings.warmup, ema, settings.ema_decay,
+                       tokens, settings.repa_weight)
     del model, optimizer
     accelerator.free_memory()  # the Accelerator lets go of this probe and optimiser
     return {"seed": seed, "curve": curve, "cost": cost, "probe": ema}

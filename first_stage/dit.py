@@ -128,3 +128,21 @@ def dit_patch(side: int) -> int:
     """The DiT probe's patch: 2 for latents wider than 16 (DiT on f8 latents: 32² → 16² tokens), else 1
     (LightningDiT on f16 latents: 16² tokens)."""
     return 2 if side > 16 and side % 2 == 0 else 1
+
+
+def repa_projector(hidden: int, width: int, out: int) -> nn.Sequential:
+    """REPA's projector (``build_mlp`` of REPA and REPA-E): hidden → width → width → out, SiLU between, Xavier
+    weights and zero biases (SiT's ``initialize_weights``)."""
+    projector = nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                              nn.Linear(width, out))
+    for layer in projector[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return projector
+
+
+def repa_loss(projected: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """REPA's loss, fp32 with autocast off (REPA #46): the mean over images and tokens of −cos(projected, the
+    vision model's token at the same place), both (B, N, D)."""
+    with torch.autocast(projected.device.type, enabled=False):
+        return -(F.normalize(projected.float(), dim=-1) * F.normalize(tokens.float(), dim=-1)).sum(-1).mean()

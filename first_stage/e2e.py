@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from .alignment import FoundationFeatures, load_foundation_model
 from .config import Config, ConfigError, E2EConfig
-from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch
+from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch, repa_loss, repa_projector
 from .latent_norm import LatentNormalizer
 from .loss_term import LossContext, LossTerm, StepDraw, refuse_below
 from .model import DTYPES, ForwardPlan, downsampling_factor, is_tiny
@@ -123,13 +122,7 @@ class E2ETransformer(nn.Module):
         self.encoder_depth, self.path = cfg.encoder_depth, cfg.path
         self.bn = LatentBatchNorm(channels, cfg.bn_eps, cfg.bn_momentum)
         self.dit = ProbeDiT(channels, side, patch=cfg.patch or dit_patch(side), **size)
-        hidden = size["hidden"]
-        self.projector = nn.Sequential(nn.Linear(hidden, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, cfg.projector_dim), nn.SiLU(),
-                                       nn.Linear(cfg.projector_dim, feature_dim))
-        for layer in self.projector[::2]:  # SiT's initialize_weights: Xavier for every linear layer
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.projector = repa_projector(size["hidden"], cfg.projector_dim, feature_dim)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, align_only: bool = False
                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -140,12 +133,6 @@ class E2ETransformer(nn.Module):
         x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
         prediction, tokens = self.dit.run(x_t, t, features_at=self.encoder_depth, stop=align_only)
         return prediction, target, self.projector(tokens)
-
-
-def repa_loss(projected: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """REPA's loss, fp32: the mean over images and tokens of −cos(projected, the vision model's token)."""
-    with torch.autocast(projected.device.type, enabled=False):
-        return -(F.normalize(projected.float(), dim=-1) * F.normalize(tokens.float(), dim=-1)).sum(-1).mean()
 
 
 @torch.no_grad()

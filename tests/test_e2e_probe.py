@@ -4,6 +4,7 @@ column that does); the t-weighted headline; EMA; the DCT high-band share; the la
 the grouped held-out split; the script with the DiT family. CPU, tiny probes. ``pytest -k e2e``."""
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from conftest import cpu_env
 
 from first_stage.data import calibration_batches
 from first_stage.diffusability import (DEPLOYED_STD_TOLERANCE, ProbeSettings, build_probe, dct_high_share,
+                                      repa_flow_loss,
                                        ema_update, gaussian_reference, held_out_loss, probe_name, probe_vae,
                                        split_held_out, timestep_grid, timestep_weights, train_probe, weighted_ratio)
 from first_stage.evaluation import evaluation_autoencoder, evaluation_data
@@ -166,6 +168,30 @@ def test_e2e_wrong_scaling_factor_ranks_equal_and_is_flagged(accelerator, tiny_v
     assert again["ranking"]["ratio"] == pytest.approx(a["ranking"]["ratio"], rel=1e-9)
     table = markdown_table(diffusability_rows([{"results": a}, {"results": b}]), ["a", "b"], "reference")
     assert "⚠ outside [1/1.5, 1.5]" in table and "**channel**" in table and "**exported**" in table
+
+
+def test_e2e_probe_with_repa_aligns_to_the_vision_tokens(accelerator, tiny_vae, tmp_path, dinov2_folder):
+    """The DiT probe's optional REPA term: the vision model's tokens of each image on the probe's token grid, the
+    probe's tokens after block 1 pulled toward them (the REPA loss falls as it trains), the report naming it;
+    evaluation and sampling run the DiT alone. The U-Net probe refuses it."""
+    vae = evaluation_autoencoder(global_export(tiny_vae, tmp_path / "vae"), accelerator.device)
+    settings = dataclasses.replace(SETTINGS, probe_family="dit", seeds=1, normalise=("channel",),
+                                   repa_model=str(dinov2_folder), repa_depth=1)
+    result, _ = probe_vae(vae, accelerator, evaluation_data(DATA), 9, settings)
+    assert result["probe"]["repa"] == {"model": str(dinov2_folder), "weight": 0.5, "depth": 1, "tokens": [256, 32]}
+    assert "REPA 0.5 × at block 1" in markdown_table(diffusability_rows([{"results": result}]), ["a"], "reference")
+    # the term itself: REPA's loss against fixed tokens falls under training
+    torch.manual_seed(0)
+    model = build_probe((4, 8, 8), "tiny", "dit", repa=(32, 1))
+    train, tokens = torch.randn(16, 4, 8, 8), torch.randn(16, 64, 32)
+    x0, noise, t = train[:8], torch.randn(8, 4, 8, 8), torch.full((8,), 0.5)
+    before = repa_flow_loss(model, x0, noise, t, tokens[:8])[1].item()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_probe(accelerator, model, optimizer, train, 30, 8, seed=0, warmup=1, tokens=tokens, repa_weight=1.0)
+    assert repa_flow_loss(model, x0, noise, t, tokens[:8])[1].item() < before - 0.05
+    with pytest.raises(ValueError, match="DiT probe"):
+        ProbeSettings(repa_model=str(dinov2_folder))
 
 
 @pytest.mark.slow
