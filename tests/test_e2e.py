@@ -205,3 +205,28 @@ def test_e2e_micro_step_runs_before_the_discriminator_pretraining_ends_without_t
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_e2e_draws_are_a_function_of_the_image_not_the_layout(e2e_parts):
+    """t and noise of an image depend on (seed, step, its place in the global batch) only: four images drawn at
+    once equal two micro-batches (or two processes) of two."""
+    config, parts, accelerator = e2e_parts
+    shape, device = parts.latent_shape(32), accelerator.device
+    whole = parts.e2e.draw(StepDraw(0, 3, 0, 4, shape, device))
+    halves = [parts.e2e.draw(StepDraw(0, 3, first, 2, shape, device)) for first in (0, 2)]
+    assert torch.equal(whole.t, torch.cat([h.t for h in halves]))
+    assert torch.equal(whole.noise, torch.cat([h.noise for h in halves]))
+    assert not torch.equal(whole.t, parts.e2e.draw(StepDraw(0, 4, 0, 4, shape, device)).t)
+    assert ((whole.t >= 0) & (whole.t <= 1)).all()
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_e2e_interpolant_velocity_is_the_time_derivative(path):
+    """REPA-E's paths: the target d_alpha·x + d_sigma·ε is d/dt of alpha·x + sigma·ε (finite difference)."""
+    from first_stage.e2e import interpolant
+
+    t = torch.tensor([0.2, 0.7]).view(-1, 1, 1, 1).double()
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path)
+    a2, s2, _, _ = interpolant(t + 1e-6, path)
+    torch.testing.assert_close((a2 - alpha) / 1e-6, d_alpha, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((s2 - sigma) / 1e-6, d_sigma, rtol=1e-4, atol=1e-5)
