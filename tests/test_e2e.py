@@ -3,13 +3,15 @@ random DINOv2 built from Dinov2Config. The firewalls with known answers, the lat
 torch's, the watchdog, and refusals. Run-level tests (exact resume, two processes equal one) are in
 tests/test_train.py (``-k e2e``)."""
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from first_stage.config import ConfigError, load_config
-from first_stage.e2e import LatentBatchNorm, ema_update, repa_loss
+from first_stage.e2e import E2ETransformer, LatentBatchNorm, ema_update, repa_loss
 from first_stage.loss_term import StepDraw
 from first_stage.trainer import (TrainingState, accelerator_options, build_parts, e2e_start, forward_plan, micro_step,
                                  posterior_noise, train_step)
@@ -230,3 +232,28 @@ def test_e2e_interpolant_velocity_is_the_time_derivative(path):
     a2, s2, _, _ = interpolant(t + 1e-6, path)
     torch.testing.assert_close((a2 - alpha) / 1e-6, d_alpha, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close((s2 - sigma) / 1e-6, d_sigma, rtol=1e-4, atol=1e-5)
+
+
+def test_e2e_resume_into_another_transformer_is_refused_naming_the_file(e2e_parts, images, tmp_path):
+    """A checkpoint whose transformer has other shapes is refused, naming its file and the config to resume with;
+    a checkpoint of a run without e2e is refused, naming the missing file."""
+    import json
+
+    from first_stage.checkpoint import TRAINING_STATE, CheckpointError, save_checkpoint
+    from first_stage.trainer import restore, run_files, trainer_states
+
+    config, parts, accelerator = e2e_parts
+    state = TrainingState()
+    train_step(accelerator, parts, config, state, iter([{"pixel_values": images, "skipped": 0, "upsized": 0}]))
+    files = {**run_files(config, parts), TRAINING_STATE: json.dumps(state.state_dict())}
+    ckpt = save_checkpoint(accelerator, tmp_path / "ckpts", state.step, files, 0, trainer_states(parts))
+    assert restore(accelerator, parts, ckpt).step == 1
+    kept = parts.raw_transformer
+    parts.raw_transformer = E2ETransformer(parts.e2e.channels, parts.e2e.side,
+                                           dataclasses.replace(config.e2e, projector_dim=8), parts.e2e.vision.dim)
+    with pytest.raises(CheckpointError, match=r"e2e_transformer\.pt does not fit this config's raw_transformer"):
+        restore(accelerator, parts, ckpt)
+    parts.raw_transformer = kept
+    (ckpt / "e2e_ema.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"e2e_ema\.pt not found"):
+        restore(accelerator, parts, ckpt)
