@@ -227,7 +227,8 @@ class E2ETerm(LossTerm):
             load_transformer(self.transformer, cfg.init_from)
         self.ema = copy.deepcopy(self.transformer).requires_grad_(False)
         ema_file = Path(cfg.init_from).with_name(TRANSFORMER_EMA_FILE) if cfg.init_from else None
-        if ema_file is not None and ema_file.is_file():
+        self.ema_missing = ema_file is not None and not ema_file.is_file()  # the EMA starts as the transformer
+        if ema_file is not None and not self.ema_missing:
             load_transformer(self.ema, str(ema_file))
         return None
 

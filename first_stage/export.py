@@ -5,7 +5,9 @@ An ``AutoencoderKL`` gets a latent-diffusion single file and its scale in ``conf
 ``AutoencoderKLFlux2`` gets BFL's ``ae.safetensors`` and its normalisation in its BatchNorm buffers,
 the same float32 values in both files: kept bit for bit when the encoder is that of the released VAE it
 started from, else measured on the calibration images (:func:`latent_origin`). An ``AutoencoderKL`` whose
-encoder is that of the released VAE it started from keeps the normalisation that VAE states.
+encoder is that of the released VAE it started from keeps the normalisation that VAE states. A VAE tuned end to
+end (REPA-E, ``e2e.enabled``) takes its normalisation from its EMA transformer's latent BatchNorm instead
+(:func:`e2e_normaliser`), as REPA-E's ``save_vae_weights.py`` does.
 
 The one entry point is :func:`export_autoencoder`; ``scripts/export.py`` and the end of
 ``train/train.py`` both call it. The scale is measured by ``latent_stats.measure_latent_stats``
@@ -19,9 +21,10 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,10 @@ from . import __version__
 from .alignment import PROJECTION_FILE
 from .checkpoint import BUNDLE_DIR, EXPORT_REPORT, EXPORT_WEIGHTS, SINGLE_FILE_NAME, is_export, load_vae
 from .config import Config, ConfigError, ExportConfig, config_hash, to_yaml
+from .data import describe
 from .convert import (BFL_BATCH_NORM, BFL_FILE_NAME, autoencoder_from_bfl, autoencoder_from_ldm, bfl_obstacles,
                       bfl_params, infer_autoencoder_config, read_weights, to_bfl_state_dict, to_ldm_state_dict)
+from .e2e import TRANSFORMER_EMA_FILE, TRANSFORMER_FILE
 from .latent_norm import PATCH_ORDER, LatentNormalizer
 from .latent_stats import latent_drift, measure_latent_stats
 from .model import (DTYPES, FP16_MAX, Autoencoder, cast, count_parameters, decode_latent, downsampling_factor,
@@ -111,6 +116,24 @@ class ExportSource:
     # "fingerprint" of its encoder and FLUX.2-class BatchNorm, the "normalisation" it states); None: trained from
     # scratch, nothing released to keep.
     encoder_origin: dict | None = None
+    # End-to-end tuning (``e2e.enabled``, first_stage.e2e): the transformer's raw state dict and its EMA's (keys
+    # bn.*, dit.*, projector.*), as the run holds them or a checkpoint's e2e_transformer.pt / e2e_ema.pt. The EMA's
+    # BatchNorm statistics are the exported normaliser (:func:`e2e_normaliser`); both go into the bundle.
+    transformer: dict[str, torch.Tensor] | None = None
+    transformer_ema: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of_training(cls, parts, config: Config, step: int, source: str, weights: str) -> ExportSource:
+        """What a run hands its export at the end of training (``train/train.py``): its config and step, and from
+        its ``parts`` (:class:`first_stage.trainer.TrainingParts`, in memory) the discriminator, log-variance,
+        alignment projection, loss terms, encoder origin, teacher, and the e2e transformer and its EMA."""
+        model = parts.raw_model
+        return cls(source=source, calibration=describe(config.data), weights=weights, step=step, config=config,
+                   discriminator=parts.raw_discriminator, logvar=model.logvar.item(),
+                   projection=None if model.projection is None else model.projection.state_dict(),
+                   loss_terms=parts.loss_fn.card_lines(), encoder_origin=parts.encoder_origin, teacher=parts.teacher,
+                   transformer=None if parts.raw_transformer is None else parts.raw_transformer.state_dict(),
+                   transformer_ema=None if parts.transformer_ema is None else parts.transformer_ema.state_dict())
 
 
 class ExportError(RuntimeError):
@@ -187,20 +210,22 @@ def _save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) 
 
 
 def bundle_config(config: Config, out_dir: Path, logvar: float | None, has_discriminator: bool,
-                  has_projection: bool = False, projection_bias: bool = False) -> Config:
+                  has_projection: bool = False, projection_bias: bool = False, has_transformer: bool = False) -> Config:
     """The training config that continues from this export: the model and (when exported) the
-    discriminator and the alignment projection (with a bias or not, as its file) start from its
-    files, the log-variance from its value."""
+    discriminator, the alignment projection (with a bias or not, as its file) and the end-to-end
+    transformer (its EMA read from the file beside it) start from its files, the log-variance from its value."""
     out_dir = out_dir.resolve()
-    disc, alignment = config.discriminator, config.alignment
+    disc, alignment, e2e = config.discriminator, config.alignment, config.e2e
     if has_discriminator:
         disc = dataclasses.replace(disc, init_from=str(out_dir / BUNDLE_DIR / "discriminator.safetensors"))
     if has_projection:
         alignment = dataclasses.replace(alignment, projection_init=str(out_dir / BUNDLE_DIR / PROJECTION_FILE),
                                         projection_bias=projection_bias)
+    if has_transformer:
+        e2e = dataclasses.replace(e2e, init_from=str(out_dir / BUNDLE_DIR / TRANSFORMER_FILE))
     loss = config.loss if logvar is None else dataclasses.replace(config.loss, logvar_init=float(logvar))
     return dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(out_dir)),
-                               loss=loss, discriminator=disc, alignment=alignment)
+                               loss=loss, discriminator=disc, alignment=alignment, e2e=e2e)
 
 
 # Pipelines known to read an AutoencoderKLFlux2's bn other than BFL's code and diffusers' Flux2Pipeline do.
@@ -221,11 +246,21 @@ def normalisation_kind(requested: str, vae: Autoencoder) -> str:
     return requested
 
 
-def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where: str) -> str:
+def check_e2e_kind(kind: str) -> None:
+    """Refuse a normalisation kind that cannot carry an end-to-end tuned VAE's BatchNorm statistics."""
+    if kind not in ("per_channel", "batch_norm"):
+        raise ValueError(f"latent_norm {kind}: an end-to-end tuned AutoencoderKL exports its transformer's BatchNorm "
+                         "statistics per channel (latents_mean, latents_std); use latent_norm per_channel")
+
+
+def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where: str, e2e: bool = False) -> str:
     """Refuse now what the export would refuse after training or calibrating: a normalisation this class
     does not carry, or a FLUX.2-class latent (of ``resolution``² images, the key ``where``) that does not
-    cut into the BatchNorm's patches. Returns the normalisation kind."""
+    cut into the BatchNorm's patches; for a VAE tuned end to end (``e2e``), an ``AutoencoderKL`` normalisation
+    other than per channel (its transformer's BatchNorm statistics are per channel). Returns the kind."""
     kind = normalisation_kind(latent_norm, vae)
+    if e2e:
+        check_e2e_kind(kind)
     if has_batch_norm(vae):
         factor, (pi, pj) = downsampling_factor(vae.config), vae.config.patch_size
         side = resolution // factor
@@ -282,6 +317,92 @@ def drift_from_source(vae: Autoencoder, origin: dict, x: torch.Tensor, teacher: 
         return {"from": origin["source"], **latent_drift(reference, vae, x.to(vae.device))}
     except (OSError, ValueError) as err:  # a missing or changed source
         return {"from": origin["source"], "not_measured": str(err)[:300]}
+
+
+E2E_STATISTICS = ("bn.running_mean", "bn.running_var")  # the e2e transformer's latent BatchNorm (first_stage.e2e)
+
+
+def e2e_normaliser(vae: Autoencoder, transformer_ema: Mapping[str, torch.Tensor]) -> LatentNormalizer:
+    """The latent normaliser of a VAE tuned end to end: the BatchNorm statistics of its EMA transformer
+    (``transformer_ema``, an :class:`first_stage.e2e.E2ETransformer` state dict), as REPA-E's
+    ``save_vae_weights.py`` exports them (latents_bias = running_mean, latents_scale = rsqrt(running_var), no eps).
+    An ``AutoencoderKL``: per channel, ``latents_mean`` = running_mean, ``latents_std`` = sqrt(running_var),
+    scaling_factor 1. An ``AutoencoderKLFlux2``: its ``bn`` with these running statistics (the transformer read
+    the 2×2 patches in the bn's layout, with the bn's eps). :class:`ExportError` when the statistics are missing,
+    of another size than the latent's channels, or not finite and positive."""
+    missing = [k for k in E2E_STATISTICS if k not in transformer_ema]
+    if missing:
+        raise ExportError(f"the e2e transformer's EMA state has no {missing[0]}: no BatchNorm statistics to export")
+    mean, var = (transformer_ema[k].detach().float().cpu() for k in E2E_STATISTICS)
+    base = LatentNormalizer.of(vae)
+    channels = vae.config.latent_channels * math.prod(base.patch_size)
+    if mean.shape != (channels,) or var.shape != (channels,):
+        raise ExportError(f"the e2e transformer's BatchNorm has {tuple(mean.shape)} statistics, the latent's "
+                          f"{'patch ' if base.kind == 'batch_norm' else ''}channels are {channels}")
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var > 0).all()):
+        raise ExportError("the e2e transformer's EMA BatchNorm holds a non-finite mean or a variance that is not "
+                          f"positive (smallest running_var {var.min().item():.4g}): no normaliser to export")
+    if base.kind == "batch_norm":
+        return base.with_statistics(mean, var)
+    return LatentNormalizer("per_channel", 1.0, latents_mean=tuple(mean.tolist()),
+                            latents_std=tuple(math.sqrt(v) for v in var.tolist()))
+
+
+def e2e_origin(norm: LatentNormalizer, step: int | None) -> str:
+    """Where an end-to-end tuned VAE's normaliser ``norm`` comes from, the sentence of the report and model card."""
+    at = f" at step {step}" if step is not None else ""
+    if norm.kind == "batch_norm":
+        how = ("bn.running_mean / bn.running_var = its running_mean / running_var: the transformer read the 2×2 "
+               "patches in the bn's layout and order, with the bn's eps")
+    else:
+        how = "latents_mean = running_mean, latents_std = sqrt(running_var), scaling_factor 1"
+    return (f"taken from the end-to-end (REPA-E) transformer's EMA BatchNorm{at}, as REPA-E's save_vae_weights.py "
+            f"exports it ({how}); not measured on the calibration images")
+
+
+def e2e_report(norm: LatentNormalizer, transformer_ema: Mapping[str, torch.Tensor], config: Config, step: int | None,
+               stats: dict) -> dict:
+    """The report's ``e2e`` entry: where the normaliser came from, the BatchNorm's statistics, how far REPA-E's
+    eps-free scale is from what the transformer trained on, and the calibration latents after the normaliser."""
+    e = config.e2e
+    var = transformer_ema["bn.running_var"].detach().double().cpu()
+    # the transformer normalised by sqrt(var + eps); REPA-E's latents_scale = rsqrt(var) scales by more
+    off = ((var + e.bn_eps) / var).sqrt().sub(1).max().item()
+    updates = int(transformer_ema.get("bn.num_batches_tracked", torch.tensor(0)))
+    if norm.kind == "batch_norm":
+        # 0 unless the bn's eps differs from the transformer's (the trainer refuses that)
+        difference = ((var + e.bn_eps) / (var + norm.eps)).sqrt().sub(1).abs().max().item()
+        exported = f"(patches(z)_k − running_mean_k) / sqrt(running_var_k + {norm.eps:g})"
+        remark = (f"the FLUX.2 bn keeps an eps ({norm.eps:g}), so pipelines give a diffusion model what the "
+                  f"transformer read (scales differ by at most {100 * difference:.3g}%); REPA-E's eps-free "
+                  f"rsqrt(running_var) would scale by up to {100 * off:.3g}% more")
+        m = torch.tensor(stats["batch_norm"]["running_mean"], dtype=torch.float64)
+        s = torch.tensor(stats["batch_norm"]["running_var"], dtype=torch.float64).sqrt()
+        of = "posterior means, per patch channel"
+    else:
+        exported = "(z_c − latents_mean_c) / latents_std_c with latents_std = sqrt(running_var): REPA-E's, no eps"
+        difference = off
+        remark = (f"REPA-E's normaliser has no eps: pipelines scale latents by up to {100 * off:.3g}% more than the "
+                  f"transformer's sqrt(running_var + {e.bn_eps:g}) did (smallest running_var {var.min().item():.4g})")
+        m = torch.tensor(stats["channel_mean"], dtype=torch.float64)
+        s = torch.tensor(stats["channel_std"], dtype=torch.float64)
+        of = "posterior samples, per channel"
+    shift, scale = norm.shift_and_scale(len(m))
+    return {
+        "normaliser": e2e_origin(norm, step), "step": step, "ema_decay": e.ema_decay, "bn_momentum": e.bn_momentum,
+        "bn_eps": e.bn_eps, "num_batches_tracked": updates,
+        # the EMA is not warmed up (REPA-E's): the statistics measured at the first step weigh at least this much
+        "first_step_share": e.ema_decay ** updates,
+        "running_mean": transformer_ema["bn.running_mean"].float().tolist(),
+        "running_var": transformer_ema["bn.running_var"].float().tolist(),
+        "transformer_normalised": f"(z − running_mean) / sqrt(running_var + {e.bn_eps:g})",
+        # max over channels of the exported scale over the transformer's, − 1 (0: the same); REPA-E's eps-free one
+        "exported": exported, "scale_over_transformer": difference, "repae_scale_over_transformer": off,
+        "eps_note": remark,
+        # what a diffusion model would get from the calibration images: 0 and 1 where the statistics are theirs
+        "calibration_after": {"of": of, "channel_mean": ((m - shift) * scale).tolist(),
+                              "channel_std": (s * scale).tolist()},
+    }
 
 
 def pipeline_notes(norm: LatentNormalizer) -> list[str]:
@@ -349,6 +470,14 @@ def export_autoencoder(
         raise FileExistsError(f"export: {single_path.resolve()} exists and is not a single file written by "
                               "first-stage; refusing to replace it")
     discriminator, config = source.discriminator, source.config
+    e2e = source.transformer_ema is not None  # tuned end to end: the normaliser is its transformer's BatchNorm
+    if config is not None and source.hash_config and config.e2e.enabled and not e2e:
+        raise ValueError("export: the run trained with e2e.enabled, and its normaliser is its EMA transformer's "
+                         "BatchNorm: hand in ExportSource.transformer_ema (a checkpoint's e2e_ema.pt)")
+    if e2e:
+        if config is None:
+            raise ValueError("export: ExportSource.transformer_ema needs the run's config (its e2e section)")
+        check_e2e_kind(kind)
     bad = nonfinite_tensors(vae.state_dict())
     if discriminator is not None:
         bad += [f"discriminator.{k}" for k in nonfinite_tensors(discriminator.state_dict())]
@@ -382,7 +511,15 @@ def export_autoencoder(
     bad = nonfinite_tensors(exported.state_dict())
     if bad:
         raise ExportError(f"weights out of {dtype}'s range become infinite: {bad[:10]}; export in fp32 or bf16")
-    if flux2:
+    if e2e:  # REPA-E: the EMA transformer's BatchNorm, whatever the calibration images say (they are reported)
+        norm = e2e_normaliser(vae, source.transformer_ema)
+        keep, origin = False, e2e_origin(norm, source.step)
+        if moved:
+            origin += (f"; the encoder moved from {released['source']}, so the latents of this VAE are NOT those of "
+                       f"{released['source']}")
+        if flux2:
+            norm.write_to(exported)
+    elif flux2:
         keep, origin = latent_origin(vae, released, moved, held=held)
         norm = LatentNormalizer.of(vae)
         if not keep:
@@ -438,6 +575,8 @@ def export_autoencoder(
     }
     if drift is not None:
         report["latents"]["drift"] = drift
+    if e2e:
+        report["e2e"] = e2e_report(norm, source.transformer_ema, config, source.step, stats)
     teacher = source.teacher
     if teacher is not None and (type(vae) is not type(teacher.vae) or vae.config.get("decoder_block_out_channels")
                                 != teacher.vae.config.get("decoder_block_out_channels")):
@@ -453,7 +592,9 @@ def export_autoencoder(
             "calibration_after": {"channel_mean": after_mean.tolist(), "channel_std": after_std.tolist()},
             "patch_size": list(norm.patch_size), "patch_order": PATCH_ORDER,
             "eps": norm.eps, "running_mean": list(norm.running_mean), "running_var": list(norm.running_var),
-            "variance": "as the source carries it" if keep else stats["batch_norm"]["variance"],
+            "variance": "as the source carries it" if keep else (
+                "the e2e transformer's EMA of torch BatchNorm's running_var (unbiased per-batch variances)" if e2e
+                else stats["batch_norm"]["variance"]),
             "stored": "float32 bn.running_mean / bn.running_var, the same values in both files",
             "pipelines": pipeline_notes(norm)}
     if skipped:
@@ -481,8 +622,13 @@ def export_autoencoder(
                 _save({"logvar": torch.tensor(float(source.logvar))}, tmp / BUNDLE_DIR / "loss.safetensors", metadata)
             if source.projection is not None:  # never in the diffusers weights: it is a training-time head
                 _save(source.projection, tmp / BUNDLE_DIR / PROJECTION_FILE, metadata)
+            transformer = source.transformer is not None
+            if transformer:  # the e2e transformer (BatchNorm buffers, DiT, projector), to continue from
+                _save(source.transformer, tmp / BUNDLE_DIR / TRANSFORMER_FILE, metadata)
+            if e2e:  # its EMA beside it (first_stage.e2e.E2ETerm.build reads it from there)
+                _save(source.transformer_ema, tmp / BUNDLE_DIR / TRANSFORMER_EMA_FILE, metadata)
             bundle = bundle_config(config, out_dir, source.logvar, discriminator is not None,
-                                   source.projection is not None, "bias" in (source.projection or {}))
+                                   source.projection is not None, "bias" in (source.projection or {}), transformer)
             (tmp / BUNDLE_DIR / "config.yaml").write_text(to_yaml(bundle))
             report["bundle"] = sorted(p.name for p in (tmp / BUNDLE_DIR).iterdir())
 

@@ -21,6 +21,7 @@ from . import __version__
 from .checkpoint import BUNDLE_DIR
 from .config import Config, DataConfig
 from .data import describe, preprocessing
+from .e2e import TRANSFORMER_EMA_FILE, TRANSFORMER_FILE
 from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
 from .model import Autoencoder, downsampling_factor
 
@@ -221,12 +222,18 @@ def reconstruction_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     return rows
 
 
+def repa_note(repa: dict | None) -> str:
+    """The probe row's note of the REPA term a DiT probe trained with, or nothing."""
+    return "" if not repa else f", REPA {repa['weight']:g} × at block {repa['depth']} to `{repa['model']}`"
+
+
 def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     """The rows of :func:`markdown_table` for diffusability results (reference: independent
     Gaussian latents of the same per-channel variance, for the loss; the real latents, for samples)."""
     r = [v["results"] for v in vaes]
     loss = [x["held_out_loss"] for x in r]
-    rows = [("probe", [f"{x['probe']['name']}, {x['probe']['seeds']} seed(s)" for x in r], None),
+    rows = [("probe", [f"{x['probe']['name']}, {x['probe']['seeds']} seed(s)" + repa_note(x['probe'].get('repa'))
+                       for x in r], None),
             ("latents trained on / held out", [f"{x['train_images']} / {x['held_out_images']}"
                                                + (" (grouped)" if x.get("split", {}).get("grouped") else "")
                                                for x in r], None)]
@@ -521,6 +528,34 @@ def drift_sentence(report: dict) -> str:
             f"{o['offset_max_abs']:.3g}; eval/compare.py measures it on more images and resolutions.")
 
 
+def _spread(after: dict) -> str:
+    """"mean a … b, std c … d" of per-channel ``channel_mean`` and ``channel_std``."""
+    mean, std = after["channel_mean"], after["channel_std"]
+    return f"mean {min(mean):.3g} … {max(mean):.3g}, std {min(std):.4g} … {max(std):.4g}"
+
+
+def e2e_sentence(report: dict) -> str:
+    """The model card's (and the export's printed) sentence on an end-to-end tuned VAE's normaliser: its source,
+    and how far it is from what the transformer trained on (REPA-E's has no eps); "" for other exports."""
+    e = report.get("e2e")
+    if e is None:
+        return ""
+    return (f"End-to-end tuning (REPA-E): the normaliser is the transformer's EMA (decay {e['ema_decay']:g}) BatchNorm "
+            f"after {e['num_batches_tracked']} updates, at step {e['step']} (the statistics measured at the first step "
+            f"weigh at least {100 * e['first_step_share']:.3g}% in it); pipelines apply {e['exported']}, the "
+            f"transformer trained on {e['transformer_normalised']}; {e['eps_note']}.")
+
+
+def adaptation_sentence(report: dict) -> str:
+    """The model card's line for an end-to-end tuned VAE that started from another VAE: its diffusion models
+    need adapting; "" otherwise."""
+    drift = report.get("latents", {}).get("drift")
+    if "e2e" not in report or drift is None:
+        return ""
+    return (f"A diffusion model trained on the latents of {drift['from']} will need adapting to this VAE: end-to-end "
+            "tuning moved the latents and their normalisation (REPA-E retrains its DiT on the tuned VAE's latents).")
+
+
 def _verification_lines(report: dict) -> list[str]:
     verification = report["verification"]
     return [
@@ -537,11 +572,15 @@ def _verification_lines(report: dict) -> list[str]:
 def _bundle_lines(report: dict) -> list[str]:
     if not report.get("bundle"):
         return []
+    transformer = ([f"the end-to-end transformer (`{TRANSFORMER_FILE}`: its latent BatchNorm, DiT and REPA projector; "
+                    f"`{TRANSFORMER_EMA_FILE}`: its EMA, whose BatchNorm is this export's normalisation),"]
+                   if TRANSFORMER_FILE in report["bundle"] else [])
     return [
         "## Fine-tuning",
         "",
-        f"`{BUNDLE_DIR}/` holds the discriminator weights (when one was trained), the loss's log-variance and the",
-        "resolved training config pointing at this folder:",
+        f"`{BUNDLE_DIR}/` holds the discriminator weights (when one was trained), the loss's log-variance,",
+        *transformer,
+        "and the resolved training config pointing at this folder:",
         "",
         "```bash",
         f"accelerate launch train/train.py --config {BUNDLE_DIR}/config.yaml --set train.run_name=finetune "
@@ -625,9 +664,11 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         "",
     ]
     lines += _training_lines(report, config)
+    e2e = report.get("e2e")
     lines += [
-        "## Latent scale (measured, not assumed)" if "batch_norm" not in report else
-        "## Raw latents (before the BatchNorm; for comparison only, not written into the export)",
+        "## Raw latents (before the BatchNorm; for comparison only, not written into the export)" if "batch_norm" in
+        report else "## Raw latents (measured for comparison; the normalisation is the e2e transformer's, below)" if
+        e2e else "## Latent scale (measured, not assumed)",
         "",
         f"Measured on {stats['num_images']} images of {report['calibration']}: the moments of posterior",
         "samples z = μ + σ·ε (exact over ε), in float64.",
@@ -652,7 +693,10 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
     if bn is None:
         lines += [
             f"The normalisation: {report['latents']['origin']}." if "latents" in report else "",
-            drift_sentence(report),
+            *[line for line in (e2e_sentence(report), drift_sentence(report), adaptation_sentence(report)) if line],
+            *([f"On the {stats['num_images']} calibration images, the latents after this normalisation (what a "
+               f"diffusion model reads), per channel: {_spread(e2e['calibration_after'])} (0 and 1 where the "
+               "BatchNorm's statistics are these images')."] if e2e else []),
             "",
             f"Written into `config.json` (`latent_norm: {report['latent_norm']}`): "
             + ", ".join(f"`{k}` = {json.dumps(v if not isinstance(v, float) else round(v, 6))}"
@@ -663,7 +707,9 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         lines += [
             "## Latent normalisation: the BatchNorm over patches",
             "",
-            f"The statistics in `bn.running_mean` / `bn.running_var`: {bn['origin']}. {drift_sentence(report)}",
+            f"The statistics in `bn.running_mean` / `bn.running_var`: {bn['origin']}. "
+            + " ".join(line for line in (e2e_sentence(report), drift_sentence(report), adaptation_sentence(report))
+                       if line),
             f"Variance: {bn['variance']}; stored as {bn['stored']}; `batch_norm_eps` = {bn['eps']:g}, "
             f"patches {bn['patch_size'][0]}×{bn['patch_size'][1]}, patch channels in order {bn['patch_order']}.",
             f"How pipelines read it: {report['normalisation']}; they decode the inverse.",
@@ -699,6 +745,10 @@ def model_card(vae: Autoencoder, report: dict, config: Config | None, evaluation
         lines += ["from diffusers import AutoencoderKLFlux2, Flux2Pipeline",
                   "vae = AutoencoderKLFlux2.from_pretrained(\"path/to/this/folder\")",
                   "pipe = Flux2Pipeline.from_pretrained(..., vae=vae)  # normalises with vae.bn's running statistics"]
+    elif report["latent_norm"] == "per_channel":  # SD 1.x pipelines ignore latents_mean / latents_std
+        lines += ["from diffusers import AutoencoderKL, StableDiffusionXLPipeline",
+                  "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",
+                  "pipe = StableDiffusionXLPipeline.from_pretrained(..., vae=vae)  # reads latents_mean / latents_std"]
     else:
         lines += ["from diffusers import AutoencoderKL, StableDiffusionPipeline",
                   "vae = AutoencoderKL.from_pretrained(\"path/to/this/folder\")",

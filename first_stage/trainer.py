@@ -40,7 +40,7 @@ from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_T
 from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
-from .e2e import E2ETerm, ema_update
+from .e2e import TRANSFORMER_EMA_FILE, E2ETerm, ema_update
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
@@ -279,6 +279,9 @@ def attach_transformer(parts: TrainingParts, e2e: E2ETerm, config: Config, accel
     if has_batch_norm(vae) and config.e2e.bn_eps != vae.config.batch_norm_eps:
         raise ConfigError(f"e2e.bn_eps: the transformer's BatchNorm becomes the VAE's bn, whose eps is "
                           f"{vae.config.batch_norm_eps:g}; set e2e.bn_eps={vae.config.batch_norm_eps:g}")
+    if e2e.ema_missing:
+        accelerator.print(f"note: e2e.init_from: no {TRANSFORMER_EMA_FILE} beside {config.e2e.init_from}; the "
+                          "transformer's EMA (the exported normaliser's source) starts as a copy of the transformer")
     raw = e2e.transformer
     transformer = raw
     if accelerator.num_processes > 1:

@@ -6,7 +6,9 @@
 
 The source is a training run folder (its newest checkpoint), a checkpoint folder, a diffusers
 AutoencoderKL folder, or a latent-diffusion weight file (.safetensors/.ckpt: the import of a released
-VAE, with its discriminator when the file has one). Calibration data defaults to the run's training
+VAE, with its discriminator when the file has one). A run tuned end to end (e2e.enabled) exports its EMA
+transformer's BatchNorm statistics as the latent normalisation, and its transformer into the fine-tuning
+bundle (docs/export.md). Calibration data defaults to the run's training
 data; DATA_SPEC is "val" (the run's val_data) or comma-separated data settings, e.g.
 "source=imagefolder,path=/data/coco/val2017,resolution=256" (unset ones come from the run's data).
 Launch with `accelerate launch scripts/export.py ...` to split the calibration over processes.
@@ -27,7 +29,7 @@ from first_stage.data import calibration_batches, describe
 from first_stage.discriminator import build_discriminator, infer_discriminator_config
 from first_stage.evaluation import data_from_spec
 from first_stage.export import ExportError, ExportOptions, ExportSource, check_exportable, export_autoencoder
-from first_stage.reports import drift_sentence, evaluation_summary
+from first_stage.reports import drift_sentence, e2e_sentence, evaluation_summary
 from first_stage.teacher import load_teacher
 from first_stage.lifecycle import run_main
 from first_stage.model import has_batch_norm
@@ -107,7 +109,8 @@ def main():
         found = load_vae(args.source, args.weights, norm_num_groups=args.norm_num_groups)
         data = calibration_config(args.calibrate, found.config)
         ecfg = found.config.export if found.config else ExportConfig()
-        check_exportable(args.latent_norm or ecfg.latent_norm, found.vae, data.resolution, "the calibration resolution")
+        check_exportable(args.latent_norm or ecfg.latent_norm, found.vae, data.resolution, "the calibration resolution",
+                         e2e=found.transformer_ema is not None)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"export failed: {err}")
     config = found.config or import_config(found, data)
@@ -129,6 +132,7 @@ def main():
                           config=config, hash_config=found.config is not None, discriminator=discriminator,
                           logvar=found.logvar, projection=found.projection, loss_terms=found.loss_terms,
                           encoder_origin=import_origin(found), teacher=teacher,
+                          transformer=found.transformer, transformer_ema=found.transformer_ema,
                           evaluation=evaluation_summary([json.loads(Path(p).read_text()) for p in args.eval_report]))
     given = {"dtype": args.dtype, "latent_norm": args.latent_norm, "single_file": args.single_file}
     options = ExportOptions.from_config(
@@ -153,12 +157,14 @@ def main():
             print(f"  latents: {report['latents']['origin']}")
         else:
             print(f"  latent normalisation {report['latents']['origin']}")
-            print(f"  latent scale: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
+            measured = "measured latent scale (reported, not written)" if "e2e" in report else "latent scale"
+            print(f"  {measured}: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
                   f"{stats['shift_factor']:.5f} (std {stats['std']:.5f}) from {stats['num_images']} images of "
                   f"{report['calibration']}")
             print(f"  config.json: {report['config_scale']}")
-        if drift_sentence(report):
-            print(f"  {drift_sentence(report)}")
+        for line in (e2e_sentence(report), drift_sentence(report)):
+            if line:
+                print(f"  {line}")
         print(f"  pipelines normalise {report['normalisation']}")
         upcast = "" if "batch_norm" in report else f" force_upcast={report['fp16']['force_upcast']}"
         print(f"  fp16: {report['fp16']['verdict']}{upcast}")

@@ -25,7 +25,7 @@ from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.lifecycle import (EXIT_NONFINITE, EXIT_VANISHED, catch_stop_signals, claim_run, finish_run, run_main,
                                    stop_reason)
 from first_stage.model import count_parameters
-from first_stage.reports import drift_sentence
+from first_stage.reports import drift_sentence, e2e_sentence
 from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
                                  run_files, sum_over_processes, train_step, trainer_states, validate)
 
@@ -190,12 +190,8 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             parts.ema.copy_to(vae.parameters())
         calibration = calibration_batches(config.data, ecfg.calibration_images, tcfg.batch_size, seed=tcfg.seed,
                                           rank=accelerator.process_index, world_size=accelerator.num_processes)
-        source = ExportSource(source=str(run_dir), calibration=describe(config.data), weights=weights,
-                              step=state.step, config=config, discriminator=parts.raw_discriminator,
-                              logvar=parts.raw_model.logvar.item(),
-                              projection=None if parts.raw_model.projection is None else
-                              parts.raw_model.projection.state_dict(), loss_terms=parts.loss_fn.card_lines(),
-                              encoder_origin=parts.encoder_origin, teacher=parts.teacher)
+        # the discriminator, log-variance, projection, e2e transformer (its EMA's BatchNorm: the normaliser), ...
+        source = ExportSource.of_training(parts, config, state.step, str(run_dir), weights)
         report = export_autoencoder(vae, run_dir / "export", (b["pixel_values"] for b in calibration), source,
                                     ExportOptions.from_config(ecfg, overwrite=True, sample_size=config.data.resolution),
                                     accelerator)
@@ -203,8 +199,9 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
             scale = (f"BatchNorm statistics {report['batch_norm']['origin']}" if "batch_norm" in report
                      else f"{report['normalisation']}, {report['latents']['origin']}")
             accelerator.print(f"exported {run_dir / 'export'}: {scale}; {report['fp16']['verdict']}")
-            if drift_sentence(report):
-                accelerator.print(f"  {drift_sentence(report)}")
+            for line in (e2e_sentence(report), drift_sentence(report)):
+                if line:
+                    accelerator.print(f"  {line}")
             for note in report.get("batch_norm", {}).get("pipelines", []):
                 accelerator.print(f"  caution: {note}")
     finish_run(accelerator, run_dir, exit_code, state.step, reason)  # several processes leave here
