@@ -239,6 +239,9 @@ class E2EConfig:
     ema_decay: float = 0.9999  # the transformer's EMA, its BatchNorm buffers included (no warm-up, REPA-E's)
     bn_momentum: float = 0.1  # the latent BatchNorm (affine off; its buffers are the exported normaliser)
     bn_eps: float = 1.0e-4
+    # Images whose posterior samples give the BatchNorm's starting statistics before the first step of a new run
+    # (REPA-E measures its dataset beforehand); 0: the first micro-batch's latents.
+    bn_init_images: int = 1024
     # Continue from an export's finetune/e2e_transformer.safetensors (its EMA read from e2e_transformer_ema.safetensors
     # beside it when there); None: a new transformer, its BatchNorm measured at the first step.
     init_from: str | None = None

@@ -47,6 +47,7 @@ from .model import DTYPES, ForwardPlan, downsampling_factor, is_tiny
 TRANSFORMER_FILE = "e2e_transformer.safetensors"  # in an export's finetune/ bundle: the raw transformer
 TRANSFORMER_EMA_FILE = "e2e_transformer_ema.safetensors"  # and its EMA (the exported normaliser's source)
 _DRAW_TAG = 0xE2E  # keeps the t and noise draws apart from the posterior's, which hash (seed, step, image)
+E2E_MEASURE_TAG = 0xE2F  # the posterior samples that measure the BatchNorm's starting statistics
 
 
 class LatentBatchNorm(nn.Module):
@@ -63,25 +64,32 @@ class LatentBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     @staticmethod
-    def moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean, biased variance) per channel of ``z`` (B, C, h, w) over every process's batch, float64,
-        and the number of values per channel."""
-        sums = torch.cat([torch.tensor([z[:, 0].numel()], dtype=torch.float64, device=z.device),
+    def sums(z: torch.Tensor) -> torch.Tensor:
+        """(count, Σz per channel, Σz² per channel) of ``z`` (B, C, h, w), float64: what :meth:`moments` reduces."""
+        return torch.cat([torch.tensor([z[:, 0].numel()], dtype=torch.float64, device=z.device),
                           z.double().sum((0, 2, 3)), z.double().pow(2).sum((0, 2, 3))])
+
+    @staticmethod
+    def moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(mean, biased variance) per channel, float64, and the number of values per channel, of :meth:`sums`
+        added over every process (every process must call it)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = sums.clone()
             dist.all_reduce(sums)
         n = sums[0]
         c = (len(sums) - 1) // 2
-        mean = sums[1:1 + c] / n
-        return mean, (sums[1 + c:] / n - mean.pow(2)).clamp(min=0), int(n.item())
+        mean = sums[1:1 + c] / n.clamp(min=1)
+        return mean, (sums[1 + c:] / n.clamp(min=1) - mean.pow(2)).clamp(min=0), int(n.item())
 
     @torch.no_grad()
-    def start_from(self, z: torch.Tensor) -> None:
-        """Set the running statistics to the measured ones of ``z`` (over every process) (REPA-E's
-        ``init_bn`` from the VAE's latent statistics)."""
-        mean, var, n = self.moments(z.float())
+    def start_from(self, sums: torch.Tensor) -> None:
+        """Set the running statistics to the measured ones of :meth:`sums` (over every process): REPA-E's
+        ``init_bn`` from the VAE's latent statistics (the variance unbiased, as the running one)."""
+        mean, var, n = self.moments(sums)
+        if n < 2:
+            raise ValueError("the latent BatchNorm's statistics need at least 2 values per channel")
         self.running_mean.copy_(mean)
-        self.running_var.copy_(var * n / max(n - 1, 1))
+        self.running_var.copy_(var * n / (n - 1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(z.device.type, enabled=False):
@@ -90,7 +98,7 @@ class LatentBatchNorm(nn.Module):
                 if z.requires_grad:
                     raise RuntimeError("LatentBatchNorm in train mode takes a detached latent (the transformer "
                                        "step's); the align pass runs it in eval mode")
-                mean, var, n = self.moments(z)
+                mean, var, n = self.moments(self.sums(z))
                 with torch.no_grad():  # torch's BatchNorm: the running variance is the unbiased one
                     self.running_mean.lerp_(mean.float(), self.momentum)
                     self.running_var.lerp_((var * n / max(n - 1, 1)).float(), self.momentum)
@@ -162,7 +170,7 @@ class DiffusionDraw:
 def check_e2e(config: Config) -> None:
     """Range and cross-section checks of section ``e2e``, naming the key."""
     e = config.e2e
-    refuse_below(config, 0, "e2e.align_weight", "e2e.proj_coeff", "e2e.lr", "e2e.weight_decay")
+    refuse_below(config, 0, "e2e.align_weight", "e2e.proj_coeff", "e2e.lr", "e2e.weight_decay", "e2e.bn_init_images")
     refuse_below(config, 1, "e2e.encoder_depth", "e2e.projector_dim", "e2e.patch")
     depth = DIT_SIZES[e.transformer]["depth"]
     if e.encoder_depth > depth:
@@ -181,6 +189,9 @@ def check_e2e(config: Config) -> None:
     if config.teacher.path is not None:
         raise ConfigError("e2e.enabled with teacher.path: end-to-end tuning moves the VAE's own latents; "
                           "distil first, then tune the result")
+    if config.equivariance.enabled and config.equivariance.lowres_probability > 0:
+        raise ConfigError("equivariance.lowres_probability: its low-resolution steps make smaller latents than the "
+                          "e2e transformer's grid; set it to 0 with e2e.enabled")
 
 
 def transformer_layout(vae) -> LatentNormalizer:
@@ -221,11 +232,12 @@ class E2ETerm(LossTerm):
             raise ConfigError(f"e2e.patch: the transformer's {self.side}-wide latent at data.resolution="
                               f"{self.config.data.resolution} is not a multiple of its patch {self.patch}")
         with torch.random.fork_rng(devices=[]):  # its own initialisation, leaving the run's other draws alone
-            torch.manual_seed(self.config.train.seed + _DRAW_TAG)
+            torch.default_generator.manual_seed(self.config.train.seed + _DRAW_TAG)  # built on the CPU, then moved
             self.transformer = E2ETransformer(self.channels, self.side, cfg, self.vision.dim).to(device)
         if cfg.init_from is not None:
             load_transformer(self.transformer, cfg.init_from)
         self.ema = copy.deepcopy(self.transformer).requires_grad_(False)
+        self.measured = False  # trainer.e2e_measure started the BatchNorm from e2e.bn_init_images images
         ema_file = Path(cfg.init_from).with_name(TRANSFORMER_EMA_FILE) if cfg.init_from else None
         self.ema_missing = ema_file is not None and not ema_file.is_file()  # the EMA starts as the transformer
         if ema_file is not None and not self.ema_missing:

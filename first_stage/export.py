@@ -368,7 +368,8 @@ def e2e_report(norm: LatentNormalizer, transformer_ema: Mapping[str, torch.Tenso
     var = transformer_ema["bn.running_var"].detach().double().cpu()
     # the transformer normalised by sqrt(var + eps); REPA-E's latents_scale = rsqrt(var) scales by more
     off = ((var + e.bn_eps) / var).sqrt().sub(1).max().item()
-    updates = int(transformer_ema.get("bn.num_batches_tracked", torch.tensor(0)))
+    # the BatchNorm counts its train-mode passes, grad_accum per transformer step; the EMA updates once a step
+    updates = int(transformer_ema.get("bn.num_batches_tracked", torch.tensor(0))) // config.train.grad_accum
     if norm.kind == "batch_norm":
         # 0 unless the bn's eps differs from the transformer's (the trainer refuses that)
         difference = ((var + e.bn_eps) / (var + norm.eps)).sqrt().sub(1).abs().max().item()
@@ -390,9 +391,9 @@ def e2e_report(norm: LatentNormalizer, transformer_ema: Mapping[str, torch.Tenso
     shift, scale = norm.shift_and_scale(len(m))
     return {
         "normaliser": e2e_origin(norm, step), "step": step, "ema_decay": e.ema_decay, "bn_momentum": e.bn_momentum,
-        "bn_eps": e.bn_eps, "num_batches_tracked": updates,
-        # the EMA is not warmed up (REPA-E's): the statistics measured at the first step weigh at least this much
-        "first_step_share": e.ema_decay ** updates,
+        "bn_eps": e.bn_eps, "transformer_steps": updates,
+        # the EMA is not warmed up (REPA-E's): the starting statistics (measured before the first step) weigh this much
+        "start_share": e.ema_decay ** updates,
         "running_mean": transformer_ema["bn.running_mean"].float().tolist(),
         "running_var": transformer_ema["bn.running_var"].float().tolist(),
         "transformer_normalised": f"(z − running_mean) / sqrt(running_var + {e.bn_eps:g})",

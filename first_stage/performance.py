@@ -7,12 +7,14 @@ None of them changes what is saved: ``nn.Module.compile`` compiles a module in p
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .config import OptimizerConfig, PerformanceConfig
+from .config import E2EConfig, OptimizerConfig, PerformanceConfig
 from .model import Autoencoder
 
 
@@ -22,8 +24,9 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def adamw(params, cfg: OptimizerConfig, lr: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW with the optimizer section's settings; ``fused`` runs the update as one kernel."""
+def adamw(params, cfg: OptimizerConfig | E2EConfig, lr: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with a section's betas, weight_decay and eps (``optimizer``'s, or ``e2e``'s for its transformer);
+    ``fused`` runs the update as one kernel."""
     return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
                              fused=fused or None)
 
@@ -89,3 +92,37 @@ def seconds_per_call(fn, steps: int, warmup: int, device: torch.device, *args) -
         fn(*args)
     synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+class _GlobalOnly(contextlib.nullcontext):
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks break
+    ``torch.autograd.grad`` (the adaptive GAN weight): every count goes to the total."""
+
+    parents = ("Global",)
+
+
+def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (shapes in), which torch's counter does not
+    know: those of its GPU kernels."""
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of that kernel's backward, as torch counts its GPU kernels' backward."""
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch.utils.flop_counter counts the GPU attention kernels only: on the CPU every attention (the VAE's mid-block,
+# DINOv2, the DiT) would count 0.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+
+
+def count_flops(step, *args) -> float:
+    """FLOPs of one call of ``step`` (2 per multiply-add), counted on eager modules, attention included on the
+    CPU too (:data:`CPU_ATTENTION`)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        step(*args)
+    return float(counter.get_total_flops())

@@ -541,8 +541,9 @@ def e2e_sentence(report: dict) -> str:
     if e is None:
         return ""
     return (f"End-to-end tuning (REPA-E): the normaliser is the transformer's EMA (decay {e['ema_decay']:g}) BatchNorm "
-            f"after {e['num_batches_tracked']} updates, at step {e['step']} (the statistics measured at the first step "
-            f"weigh at least {100 * e['first_step_share']:.3g}% in it); pipelines apply {e['exported']}, the "
+            f"after {e['transformer_steps']} transformer steps, at step {e['step']} (the statistics it started from, "
+            f"measured before the first step, weigh {100 * e['start_share']:.3g}% in it); pipelines apply "
+            f"{e['exported']}, the "
             f"transformer trained on {e['transformer_normalised']}; {e['eps_note']}.")
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import is_run_or_checkpoint, load_vae, stated_normalisation
 from .config import Config, ConfigError
@@ -40,6 +39,7 @@ from .latent_norm import LatentNormalizer
 from .loss_term import LossContext, LossTerm, refuse_below
 from .model import (ENCODER_PREFIXES, Autoencoder, AutoencoderOutput, cast, count_parameters, downsampling_factor,
                     encoder_fingerprint, has_batch_norm, is_tiny, preset_class)
+from .performance import count_flops
 from .regularizers import sum_reduce
 
 # What a bench row's overrides say for a stand-in teacher (scripts/bench_train.py saves the recipe's model, freshly
@@ -225,9 +225,7 @@ def decode_cost(vae: Autoencoder, latent: torch.Tensor, repeats: int = 3) -> dic
     (after one untimed decode; CUDA is synchronised)."""
     latent = latent.to(vae.device, vae.dtype)
     sync = torch.cuda.synchronize if latent.device.type == "cuda" else (lambda: None)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        vae.decode(latent)
+    flops = count_flops(vae.decode, latent)  # attention included on the CPU too
     times = []
     for _ in range(repeats):
         sync()
@@ -237,7 +235,7 @@ def decode_cost(vae: Autoencoder, latent: torch.Tensor, repeats: int = 3) -> dic
         times.append(time.perf_counter() - start)
     n = latent.shape[0]
     return {"class": type(vae).__name__, "decoder_parameters": decoder_parameters(vae),
-            "gflops_per_image": counter.get_total_flops() / n / 1e9,
+            "gflops_per_image": flops / n / 1e9,
             "ms_per_image": statistics.median(times) / n * 1e3, "device": str(latent.device),
             "dtype": str(vae.dtype).removeprefix("torch."), "latent": list(latent.shape[1:]), "repeats": repeats}
 

@@ -40,11 +40,12 @@ from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_T
 from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
-from .e2e import TRANSFORMER_EMA_FILE, E2ETerm, ema_update
+from .e2e import E2E_MEASURE_TAG, TRANSFORMER_EMA_FILE, E2ETerm, ema_update
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
-from .model import AutoencoderWrapper, ForwardPlan, downsampling_factor, has_batch_norm, is_tiny, set_trainable
+from .model import (AutoencoderWrapper, ForwardPlan, downsampling_factor, has_batch_norm, is_tiny, posterior_sample,
+                    set_trainable)
 from .perceptual import LPIPSWeightsNotFound, load_lpips
 from .performance import (adamw, compile_in_place, compiled_parts, prepare_autoencoder, set_memory_format, set_tf32,
                           to_memory_format)
@@ -144,7 +145,8 @@ class StepMeter:
 
 
 # Test hooks (train/train.py's FIRST_STAGE_INJECT_* variables): what the generator loss of a step is multiplied by.
-INJECTED = {"nonfinite": float("nan"), "zero": 0.0}
+# (the VAE's generator and discriminator losses, the e2e transformer's loss)
+INJECTED = {"nonfinite": (float("nan"), float("nan")), "zero": (0.0, 0.0), "nonfinite_transformer": (1.0, float("nan"))}
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -422,7 +424,7 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
         parts.raw_discriminator.requires_grad_(True)
         d_loss, logs = discriminator_step_loss(parts.discriminator, out.target, out.reconstruction, dcfg.loss)
         if inject is not None:
-            d_loss = d_loss * INJECTED[inject]
+            d_loss = d_loss * INJECTED[inject][0]
         finite = sum_over_processes(accelerator, float(not torch.isfinite(d_loss).item()))[0] == 0
         if finite:
             parts.disc_scaler.scale(d_loss / config.train.grad_accum).backward()
@@ -437,7 +439,7 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     loss, logs = parts.loss_fn(out, step, parts.raw_discriminator, parts.raw_model.last_layer(),
                                parts.raw_model.encoder_last_layer(), plan)
     if inject is not None:
-        loss = loss * INJECTED[inject]
+        loss = loss * INJECTED[inject][0]
     finite = sum_over_processes(accelerator, float(not torch.isfinite(loss).item()))[0] == 0
     if finite:
         accelerator.backward(loss)
@@ -449,7 +451,7 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
     if finite and parts.e2e is not None:  # the transformer's step on the detached latent: never reaches the VAE
         transformer_loss, t_logs = parts.e2e.transformer_loss(parts.transformer, out.z, plan.diffusion)
         if inject is not None:
-            transformer_loss = transformer_loss * INJECTED[inject]
+            transformer_loss = transformer_loss * INJECTED[inject][1]
         logs.update(t_logs)
         finite = sum_over_processes(accelerator, float(not torch.isfinite(transformer_loss).item()))[0] == 0
         if finite:
@@ -460,23 +462,52 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
 def e2e_start(parts: TrainingParts, z: torch.Tensor, plan: ForwardPlan) -> None:
     """Before the align pass of the run's first step: the transformer's BatchNorm (and its EMA's) starts from
     the measured statistics of this micro-batch's latents over every process (REPA-E's ``init_bn``)."""
-    if int(parts.raw_transformer.bn.num_batches_tracked) == 0:  # no transformer step yet (a skipped one undoes its)
-        parts.raw_transformer.bn.start_from(parts.e2e.layout.layout(z.detach()))
+    bn = parts.raw_transformer.bn
+    if int(bn.num_batches_tracked) == 0 and not parts.e2e.measured:  # no step yet (a skipped one undoes its)
+        bn.start_from(bn.sums(parts.e2e.layout.layout(z.detach().float())))
         ema_update(parts.transformer_ema, parts.raw_transformer, 0.0)
 
 
+@torch.no_grad()
+def e2e_measure(accelerator, parts: TrainingParts, batches, seed: int) -> int:
+    """Before the first step of a new run (``e2e.bn_init_images``): the transformer's BatchNorm, and its EMA's,
+    start from the per-channel mean and variance of posterior samples of ``batches`` (this process's share of
+    the images, :func:`first_stage.data.calibration_batches`), summed over every process: REPA-E measures its
+    dataset before training (``init_bn``). Each image's sample is seeded by (seed, its id). Returns the
+    images measured over all processes."""
+    vae, bn = parts.raw_model.vae, parts.raw_transformer.bn
+    sums = torch.zeros(1 + 2 * parts.e2e.channels, dtype=torch.float64, device=accelerator.device)
+    images = 0
+    for batch in batches:
+        x = batch["pixel_values"].to(accelerator.device)
+        if x.shape[0] == 0:
+            continue
+        with accelerator.autocast():
+            posterior = vae.encode(x).latent_dist
+        noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
+            hash((seed, E2E_MEASURE_TAG, i)))) for i in batch["ids"]]).to(accelerator.device)
+        sums += bn.sums(parts.e2e.layout.layout(posterior_sample(posterior, noise).float()))
+        images += x.shape[0]
+    bn.start_from(sums)
+    ema_update(parts.transformer_ema, parts.raw_transformer, 0.0)
+    parts.e2e.measured = True
+    return int(sum_over_processes(accelerator, images)[0])
+
+
 def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: TrainingState,
-                   finite: bool, empty: bool) -> dict:
+                   finite: bool, empty: bool) -> tuple[dict, bool]:
     """The end of an accumulation window, on every process alike: when every micro-batch was finite
-    and none was empty, the learning rate of the step, clipping, both optimisers (the
-    discriminator's through its own scaler) and the EMA; otherwise no change but the skip count.
-    Then the gradients are cleared and the step counted. Returns logs. During the discriminator's
-    pre-training (``discriminator.pretrain_steps``) only the discriminator steps, at its constant
-    learning rate; the schedule of both counts from its end."""
+    and none was empty, the learning rate of the step, clipping, the optimisers (the VAE's; the
+    discriminator's and the e2e transformer's through their own scalers) and the EMAs; otherwise, or
+    when a gradient norm is not finite, no change but the skip count. Then the gradients are cleared
+    and the step counted. Returns (logs, whether train_step must put the buffers of the step's
+    forward passes back: a non-finite loss or gradient, or an empty batch). During the
+    discriminator's pre-training (``discriminator.pretrain_steps``) only the discriminator steps, at
+    its constant learning rate; the schedule of both counts from its end."""
     ocfg, tcfg = config.optimizer, config.train
     pretrain = config.discriminator.pretrain_steps
     vae_trains = state.step >= pretrain
-    logs = {}
+    logs, transformer_stepped = {}, False
     if finite and not empty:
         factor = lr_factor(state.step - pretrain, ocfg, tcfg.max_steps - pretrain) if vae_trains else 1.0
         if vae_trains:
@@ -493,11 +524,11 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
         if finite and vae_trains:
             state.consecutive_vanishing = state.consecutive_vanishing + 1 if norms[0] <= tcfg.vanishing_grad_norm else 0
             parts.optimizer.step()
-            if parts.transformer_optimizer is not None:
+            # under fp16 the VAE's overflow skips the transformer too (and its EMA): the step is one
+            if parts.transformer_optimizer is not None and not accelerator.optimizer_step_was_skipped:
                 vanished = norms[1] <= tcfg.vanishing_grad_norm
                 state.consecutive_vanishing_transformer = state.consecutive_vanishing_transformer + 1 if vanished else 0
-                parts.transformer_scaler.step(parts.transformer_optimizer)
-                parts.transformer_scaler.update()
+                transformer_stepped = step_scaled(parts.transformer_scaler, parts.transformer_optimizer)
         disc_grads = parts.disc_optimizer is not None and any(p.grad is not None
                                                                for p in parts.discriminator.parameters())
         if finite and disc_grads:
@@ -515,7 +546,7 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
     if finite and not empty and not (vae_trains and accelerator.optimizer_step_was_skipped):
         if tcfg.ema and vae_trains:
             parts.ema.step(parts.raw_model.vae.parameters())
-        if parts.transformer_ema is not None and vae_trains:
+        if transformer_stepped:
             ema_update(parts.transformer_ema, parts.raw_transformer, config.e2e.ema_decay)
         state.consecutive_nonfinite, state.consecutive_empty, state.last_finite_step = 0, 0, state.step
     else:
@@ -525,7 +556,16 @@ def optimizer_step(accelerator, parts: TrainingParts, config: Config, state: Tra
         state.consecutive_empty = state.consecutive_empty + 1 if empty else 0
         accelerator.print(f"step {state.step}: skipped ({reason})")
     state.step += 1
-    return logs
+    return logs, not finite or empty
+
+
+def step_scaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.step(optimizer)`` and ``update()``; whether the optimiser stepped (an fp16 scaler skips a step whose
+    gradients overflowed, and lowers its scale)."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return scale is None or scaler.get_scale() >= scale
 
 
 def transformer_grad_norm(parts: TrainingParts, clip: float | None) -> float:
@@ -579,8 +619,8 @@ def train_step(accelerator, parts: TrainingParts, config: Config, state: Trainin
                 for key, value in micro_logs.items():
                     sums[key] = sums.get(key, 0.0) + value
             if accelerator.sync_gradients:
-                step_logs = optimizer_step(accelerator, parts, config, state, finite, empty)
-                if not finite or empty:
+                step_logs, undo = optimizer_step(accelerator, parts, config, state, finite, empty)
+                if undo:
                     with torch.no_grad():
                         for buffer, saved in buffers:
                             buffer.copy_(saved)

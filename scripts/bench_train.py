@@ -25,36 +25,49 @@ optional decoder widths (``flux2:96-192-384-384``: FLUX.2's small decoder; ``tae
 teacher's latent channels); each row also has the student's decode cost against the teacher's
 (``first_stage.teacher.distillation_report``). A term whose rows need a teacher (``teacher.path=@teacher``, e.g.
 the fp16-safe fine-tune) gets the same stand-in.
+
+``--e2e`` adds the end-to-end step (section ``e2e``, REPA-E: first_stage/e2e.py) of the same recipe against its
+plain VAE step (``e2e.enabled`` off), in the same run, and breaks it into its parts, each counted and timed alone
+as the step runs it: the VAE step (the plain step), the vision model's forward, the align pass (forward through
+the frozen transformer to ``e2e.encoder_depth`` and the backward to the latent) and the transformer step (forward
+and backward on the detached latent); the optimiser steps, EMA and clipping are the step's time the parts leave.
+The vision model is ``--vision-model``, else ``e2e.model`` when it loads, else a random DINOv2 of its size
+(``--vision-standin``) written to a temporary folder: the FLOPs are the real model's, the weights random. The row
+also estimates the GPU-hours of the recipe's run from the counted FLOPs (``--estimate-gpus``, ``--estimate-mfu``).
+With ``--loss full`` the discriminator's pre-training (``discriminator.pretrain_steps``) is off, so every timed
+step is a whole step.
 """
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
 import resource
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.flop_counter import FlopCounterMode
 
 from first_stage.checkpoint import build_autoencoder
 from first_stage.alignment import DINOV2_SIZES, AlignmentModelError, load_foundation_model, save_standin_dinov2
 from first_stage.config import load_config, with_overrides
 from first_stage.data import make_dataloader
+from first_stage.dit import DIT_NAMES, DIT_SIZES
 from first_stage.discriminator import build_discriminator, discriminator_loss
-from first_stage.loss_term import adaptive_weight
-from first_stage.model import PRESETS, new_autoencoder, preset_class
+from first_stage.loss_term import StepDraw, adaptive_weight
+from first_stage.model import PRESETS, has_batch_norm, new_autoencoder, preset_class
 from first_stage.teacher import TEACHER_STANDIN, distillation_report, student_spec
 from first_stage.lifecycle import run_main
 from first_stage.perceptual import LPIPS, LPIPSWeightsNotFound, VGG16_FILENAME, resolve_vgg16_weights
-from first_stage.performance import seconds_per_call, synchronize
+from first_stage.performance import count_flops, seconds_per_call, synchronize
 from first_stage.terms import bench_rows
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, compile_step, train_step
+from first_stage.trainer import (TrainingState, accelerator_options, build_parts, compile_step, forward_plan,
+                                 posterior_noise, train_step)
 
 # Dense peak TFLOP/s by device name and compute precision (vendor datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {
@@ -70,6 +83,8 @@ TERMS = bench_rows()
 STANDINS = {**DINOV2_SIZES, "test": (64, 2, 2)}
 # CPU peak assumption: two 256-bit FMA pipes per core = 32 fp32 FLOP per cycle.
 CPU_FLOP_PER_CYCLE = 32
+# The GPU-hour estimate of an --e2e row: an H100 SXM's dense bf16 peak (GPU_PEAK_TFLOPS' datasheet figure).
+ESTIMATE_PEAK = ("H100 SXM datasheet, dense bf16", GPU_PEAK_TFLOPS["H100"]["bf16"])
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,6 +114,19 @@ def parse_args() -> argparse.Namespace:
                         help="steps whose counted FLOPs are averaged (the equivariance transform differs per step)")
     parser.add_argument("--alignment-standin", choices=sorted(STANDINS), default="large",
                         help="the random DINOv2 used when alignment.model is not on disk (same cost)")
+    parser.add_argument("--e2e", action="store_true", help="also the end-to-end step (section e2e, REPA-E) against "
+                        "the plain step of the same recipe, with the counted FLOPs and time of each of its parts")
+    parser.add_argument("--vision-model", default=None,
+                        help="--e2e: the vision model (a local folder; default: e2e.model when it loads)")
+    parser.add_argument("--vision-standin", choices=sorted(STANDINS), default=None,
+                        help="--e2e: the random DINOv2 used when no vision model loads (default: the size e2e.model "
+                        "names; same cost)")
+    parser.add_argument("--transformer", choices=sorted(DIT_SIZES), default=None,
+                        help="--e2e: e2e.transformer, the diffusion transformer's size (default: the recipe's)")
+    parser.add_argument("--estimate-gpus", type=int, default=8, help="--e2e: the GPUs of the estimated run: global "
+                        "batch = the recipe's train.batch_size x grad_accum x this")
+    parser.add_argument("--estimate-mfu", type=float, default=0.3,
+                        help="--e2e: the model FLOP utilisation assumed for the GPU-hour estimate")
     return parser.parse_args()
 
 
@@ -113,7 +141,7 @@ def bench_config(args, vgg_file: Path):
         overrides.append("performance.compile=true")
     if args.loss == "full":
         overrides += ["loss.perceptual_weight=1.0", "discriminator.enabled=true", "discriminator.start=0",
-                      "discriminator.warmup_steps=0"]
+                      "discriminator.warmup_steps=0", "discriminator.pretrain_steps=0"]
     config = load_config(args.config, overrides)
     if config.loss.perceptual_weight == 0:
         return config, "off"
@@ -158,6 +186,125 @@ def with_teacher(config, overrides: list[str], folder: Path) -> list[str]:
         torch.manual_seed(config.train.seed)
         new_autoencoder(config.model).save_pretrained(folder)
     return [o.replace(TEACHER_STANDIN, str(folder)) for o in overrides]
+
+
+def vision_model(config, given: str | None, standin: str | None, folder: Path) -> tuple[str, str]:
+    """The e2e vision model: ``given``, else ``e2e.model`` when it loads, else a random DINOv2 of ``standin`` (or of
+    the size ``e2e.model`` names) saved to ``folder``: (what ``e2e.model`` is set to, what the rows say about it)."""
+    if given is not None:
+        load_foundation_model(given)  # refused here, naming it, rather than at the step's build
+        return given, given
+    name = config.e2e.model
+    try:
+        load_foundation_model(name)
+        return name, name
+    except AlignmentModelError:
+        pass
+    size = standin or next((s for s in DINOV2_SIZES if s in name.lower()), None)
+    if size is None:
+        raise SystemExit(f"--e2e: e2e.model {name!r} is not on disk and names no DINOv2 size "
+                         f"({', '.join(DINOV2_SIZES)}); pass --vision-model or --vision-standin")
+    save_standin_dinov2(folder, *STANDINS[size])
+    cost = ("the FLOPs equal the real model's, the weights are random" if size in DINOV2_SIZES
+            else "a toy size, NOT the cost of a real DINOv2")
+    return str(folder), f"random DINOv2-{size} ({name} not on disk; {cost})"
+
+
+def e2e_overrides(config, vision: str, transformer: str | None) -> list[str]:
+    """The overrides that turn the recipe's end-to-end tuning on with ``vision`` as its vision model: the
+    transformer of ``--transformer``, and for an AutoencoderKL the per-channel export the e2e step requires."""
+    overrides = ["e2e.enabled=true", f"e2e.model={vision}"]
+    if transformer is not None:
+        overrides.append(f"e2e.transformer={transformer}")
+    if not has_batch_norm(new_autoencoder(config.model)) and config.export.latent_norm != "per_channel":
+        overrides.append("export.latent_norm=per_channel")
+    return overrides
+
+
+def align_pass(e2e, z: torch.Tensor, images: torch.Tensor, plan) -> None:
+    """The align pass alone (``E2ETerm.loss``: the frozen transformer to ``e2e.encoder_depth``, the projector, REPA's
+    loss) and its backward to a copy of the latent ``z``: where the VAE step's own backward takes over."""
+    latent = z.clone().requires_grad_()
+    loss, _ = e2e.loss(SimpleNamespace(z=latent, inputs=images), SimpleNamespace(plan=plan))
+    loss.backward()
+
+
+def transformer_step(parts, z: torch.Tensor, plan) -> None:
+    """The transformer step alone: its loss on the detached latent ``z``, forward and backward (its gradients are
+    then cleared; the optimiser does not step)."""
+    loss, _ = parts.e2e.transformer_loss(parts.transformer, z, plan.diffusion)
+    parts.transformer_scaler.scale(loss).backward()
+    parts.transformer_optimizer.zero_grad(set_to_none=True)
+
+
+def e2e_part_steps(accelerator, parts, config, images: torch.Tensor) -> dict:
+    """The e2e step's parts beyond the VAE step, each a call that runs it alone as ``trainer.micro_step`` does, on
+    one micro-batch of ``images`` and its posterior sample: the vision model's forward (no graph),
+    :func:`align_pass` and :func:`transformer_step`."""
+    e2e, tcfg = parts.e2e, config.train
+    shape = parts.latent_shape(images.shape[-1])
+    plan = forward_plan(parts, StepDraw(tcfg.seed, 0, 0, images.shape[0], shape, images.device))
+    noise = posterior_noise(tcfg.seed, 0, 0, accelerator, images.shape[0], images.shape[0], shape)
+    with torch.no_grad():
+        z = parts.model(images, noise, plan).z.detach()  # (B, C, h, w), what both passes start from
+    plan.diffusion.tokens = e2e.vision_tokens(images)
+    return {"vision_model": functools.partial(e2e.vision_tokens, images),
+            "align_pass": functools.partial(align_pass, e2e, z, images, plan),
+            "transformer_step": functools.partial(transformer_step, parts, z, plan)}
+
+
+def e2e_breakdown(accelerator, parts, config, images: torch.Tensor, plain: dict, e2e: dict, args) -> dict:
+    """Counted FLOPs and time per image of each part of the e2e step: the VAE step (the ``plain`` measurement),
+    the vision model, the align pass and the transformer step (:func:`e2e_part_steps`), against the whole ``e2e``
+    step's; the parts' FLOPs must add up to the step's (``flops_parts_over_step``), their times leave the optimiser
+    steps, clipping, EMA and BatchNorm to ``unattributed``."""
+    n = images.shape[0]
+    rows = {"vae_step": {"gflop_per_image": plain["flops"] / n / 1e9, "seconds_per_image": plain["seconds"] / n}}
+    for name, step in e2e_part_steps(accelerator, parts, config, images).items():
+        flops = count_flops(step)
+        seconds = seconds_per_call(step, args.steps, max(args.warmup, 1), images.device)
+        rows[name] = {"gflop_per_image": flops / n / 1e9, "seconds_per_image": seconds / n}
+    total_flops, total_seconds = e2e["flops"] / n / 1e9, e2e["seconds"] / n
+    for row in rows.values():
+        row["flops_share"] = row["gflop_per_image"] / total_flops
+    parts_flops = sum(r["gflop_per_image"] for r in rows.values())
+    parts_seconds = sum(r["seconds_per_image"] for r in rows.values())
+    return {"parts": rows, "gflop_per_image": total_flops, "seconds_per_image": total_seconds,
+            "flops_parts_over_step": parts_flops / total_flops,
+            "unattributed_seconds_per_image": total_seconds - parts_seconds}
+
+
+def gpu_hours_estimate(recipe, gflop_per_image: float, plain_gflop_per_image: float, args) -> dict:
+    """GPU-hours of ``recipe``'s run from counted FLOPs per image: global batch (train.batch_size x grad_accum x
+    ``--estimate-gpus``) x its VAE steps (max_steps less the discriminator's pre-training, whose steps are left
+    out) x FLOPs per image / (an H100 SXM's dense bf16 peak x ``--estimate-mfu``)."""
+    tcfg = recipe.train
+    batch = tcfg.batch_size * tcfg.grad_accum * args.estimate_gpus
+    steps = tcfg.max_steps - recipe.discriminator.pretrain_steps
+    source, peak = ESTIMATE_PEAK
+    hours_per_gflop = 1e9 * batch * steps / (peak * 1e12 * args.estimate_mfu) / 3600
+    return {"gpus": args.estimate_gpus, "global_batch": batch, "steps": steps, "resolution": recipe.data.resolution,
+            "peak_tflops": peak, "peak_source": source, "mfu_assumed": args.estimate_mfu,
+            "pflop_per_step": gflop_per_image * batch / 1e6, "gpu_hours": gflop_per_image * hours_per_gflop,
+            "wall_hours": gflop_per_image * hours_per_gflop / args.estimate_gpus,
+            "plain_step_gpu_hours": plain_gflop_per_image * hours_per_gflop}
+
+
+def print_e2e_parts(row: dict) -> None:
+    """The parts of an --e2e row, a line each."""
+    print(f"e2e step ({row['transformer']}, align at block {row['encoder_depth']}; vision model: "
+          f"{row['vision_model']}):")
+    print("part | gflop_per_image | flops_share | seconds_per_image")
+    for name, part in row["e2e_parts"]["parts"].items():
+        print(f"{name} | {part['gflop_per_image']:.4g} | {part['flops_share']:.3f} | {part['seconds_per_image']:.4g}")
+    whole = row["e2e_parts"]
+    print(f"whole e2e step | {whole['gflop_per_image']:.4g} | {whole['flops_parts_over_step']:.4f} (parts/step) | "
+          f"{whole['seconds_per_image']:.4g} ({whole['unattributed_seconds_per_image']:.3g} s unattributed)")
+    estimate = row["gpu_hours_estimate"]
+    print(f"estimate: {estimate['gpu_hours']:.4g} GPU-hours ({estimate['wall_hours']:.3g} h on {estimate['gpus']}) for "
+          f"{estimate['steps']} steps of {estimate['global_batch']} images at {estimate['resolution']}², "
+          f"{estimate['peak_source']} {estimate['peak_tflops']} TFLOP/s x MFU {estimate['mfu_assumed']:g} "
+          f"(the plain VAE step: {estimate['plain_step_gpu_hours']:.4g})")
 
 
 def fixed_batch(config, batch: int, device) -> torch.Tensor:
@@ -216,26 +363,10 @@ class NaiveStep:
             self.dopt.step()
 
 
-class _GlobalOnly(contextlib.nullcontext):
-    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks break
-    ``torch.autograd.grad`` (the adaptive GAN weight): every count goes to the total."""
-
-    parents = ("Global",)
-
-
 def real_steps(accelerator, parts, config, state: TrainingState, images: torch.Tensor, count: int) -> None:
     """``count`` consecutive real steps on ``images``."""
     for _ in range(count):
         real_step(accelerator, parts, config, state, images)
-
-
-def count_flops(step, *args) -> float:
-    """FLOPs of one call of ``step`` (2 per multiply-add), counted on eager modules."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalOnly()
-    with counter:
-        step(*args)
-    return float(counter.get_total_flops())
 
 
 def peak_tflops(device, precision: str, tf32: bool, given: float | None) -> tuple[float, str]:
@@ -350,6 +481,11 @@ def main():
         unknown = [t for t in terms if t not in TERMS]
         if unknown:
             raise SystemExit(f"--terms: unknown {unknown}; choose from {list(TERMS)}")
+        e2e = args.e2e or "e2e" in terms  # --terms e2e is the --e2e row: its vision model and its parts
+        terms = [t for t in terms if t != "e2e"]
+        if config.e2e.enabled and not e2e:
+            raise SystemExit("the recipe turns e2e.enabled on: pass --e2e (its step is timed against the plain step)")
+        config = with_overrides(config, ["e2e.enabled=false"]) if config.e2e.enabled else config  # the plain step
         presets = [p for p in args.presets.split(",") if p]
         unknown = [p for p in presets if p not in PRESETS]
         if unknown:
@@ -360,6 +496,10 @@ def main():
         channels = new_autoencoder(config.model).config.latent_channels
         variants += [(f"distill {s}", student_overrides(s, channels), "student_overrides")
                      for s in args.students.split(",") if s]
+        vision_note = None
+        if e2e:
+            vision, vision_note = vision_model(config, args.vision_model, args.vision_standin, Path(tmp) / "vision")
+            variants.append(("first-stage + e2e", e2e_overrides(config, vision, args.transformer), "e2e_overrides"))
         align_note = None
         if config.alignment.enabled or any("alignment.enabled=true" in TERMS[t] for t in terms):
             align_override, align_note = alignment_model(config, args.alignment_standin, Path(tmp) / "dinov2")
@@ -425,6 +565,15 @@ def main():
                    "cost_vs_plain": m["seconds"] / plain_seconds, "flops_vs_plain": m["flops"] / real_flops}
             if key == "student_overrides":  # what the trained decoder costs at inference against the teacher's
                 row["decode"] = distillation_report(parts.raw_model.vae.eval(), parts.teacher, images[:1])
+            if key == "e2e_overrides":  # the step's parts, and what the recipe's whole run costs
+                plain = {"flops": real_flops, "seconds": plain_seconds}
+                row.update(transformer=DIT_NAMES[variant_config.e2e.transformer],
+                           encoder_depth=variant_config.e2e.encoder_depth, vision_model=vision_note,
+                           e2e_parts=e2e_breakdown(accelerator, parts, variant_config, images, plain, m, args))
+                recipe = load_config(args.config, args.set)
+                row["gpu_hours_estimate"] = {
+                    **gpu_hours_estimate(recipe, row["e2e_parts"]["gflop_per_image"], model_flops / 1e9, args),
+                    "counted_at_resolution": images.shape[-1]}
             results.append(with_rates(row, m["seconds"], images.shape[0], variant_flops, peak))
 
         if args.find_max_batch:
@@ -440,6 +589,9 @@ def main():
                 with open(args.json, "a") as f:
                     f.write("\n".join(lines) + "\n")
             print_table(results)
+            for row in results:
+                if "e2e_parts" in row:
+                    print_e2e_parts(row)
         accelerator.wait_for_everyone()
 
 

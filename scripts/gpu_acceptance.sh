@@ -9,8 +9,9 @@
 # compiled), the FLUX.2 class (AutoencoderKLFlux2) against that step in the same run, decoder distillation
 # from a FLUX.2-class teacher (its small decoder, a TAESD) with decode costs, the largest batch at 256²
 # and 512² with and without gradient checkpointing, encode and
-# decode in bf16, the cost of each X-regulariser and of the fp16-safe fine-tune on the f16c32 step, and a
-# 50-step bf16 training run
+# decode in bf16, the cost of each X-regulariser and of the fp16-safe fine-tune on the f16c32 step, the
+# end-to-end step of configs/e2e_sd_f8c4.yaml (REPA-E: a DiT-B/2 and DINOv2-B beside the SD VAE) against its
+# plain VAE step with each part's counted FLOPs and time, and a 50-step bf16 training run
 # that exports and verifies. Each command has its
 # own time limit (ROW_TIMEOUT seconds, default 150) and the whole run stops at the first failure with
 # the command's name: it fails loudly, it does not hang. Writes OUT_DIR/acceptance.jsonl (the
@@ -35,6 +36,8 @@ if [[ "${ACCEPTANCE_SMOKE:-0}" == 1 ]]; then
          --alignment-standin test --set alignment.grid=model)
   FLUX2=flux2-tiny
   STUDENTS=flux2-tiny:32-32,taesd-tiny
+  E2E=(--preset tiny --set discriminator.channels=16 --resolution 32 --batch 2 --steps 1 --warmup 1
+       --transformer tiny --set e2e.encoder_depth=1 --set e2e.projector_dim=16 --vision-standin test)
   MAX_BATCH=()   # the search needs CUDA memory to run out of
   COMPILE=0      # compiling takes minutes on a CPU; tests/test_performance.py checks compile_in_place
 else
@@ -51,6 +54,8 @@ else
   MAX_BATCH=(--find-max-batch --no-naive --steps 2 --warmup 1)
   FLUX2=flux2
   STUDENTS=flux2:96-192-384-384,taesd   # FLUX.2's small decoder; a TAESD with 32 latent channels
+  E2E=(--resolution 256 --batch 16 --steps 10 --warmup 3 --set performance.tf32=true
+       --set performance.fused_optimizer=true)   # the recipe's DiT-B/2, DINOv2-B (a random one when none is cached)
   COMPILE=1
 fi
 
@@ -103,6 +108,11 @@ row encode_bf16 "$PY" scripts/bench_encode.py "${ENCODE[@]}" --precision bf16
 # Eight step builds (DINOv2-L loaded for three): twice the per-row limit.
 ROW_TIMEOUT=$((2 * ROW_TIMEOUT)) row train_terms "$PY" scripts/bench_train.py "${TERMS[@]}" "${LPIPS[@]}" --no-naive \
   --terms alignment,alignment_fixed_weight,equivariance,scale_eq,latent_noise,fp16_safe
+# End-to-end tuning (configs/e2e_sd_f8c4.yaml, a fresh VAE of its preset) against its plain VAE step: counted FLOPs,
+# time and peak memory, and each part (VAE step, vision model, align pass, transformer step) counted and timed alone.
+row train_e2e "$PY" scripts/bench_train.py --config configs/e2e_sd_f8c4.yaml --set model.init_from=null \
+  --set data.source=sample --set data.split=all --set data.num_workers=0 "${E2E[@]}" "${LPIPS[@]}" --precision bf16 \
+  --no-naive --e2e
 
 # 50 bf16 steps of the real entry point, then its export (reloaded and compared before it is named).
 RUN_DIR="$OUT/runs"

@@ -161,14 +161,57 @@ def test_e2e_watchdog_counts_the_transformers_vanishing_gradient(e2e_parts, imag
     assert logs["train/e2e_grad_norm"] > 0 and state.consecutive_vanishing_transformer == 0
 
 
-def test_e2e_nonfinite_transformer_loss_skips_the_step_and_undoes_the_batchnorm(e2e_parts, images):
+@pytest.mark.parametrize("fault", ["nonfinite", "nonfinite_transformer", "nan_gradient"])
+def test_e2e_a_skipped_step_changes_nothing(e2e_parts, images, fault):
+    """A non-finite VAE loss, a non-finite transformer loss alone, or a finite loss whose transformer gradient is
+    NaN: the step is skipped, and every weight and buffer (the transformer's BatchNorm, the discriminator's) is put
+    back as it was; the next step measures the BatchNorm afresh and trains."""
     config, parts, accelerator = e2e_parts
     state = TrainingState()
     batch = {"pixel_values": images, "skipped": 0, "upsized": 0}
-    before = {k: v.clone() for k, v in parts.raw_transformer.state_dict().items()}
-    train_step(accelerator, parts, config, state, iter([batch]), inject="nonfinite")
-    assert state.skipped_steps == 1
-    assert all(torch.equal(v, before[k]) for k, v in parts.raw_transformer.state_dict().items())
+    modules = (parts.raw_transformer, parts.raw_discriminator, parts.raw_model)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    hook = None
+    if fault == "nan_gradient":
+        hook = parts.raw_transformer.dit.out.bias.register_hook(lambda g: g * float("nan"))
+    train_step(accelerator, parts, config, state, iter([batch]), inject=None if hook else fault)
+    assert state.skipped_steps == 1 and state.consecutive_nonfinite == 1
+    for module, old in zip(modules, before):
+        assert all(torch.equal(v, old[k]) for k, v in module.state_dict().items()), type(module).__name__
+    if hook is not None:
+        hook.remove()
+    logs = train_step(accelerator, parts, config, state, iter([batch]))
+    assert state.skipped_steps == 1 and logs["train/e2e_grad_norm"] > 0
+    assert int(parts.raw_transformer.bn.num_batches_tracked) == 1
+
+
+def test_e2e_batchnorm_starts_from_measured_images(e2e_parts):
+    """e2e_measure (before the first step of a new run): the BatchNorm's and its EMA's running statistics are the
+    mean and unbiased variance of the seeded posterior samples of the images; the first step keeps them."""
+    from first_stage.data import calibration_batches
+    from first_stage.e2e import E2E_MEASURE_TAG
+    from first_stage.trainer import e2e_measure
+
+    config, parts, accelerator = e2e_parts
+    data = dataclasses.replace(config.data, split="all")
+    assert e2e_measure(accelerator, parts, calibration_batches(data, 6, 4), seed=0) == 6
+    z = []
+    for batch in calibration_batches(data, 6, 4):
+        posterior = parts.raw_model.vae.encode(batch["pixel_values"]).latent_dist
+        for k, i in enumerate(batch["ids"]):
+            noise = torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
+                hash((0, E2E_MEASURE_TAG, i))))
+            z.append((posterior.mean[k] + posterior.std[k] * noise).double())
+    z = torch.stack(z)
+    bn, ema = parts.raw_transformer.bn, parts.transformer_ema.bn
+    torch.testing.assert_close(bn.running_mean.double(), z.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), z.transpose(0, 1).flatten(1).var(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ema.running_var, bn.running_var) and int(bn.num_batches_tracked) == 0
+    measured = bn.running_var.clone()
+    images = next(iter(calibration_batches(data, 2, 2)))["pixel_values"]
+    out, plan = forward(parts, config, accelerator, images)
+    e2e_start(parts, out.z, plan)
+    assert torch.equal(bn.running_var, measured)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -139,7 +139,7 @@ def test_e2e_export_of_a_kl_vae_is_its_ema_batch_norm_in_both_paths(kl_run, tmp_
 
     assert_per_channel_is_the_batch_norm(kl_run["export"], mean, var)
     e = report["e2e"]
-    assert e["step"] == 2 and e["num_batches_tracked"] == 2 and e["running_mean"] == mean.tolist()
+    assert e["step"] == 2 and e["transformer_steps"] == 2 and e["running_mean"] == mean.tolist()
     assert "EMA BatchNorm at step 2" in report["latents"]["origin"] and not report["latents"]["normalisation_kept"]
     assert f"NOT those of {released}" in report["latents"]["origin"]
     expected = ((var.double() + config.e2e.bn_eps) / var.double()).sqrt().max().item() - 1

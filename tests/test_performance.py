@@ -154,7 +154,7 @@ def test_gpu_acceptance_script_runs_every_row_and_writes_the_table(tmp_path):
                                             "latent_noise", "fp16_safe")]
     assert [r.get("step") for r in rows if r["bench"] == "train"] == [
         "first-stage", "naive", "first-stage", "first-stage", "first-stage preset flux2-tiny", "first-stage",
-        "distill flux2-tiny:32-32", "distill taesd-tiny", "first-stage", *terms]
+        "distill flux2-tiny:32-32", "distill taesd-tiny", "first-stage", *terms, "first-stage", "first-stage + e2e"]
     assert rows[2]["performance"]["channels_last"]
     flux2 = rows[4]
     assert flux2["preset"] == "flux2-tiny" and rows[3]["preset"] == "tiny" and flux2["flops_vs_plain"] > 0
@@ -167,6 +167,15 @@ def test_gpu_acceptance_script_runs_every_row_and_writes_the_table(tmp_path):
     # noise is elementwise only: the same FLOP count as the plain step; the fp16-safe step adds the teacher's forward
     assert [r["flops_vs_plain"] == 1 for r in term_rows] == [False, False, False, False, True, False]
     assert "NOT the cost of a real DINOv2" in term_rows[0]["alignment_model"]
+    # the e2e row (configs/e2e_sd_f8c4.yaml at tiny size): its parts, counted alone, add up to the counted step
+    e2e = next(r for r in rows if r.get("step") == "first-stage + e2e")
+    assert e2e["skipped_steps"] == 0 and e2e["flops_vs_plain"] > 1 and e2e["cost_vs_plain"] > 0
+    assert e2e["transformer"] == "DiT-tiny" and "NOT the cost of a real DINOv2" in e2e["vision_model"]
+    parts = e2e["e2e_parts"]["parts"]
+    assert list(parts) == ["vae_step", "vision_model", "align_pass", "transformer_step"]
+    assert all(p["gflop_per_image"] > 0 and p["seconds_per_image"] > 0 for p in parts.values())
+    assert abs(e2e["e2e_parts"]["flops_parts_over_step"] - 1) < 1e-3
+    assert e2e["gpu_hours_estimate"]["global_batch"] == 256 and e2e["gpu_hours_estimate"]["steps"] == 400_000
     assert [r["what"] for r in rows if r["bench"] == "encode"] == ["data", "encode", "decode", "encode_pipeline"]
     run = rows[-1]
     assert run["bench"] == "train.py" and run["step"] == 2 and run["reload_difference"] == 0

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
+from conftest import identical
 from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
                                     TRAINING_STATE, CheckpointError, check_checkpoint, legacy_state_files,
                                     save_checkpoint)
@@ -37,17 +38,6 @@ def parts_and_accelerator():
     yield config, build_parts(config, accelerator), accelerator
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def identical(a, b) -> bool:
-    """Nested state dicts equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def grads(params) -> list[torch.Tensor]:

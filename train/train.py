@@ -26,8 +26,8 @@ from first_stage.lifecycle import (EXIT_NONFINITE, EXIT_VANISHED, catch_stop_sig
                                    stop_reason)
 from first_stage.model import count_parameters
 from first_stage.reports import drift_sentence, e2e_sentence
-from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, note_layout, restore,
-                                 run_files, sum_over_processes, train_step, trainer_states, validate)
+from first_stage.trainer import (StepMeter, TrainingState, accelerator_options, build_parts, e2e_measure, note_layout,
+                                 restore, run_files, sum_over_processes, train_step, trainer_states, validate)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # Test hook for the fault-handling path: optimiser steps whose loss is replaced by NaN, e.g. "3,4".
@@ -119,6 +119,12 @@ def train(args: argparse.Namespace, config, accelerator, run_dir: Path) -> int:
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     note_layout(accelerator, state)
     parts.ema.to(accelerator.device)
+    if parts.e2e is not None and state.step == 0 and config.e2e.bn_init_images and \
+            int(parts.raw_transformer.bn.num_batches_tracked) == 0:  # a new transformer (not e2e.init_from)
+        measured = e2e_measure(accelerator, parts, calibration_batches(
+            config.data, config.e2e.bn_init_images, tcfg.batch_size, seed=tcfg.seed, rank=accelerator.process_index,
+            world_size=accelerator.num_processes), tcfg.seed)
+        accelerator.print(f"e2e: the transformer's latent BatchNorm starts from the latents of {measured} images")
     if accelerator.is_main_process:  # after a resume was accepted: a refused one keeps the run's config
         save_config(config, run_dir / CONFIG_FILE)
         accelerator.init_trackers(tcfg.run_name)
