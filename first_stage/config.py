@@ -254,6 +254,9 @@ class DataConfig:
     name: str | None = None  # hub dataset configuration
     split: str = "train"
     image_column: str = "image"
+    # A column of integer class labels, carried with each image (the diffusability probe is then class-conditional):
+    # "label" for an imagefolder with class sub-folders or most hub datasets; None: unlabelled.
+    label_column: str | None = None
     streaming: bool = False
     resolution: int = 256  # side of the square crop
     resize: int | None = None  # resize the short side to this before cropping; None keeps it

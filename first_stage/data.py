@@ -84,7 +84,7 @@ def _sample_dataset(split: str) -> datasets.Dataset:
 
 
 def load_image_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
-    """The images of ``cfg`` as a dataset with the single column ``cfg.image_column``, undecoded.
+    """The images of ``cfg`` as a dataset with the column ``cfg.image_column``, undecoded (and ``cfg.label_column``).
 
     An ``IterableDataset`` when ``cfg.streaming``. Rows are ``{image_column: {"bytes", "path"}}``.
     Sources: ``sample`` (scikit-image pictures; splits train / validation / all), ``imagefolder``
@@ -126,9 +126,11 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableD
         raise ValueError(f"unknown data.source {cfg.source!r}")
 
     columns = ds.column_names  # None for a stream whose features are not known in advance
-    if columns is not None and cfg.image_column not in columns:
-        raise ValueError(f"data.image_column {cfg.image_column!r} is not a column of {where}; columns: {columns}")
-    ds = ds.select_columns([cfg.image_column]).cast_column(cfg.image_column, datasets.Image(decode=False))
+    for key, column in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+        if column is not None and columns is not None and column not in columns:
+            raise ValueError(f"data.{key} {column!r} is not a column of {where}; columns: {columns}")
+    kept = [cfg.image_column] + ([cfg.label_column] if cfg.label_column else [])
+    ds = ds.select_columns(kept).cast_column(cfg.image_column, datasets.Image(decode=False))
     if not cfg.streaming and len(ds) == 0:
         raise ValueError(f"no images found for {where}")
     return ds
@@ -206,6 +208,14 @@ def load_sample(value: dict | None, cfg: DataConfig, rng: np.random.Generator) -
     return {"pixel_values": pixels, "skipped": 0, "upsized": int(upsized), "name": image_name(value)}
 
 
+def load_row(row: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """:func:`load_sample` of a dataset row's image, with its class ``label`` when ``cfg.label_column`` is set."""
+    sample = load_sample(row[cfg.image_column], cfg, rng)
+    if cfg.label_column:
+        sample["label"] = int(row[cfg.label_column])
+    return sample
+
+
 class DataError(ValueError):
     """Data that cannot train: the message names the data and what was tried."""
 
@@ -252,7 +262,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         index = range(len(self))[index]  # negative indices and bounds, as for a list
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        sample = load_sample(self.dataset[index][self.cfg.image_column], self.cfg, rng)
+        sample = load_row(self.dataset[index], self.cfg, rng)
         return {**sample, "id": index if self.ids is None else self.ids[index]}
 
 
@@ -295,7 +305,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         for row in self.dataset:
             value = row[self.cfg.image_column]
             rng = np.random.default_rng((self.seed, epoch, _content_seed(value)))
-            yield load_sample(value, self.cfg, rng)
+            yield load_row(row, self.cfg, rng)
 
 
 def _content_seed(value: dict | None) -> int:
@@ -307,7 +317,8 @@ def _content_seed(value: dict | None) -> int:
 
 def collate(samples: list[dict], resolution: int | None = None) -> dict:
     """Stack the decoded samples: ``{"pixel_values": (B, 3, R, R), "skipped": int, "upsized": int,
-    "names": [B], "ids": [B], "skipped_names": [...]}`` (names and ids as the samples carry them).
+    "names": [B], "ids": [B], "labels": [B], "skipped_names": [...]}`` (names, ids and class labels as the
+    samples carry them).
 
     B counts only the valid samples. A batch where every sample was skipped gives a (0, 3, R, R)
     tensor, which needs ``resolution`` (``make_dataloader`` passes it).
@@ -325,6 +336,7 @@ def collate(samples: list[dict], resolution: int | None = None) -> dict:
         "upsized": sum(s["upsized"] for s in samples),
         "names": [s.get("name") for s in samples if s["pixel_values"] is not None],
         "ids": [s.get("id") for s in samples if s["pixel_values"] is not None],
+        "labels": [s.get("label") for s in samples if s["pixel_values"] is not None],  # None: unlabelled
         "skipped_names": [s.get("name") for s in samples if s["pixel_values"] is None],
     }
 
@@ -402,7 +414,7 @@ def calibration_batches(cfg: DataConfig, num_images: int, batch_size: int, seed:
     if cfg.streaming:
         stream = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer).take(num_images)
         rng = np.random.default_rng(seed)  # unused by centre crops without flips
-        samples = ({**load_sample(row[cfg.image_column], cfg, rng), "id": i}
+        samples = ({**load_row(row, cfg, rng), "id": i}
                    for i, row in enumerate(stream) if i % world_size == rank)
         batch = []
         for sample in samples:

@@ -85,11 +85,12 @@ class RepaProbe(nn.Module):
         self.dit, self.depth = dit, depth
         self.projector = repa_projector(dit.embed.out_channels, projector_dim, feature_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None):
         """The velocity; with ``tokens`` (B, N, D), (the velocity, the REPA loss against them)."""
         if tokens is None:
-            return self.dit(x, t)
-        prediction, features = self.dit.run(x, t, features_at=self.depth)
+            return self.dit(x, t, class_labels)
+        prediction, features = self.dit.run(x, t, class_labels, features_at=self.depth)
         return prediction, repa_loss(self.projector(features), tokens)
 
 
@@ -103,10 +104,12 @@ def repa_depth(preset: str, depth: int | None) -> int:
 
 
 def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family: str = "unet",
-                repa: tuple[int, int] | None = None) -> nn.Module:
+                repa: tuple[int, int] | None = None, num_classes: int = 0) -> nn.Module:
     """The probe for latents (C, h, w) (square): a ``UNet2DModel`` from ``PROBES[preset]`` or a
     :class:`ProbeDiT` from ``DIT_PROBES[preset]``; with ``repa`` = (the vision model's width, the block REPA
-    reads), that DiT in a :class:`RepaProbe` (projector width 2048 as REPA's, the hidden width for ``tiny``)."""
+    reads), that DiT in a :class:`RepaProbe` (projector width 2048 as REPA's, the hidden width for ``tiny``).
+    ``num_classes`` > 0: class-conditional (a class embedding added to the time embedding: DiT's ``LabelEmbedder``
+    without dropout, the U-Net's ``num_class_embeds``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown probe family {family!r}; choose from {list(FAMILIES)}")
     presets = PROBES if family == "unet" else DIT_PROBES
@@ -114,7 +117,7 @@ def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family
         raise ValueError(f"unknown probe preset {preset!r}; choose from {sorted(presets)}")
     channels, side, _ = latent_shape
     if family == "dit":
-        dit = ProbeDiT(channels, side, patch=dit_patch(side), **DIT_PROBES[preset])
+        dit = ProbeDiT(channels, side, patch=dit_patch(side), num_classes=num_classes, **DIT_PROBES[preset])
         if repa is None:
             return dit
         return RepaProbe(dit, repa[0], repa[1], DIT_PROBES[preset]["hidden"] if preset == "tiny" else 2048)
@@ -130,7 +133,7 @@ def build_probe(latent_shape: tuple[int, int, int], preset: str = "tiny", family
         layers_per_block=spec["layers_per_block"], norm_num_groups=spec["norm_num_groups"],
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (levels - 1),
         up_block_types=("AttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        attention_head_dim=8, add_attention=levels > 1)
+        attention_head_dim=8, add_attention=levels > 1, num_class_embeds=num_classes or None)
 
 
 def probe_name(family: str, preset: str, latent_shape: tuple[int, int, int]) -> str:
@@ -140,24 +143,26 @@ def probe_name(family: str, preset: str, latent_shape: tuple[int, int, int]) -> 
     return f"UNet2DModel {preset}"
 
 
-def velocity(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The probe's velocity at ``x`` (B, C, h, w), times ``t`` (B,) in [0, 1]; either family."""
-    out = model(x, t * TIME_SCALE)
+def velocity(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The probe's velocity at ``x`` (B, C, h, w), times ``t`` (B,) in [0, 1], for class ``labels`` (B,) of a
+    class-conditional probe; either family."""
+    out = model(x, t * TIME_SCALE) if labels is None else model(x, t * TIME_SCALE, labels)
     return out.sample if hasattr(out, "sample") else out
 
 
-def flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample flow-matching loss (B,): mean over elements of (v̂(x_t, t) − (ε − x₀))²."""
     tt = t.view(-1, 1, 1, 1).to(x0.dtype)
     xt = (1 - tt) * x0 + tt * noise
-    return (velocity(model, xt, t).float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    return (velocity(model, xt, t, labels).float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
 
 
-def repa_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def repa_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample flow-matching loss (B,), REPA loss) of a :class:`RepaProbe` against vision ``tokens``."""
     tt = t.view(-1, 1, 1, 1).to(x0.dtype)
-    prediction, align = model((1 - tt) * x0 + tt * noise, t * TIME_SCALE, tokens)
+    prediction, align = model((1 - tt) * x0 + tt * noise, t * TIME_SCALE, labels, tokens)
     return (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), align
 
 
@@ -211,7 +216,7 @@ def seeded_normal(shape: tuple[int, ...], *seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def held_out_loss(model, latents: torch.Tensor, ids: list[int], grid: torch.Tensor, seed: int, batch_size: int,
-                  accelerator) -> torch.Tensor:
+                  accelerator, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The mean flow-matching loss over held-out ``latents`` (N, C, h, w) at each timestep of
     ``grid`` (T,), with noise seeded by (seed, image id, timestep index): the same figure at every
     evaluation and for every VAE compared. The images are split over processes and the sums
@@ -228,7 +233,8 @@ def held_out_loss(model, latents: torch.Tensor, ids: list[int], grid: torch.Tens
             noise = torch.stack([seeded_normal(tuple(latents.shape[1:]), seed, 1, ids[i], k) for i in rows])
             tt = torch.full((len(rows),), t, device=accelerator.device)
             with accelerator.autocast():
-                sums[k] += flow_loss(model, x0, noise.to(accelerator.device), tt).double().sum().cpu()
+                y = None if labels is None else labels[rows].to(accelerator.device)
+                sums[k] += flow_loss(model, x0, noise.to(accelerator.device), tt, y).double().sum().cpu()
     model.train(was_training)
     return reduce_sum(accelerator, sums) / len(latents)
 
@@ -244,15 +250,16 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, batch_size: int, seed: int,
                 evaluate: Callable[[int, float | None], None] | None = None, eval_every: int = 0, warmup: int = 100,
                 ema: nn.Module | None = None, ema_decay: float = 0.999, tokens: torch.Tensor | None = None,
-                repa_weight: float = 0.0) -> dict:
+                repa_weight: float = 0.0, labels: torch.Tensor | None = None) -> dict:
     """Train the prepared ``model`` on ``train`` latents (N, C, h, w) for ``steps`` steps of a global
     batch of ``batch_size`` (divisible by the process count): data order, timesteps and noise of
     step s are drawn from (seed, s) on every process, which takes its slice. Linear lr warm-up over
     ``warmup`` steps, gradient clipping at 1, ``ema`` (an unprepared copy) updated after every step.
     Calls ``evaluate(step, training loss since the last call, or None)`` every ``eval_every`` steps and
     at the end. With ``tokens`` (N, T, D), the vision tokens of the ``train`` images, a :class:`RepaProbe`
-    adds ``repa_weight`` × REPA (the training loss reported stays the flow-matching loss). Returns the
-    cost: steps/s and wall time (evaluation excluded)."""
+    adds ``repa_weight`` × REPA (the training loss reported stays the flow-matching loss); with ``labels``
+    (N,), a class-conditional probe gets each latent's class. Returns the cost: steps/s and wall time
+    (evaluation excluded)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} processes")
@@ -274,11 +281,12 @@ def train_probe(accelerator, model, optimizer, train: torch.Tensor, steps: int, 
         for group, lr in zip(optimizer.param_groups, base_lr):
             group["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
         x0, eps, tt = (v[mine].to(accelerator.device) for v in (train[rows], noise, t))
+        y = None if labels is None else labels[rows[mine]].to(accelerator.device)
         with accelerator.autocast():
             if tokens is None:
-                loss = total = flow_loss(model, x0, eps, tt).mean()
+                loss = total = flow_loss(model, x0, eps, tt, y).mean()
             else:
-                flow, align = repa_flow_loss(model, x0, eps, tt, tokens[rows[mine]].to(accelerator.device))
+                flow, align = repa_flow_loss(model, x0, eps, tt, tokens[rows[mine]].to(accelerator.device), y)
                 loss, total = flow.mean(), flow.mean() + repa_weight * align
         accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -304,7 +312,7 @@ def _running_mean(accelerator, running: torch.Tensor) -> float | None:
 
 
 @torch.no_grad()
-def sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def sample(model, noise: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate dx/dt = v̂(x, t) from t = 1 (``noise``, (K, C, h, w)) to t = 0 with ``steps``
     Euler steps; returns the sampled latents (K, C, h, w)."""
     if steps < 1:
@@ -314,7 +322,7 @@ def sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
     x = noise.clone()
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        v = velocity(model, x, torch.full((len(x),), t, device=x.device)).float()
+        v = velocity(model, x, torch.full((len(x),), t, device=x.device), labels).float()
         x = x + (t_next - t) * v
     model.train(was_training)
     return x
@@ -400,7 +408,8 @@ class ProbeSettings:
 
 @torch.no_grad()
 def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, vision, batch: dict) -> list[tuple]:
-    """(image id, latent (C, h, w), file name, vision tokens (T, D) fp16 or None) of each image of a batch; the
+    """(image id, latent (C, h, w), file name, vision tokens (T, D) fp16 or None, class label or None) of each
+    image of a batch; the
     held-out images (id ≥ ``held_from``) also enter ``fid`` as real images. ``vision``: the REPA term's
     vision model (:class:`first_stage.alignment.FoundationFeatures`), whose tokens are taken on the DiT probe's
     token grid as REPA's DINOv2 sees the image (ImageNet-normalised, bicubic, 14 pixels per token)."""
@@ -420,7 +429,8 @@ def _encode(vae: Autoencoder, settings: ProbeSettings, held_from: int, fid, visi
         grid = (side // dit_patch(side),) * 2
         features = vision(x.to(vision.mean.device), grid, normalize=True, interpolation="bicubic")
         tokens = list(features.flatten(2).transpose(1, 2).half().cpu())  # (B, T, D)
-    return list(zip(batch["ids"], z, [str(n) for n in names], tokens))
+    labels = batch.get("labels") or [None] * len(batch["ids"])
+    return list(zip(batch["ids"], z, [str(n) for n in names], tokens, labels))
 
 
 def probe_normaliser(vae: Autoencoder, train: torch.Tensor, kind: str) -> LatentNormalizer:
@@ -448,17 +458,20 @@ def tail(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
 
 @torch.no_grad()
 def draw_samples(probe, vae: Autoencoder, norm: LatentNormalizer, shape: tuple[int, int, int], count: int,
-                 settings: ProbeSettings, accelerator, fid) -> tuple[torch.Tensor, torch.Tensor]:
+                 settings: ProbeSettings, accelerator, fid, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``count`` latents from fixed noise (sample k from (seed, k)), split over processes;
     decode them (denormalised by ``norm``); feed the decoded ones to ``fid`` as generated images.
-    Returns, on every process, all sampled latents (count, C, h, w) and the first ``settings.samples``
-    decoded images."""
+    A class-conditional probe draws sample k of class ``labels[k % len(labels)]`` (the held-out images'
+    classes, in order). Returns, on every process, all sampled latents (count, C, h, w) and the first
+    ``settings.samples`` decoded images."""
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
     drawn, shown = [], []
     for start in range(0, len(mine), settings.batch_size):
         ks = mine[start:start + settings.batch_size]
         noise = torch.stack([seeded_normal(shape, settings.seed, 3, k) for k in ks]).to(accelerator.device)
-        x = sample(probe, noise, settings.sample_steps)
+        y = None if labels is None else labels[torch.tensor(ks) % len(labels)].to(accelerator.device)
+        x = sample(probe, noise, settings.sample_steps, y)
         images = vae.decode(norm.denormalize(x.cpu()).to(vae.device, vae.dtype)).sample.float()
         if fid is not None:
             fid.update((images.clamp(-1, 1) + 1) / 2, real=False)
@@ -483,13 +496,15 @@ def cache_key(source: str, data: DataConfig, images: int, settings: ProbeSetting
         paths = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file())
         files = [(str(q.relative_to(root.parent)), q.stat().st_size, q.stat().st_mtime_ns) for q in paths]
     key = {"vae": source, "files": files, "data": describe(data), "resolution": data.resolution, "images": images,
+           "labels": data.label_column,
            **{name: getattr(settings, name) for name in _CACHE_SETTINGS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_cache(cache: Path | None, key: str) -> tuple[torch.Tensor, list[int], list[str]] | None:
-    """The raw latents (N, C, h, w), image ids and file names a cache written under ``key`` holds, or
-    None (no file, another key, or a cache from before the raw latents were kept)."""
+def read_cache(cache: Path | None, key: str) -> tuple[torch.Tensor, list[int], list[str], torch.Tensor | None] | None:
+    """The raw latents (N, C, h, w), image ids, file names and class labels (N,) (or None: unlabelled) a cache
+    written under ``key`` holds, or None (no file, another key, or a cache from before the raw latents were
+    kept)."""
     if cache is None or not cache.is_file():
         return None
     with safe_open(cache, "pt") as f:
@@ -497,7 +512,7 @@ def read_cache(cache: Path | None, key: str) -> tuple[torch.Tensor, list[int], l
     if metadata.get("key") != key or "names" not in metadata:
         return None
     tensors = load_file(cache)
-    return tensors["latents"], tensors["ids"].tolist(), json.loads(metadata["names"])
+    return tensors["latents"], tensors["ids"].tolist(), json.loads(metadata["names"]), tensors.get("labels")
 
 
 def split_held_out(ids: list[int], names: list[str], held_from: int, settings: ProbeSettings) -> list[bool]:
@@ -549,19 +564,24 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
     vision = None
     if settings.repa_model is not None:
         vision = load_foundation_model(settings.repa_model, "latent").to(accelerator.device)
-    tokens = None
+    tokens = labels = None
     if cached is not None:
-        latents, ids, names = cached
+        latents, ids, names, labels = cached
         skipped = []
     else:
         encode = functools.partial(_encode, vae, settings, held_from, fid, vision)
         encoded, skipped = stream_images(accelerator, data, images, settings.encode_batch_size, settings.seed, encode)
         if not encoded:
             raise DataError(f"no decodable image among the images picked of {describe(data)}")
-        latents = torch.stack([z for _, z, _, _ in encoded])  # (N, C, h, w), in id order
-        ids, names = [i for i, _, _, _ in encoded], [n for _, _, n, _ in encoded]
+        latents = torch.stack([item[1] for item in encoded])  # (N, C, h, w), in id order
+        ids, names = [item[0] for item in encoded], [item[2] for item in encoded]
         if vision is not None:
-            tokens = torch.stack([v for _, _, _, v in encoded])  # (N, T, D) fp16
+            tokens = torch.stack([item[3] for item in encoded])  # (N, T, D) fp16
+        if data.label_column:
+            labels = torch.tensor([item[4] for item in encoded])  # (N,) class-conditional probes
+    if labels is not None and labels.min() < 0:
+        raise DataError(f"data.label_column {data.label_column!r}: class labels must be >= 0, got {labels.min()}")
+    num_classes = 0 if labels is None else int(labels.max()) + 1
     encode_seconds = time.time() - wall
     held_mask = split_held_out(ids, names, held_from, settings)
     if all(held_mask) or not any(held_mask):
@@ -577,7 +597,8 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
         norm = probe_normaliser(vae, train_raw, kind)
         train, held = norm.normalize(train_raw), norm.normalize(held_raw)
         runs = [_probe_run(train, held, held_ids, grid, settings, settings.seed + j, accelerator,
-                           tokens[train_rows] if tokens is not None else None)
+                           tokens[train_rows] if tokens is not None else None,
+                           None if labels is None else (labels[train_rows], labels[held_rows]), num_classes)
                 for j in range(settings.seeds)]
         columns[kind] = _column(kind, norm, train, grid, runs)
         if first is None:
@@ -587,7 +608,7 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": latents.contiguous(), "ids": torch.tensor(ids), "train": train.contiguous(),
                    "held_out": held.contiguous(), "train_ids": torch.tensor(train_ids),
-                   "held_out_ids": torch.tensor(held_ids)}, cache,
+                   "held_out_ids": torch.tensor(held_ids), **({} if labels is None else {"labels": labels})}, cache,
                   metadata={"vae": source, "key": key, "names": json.dumps(names), "latents": settings.latents,
                             "normalise": settings.normalise[0], "normaliser": norm.describe()})
 
@@ -595,7 +616,8 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
     # collective, on every process).
     shape = tuple(train.shape[1:])
     count = max(settings.samples, (settings.fid_samples or len(held_ids)) if fid is not None else 0)
-    drawn, shown = draw_samples(probe, vae, norm, shape, count, settings, accelerator, fid)
+    drawn, shown = draw_samples(probe, vae, norm, shape, count, settings, accelerator, fid,
+                                None if labels is None else labels[held_rows])
     gfid = fid.compute().item() if fid is not None else None
     if not accelerator.is_main_process:
         return {}, torch.empty(0)
@@ -617,6 +639,8 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
                   "parameters": sum(p.numel() for p in probe.parameters()), "steps": settings.steps,
                   "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
                   "seeds": settings.seeds, "ema_decay": settings.ema_decay,
+                  # class-conditional on data.label_column's classes, or None: unconditional
+                  "classes": num_classes or None,
                   "repa": None if settings.repa_model is None else {
                       "model": settings.repa_model, "weight": settings.repa_weight,
                       "depth": repa_depth(settings.probe, settings.repa_depth), "tokens": list(tokens.shape[1:])}},
@@ -640,32 +664,34 @@ def probe_vae(vae: Autoencoder, accelerator, data: DataConfig, images: int, sett
 
 
 def _probe_run(train: torch.Tensor, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor,
-               settings: ProbeSettings, seed: int, accelerator, tokens: torch.Tensor | None = None) -> dict:
+               settings: ProbeSettings, seed: int, accelerator, tokens: torch.Tensor | None = None,
+               labels: tuple[torch.Tensor, torch.Tensor] | None = None, num_classes: int = 0) -> dict:
     """Train one probe from ``seed`` (its init, data order, timesteps and noise; the held-out noise stays
     that of ``settings.seed``, the same for every probe) and evaluate its EMA weights. Returns its curve
     [(step, held-out loss (T,), training loss or None)], cost and EMA probe."""
     torch.manual_seed(seed)  # the same initial weights for every VAE and on every process
     repa = None if tokens is None else (tokens.shape[-1], repa_depth(settings.probe, settings.repa_depth))
-    model = build_probe(tuple(train.shape[1:]), settings.probe, settings.probe_family, repa)
+    model = build_probe(tuple(train.shape[1:]), settings.probe, settings.probe_family, repa, num_classes)
+    train_labels, held_labels = labels if labels is not None else (None, None)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     curve = []
-    evaluate = functools.partial(_evaluate, curve, ema, held, held_ids, grid, settings, accelerator)
+    evaluate = functools.partial(_evaluate, curve, ema, held, held_ids, grid, settings, accelerator, held_labels)
     cost = train_probe(accelerator, model, optimizer, train, settings.steps, settings.batch_size, seed, evaluate,
                        settings.eval_every or max(1, settings.steps // 10), settings.warmup, ema, settings.ema_decay,
-                       tokens, settings.repa_weight)
+                       tokens, settings.repa_weight, train_labels)
     del model, optimizer
     accelerator.free_memory()  # the Accelerator lets go of this probe and optimiser
     return {"seed": seed, "curve": curve, "cost": cost, "probe": ema}
 
 
 def _evaluate(curve: list, model, held: torch.Tensor, held_ids: list[int], grid: torch.Tensor, settings: ProbeSettings,
-              accelerator, step: int, train_loss: float | None) -> None:
+              accelerator, held_labels: torch.Tensor | None, step: int, train_loss: float | None) -> None:
     """Append (step, held-out loss (T,), training loss) to ``curve``: what :func:`_probe_run` hands to
     :func:`train_probe`."""
-    loss = held_out_loss(model, held, held_ids, grid, settings.seed, settings.batch_size, accelerator)
+    loss = held_out_loss(model, held, held_ids, grid, settings.seed, settings.batch_size, accelerator, held_labels)
     curve.append((step, loss, train_loss))
 
 

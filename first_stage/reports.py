@@ -233,6 +233,7 @@ def diffusability_rows(vaes: list[dict]) -> list[tuple[str, list, object]]:
     r = [v["results"] for v in vaes]
     loss = [x["held_out_loss"] for x in r]
     rows = [("probe", [f"{x['probe']['name']}, {x['probe']['seeds']} seed(s)" + repa_note(x['probe'].get('repa'))
+                       + (f", class-conditional ({x['probe']['classes']} classes)" if x['probe'].get('classes') else "")
                        for x in r], None),
             ("latents trained on / held out", [f"{x['train_images']} / {x['held_out_images']}"
                                                + (" (grouped)" if x.get("split", {}).get("grouped") else "")

@@ -14,6 +14,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from PIL import Image
+
 from conftest import cpu_env
 
 from first_stage.data import calibration_batches
@@ -212,3 +214,38 @@ def test_e2e_script_dit_family_grouped_split(tiny_vae, tmp_path):
     assert [c["step"] for c in results["curve"]] == [0, 2, 4]
     text = (tmp_path / "out" / "report.md").read_text()
     assert "DiT-tiny/1" in text and "2 seed(s)" in text
+
+
+def labelled_folder(root: Path, per_class: int = 5) -> Path:
+    """An imagefolder with two class sub-folders of small random pictures (label 0: dark, 1: bright)."""
+    g = torch.Generator().manual_seed(0)
+    for label, name in enumerate(("dark", "bright")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(32, 32, 3, generator=g) * 120 + 120 * label).byte().numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("family", ["dit", "unet"])
+def test_e2e_probe_is_class_conditional_when_the_data_has_labels(accelerator, tiny_vae, tmp_path, family):
+    """data.label_column: every batch carries its images' class labels, and the probe (either family) trains,
+    evaluates and samples class-conditionally; the report and its table say so. Unlabelled data: unconditional.
+    A label column the data lacks is refused naming the key."""
+    folder = labelled_folder(tmp_path / "images")
+    spec = f"source=imagefolder,path={folder},split=train,resolution=32"
+    labelled = evaluation_data(spec + ",label_column=label")
+    batch = next(iter(calibration_batches(labelled, 10, 10)))
+    assert sorted(batch["labels"]) == [0] * 5 + [1] * 5
+    vae = evaluation_autoencoder(global_export(tiny_vae, tmp_path / "vae"), accelerator.device)
+    settings = dataclasses.replace(SETTINGS, probe_family=family, seeds=1, normalise=("channel",))
+    result, _ = probe_vae(vae, accelerator, labelled, 10, settings, cache=tmp_path / "cache.safetensors")
+    assert result["probe"]["classes"] == 2 and "class-conditional (2 classes)" in markdown_table(
+        diffusability_rows([{"results": result}]), ["a"], "reference")
+    again, _ = probe_vae(vae, accelerator, labelled, 10, settings, cache=tmp_path / "cache.safetensors")
+    assert again["cache"]["read_back"] and again["probe"]["classes"] == 2
+    assert again["ranking"]["ratio"] == pytest.approx(result["ranking"]["ratio"], rel=1e-9)
+    plain, _ = probe_vae(vae, accelerator, evaluation_data(spec), 10, settings)
+    assert plain["probe"]["classes"] is None
+    with pytest.raises(ValueError, match=r"data\.label_column 'label' is not a column"):
+        next(iter(calibration_batches(evaluation_data("source=sample,split=all,label_column=label"), 2, 2)))
