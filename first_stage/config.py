@@ -167,7 +167,8 @@ class DiscriminatorConfig:
     loss: Literal["hinge", "non_saturating"] = "hinge"
     adaptive_weight_max: float = 1e4
     # false: the generator term is weight × g_loss, a fixed weight (REPA-E's 0.1, loss/losses.py), without the
-    # adaptive weight's extra backward
+    # adaptive weight's extra backward. The weight is stated against a per-element mean NLL (REPA-E's): under
+    # loss.reduction "sum" it is multiplied by the 3·H·W elements the NLL sums over, keeping the same balance.
     adaptive: bool = True
     # Weights to start from: an export's finetune/discriminator.safetensors, or a latent-diffusion
     # autoencoder checkpoint holding loss.discriminator.* (n_layers, channels and norm must match).
@@ -225,7 +226,8 @@ class E2EConfig:
     patch: int | None = None  # its patch size; None: 1 up to 16-wide latents, 2 above (SiT-B/2 for f8 at 256²)
     encoder_depth: int = 8  # the REPA projector reads the tokens after this block (REPA-E's --encoder-depth)
     projector_dim: int = 2048  # the projector MLP's hidden width
-    # VAE step: + align_weight × the REPA loss of the align pass (transformer frozen, BatchNorm in eval mode)
+    # VAE step: + align_weight × the REPA loss of the align pass (transformer frozen, BatchNorm in eval mode), stated
+    # against a per-element mean NLL as REPA-E's: under loss.reduction "sum" it is multiplied by the image's 3·H·W
     align_weight: float = 1.5  # --vae-align-proj-coeff
     proj_coeff: float = 0.5  # transformer step: flow-matching loss + proj_coeff × its REPA loss (--proj-coeff)
     path: Literal["linear", "cosine"] = "linear"  # the interpolant (--path-type)

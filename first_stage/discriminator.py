@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import Config, ConfigError, DiscriminatorConfig
 from .convert import LDM_DISCRIMINATOR_PREFIX, read_weights, split_ldm_checkpoint
-from .loss_term import LossContext, LossTerm, adaptive_weight, refuse_below
+from .loss_term import LossContext, LossTerm, adaptive_weight, mean_unit, refuse_below
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -150,7 +150,7 @@ class GANTerm(LossTerm):
             raise ValueError("the GAN term is active: pass the discriminator and the decoder's last layer")
         g_loss = generator_adversarial_loss(ctx.discriminator(out.reconstruction), d.loss)
         d_weight = (d.weight * adaptive_weight(ctx.nll, g_loss, ctx.last_layer, d.adaptive_weight_max)
-                    if d.adaptive else d.weight)
+                    if d.adaptive else d.weight * mean_unit(self.config, out.target))  # REPA-E's 0.1: against a mean
         return d_weight * g_loss, {"train/loss/g": g_loss.item(), "train/d_weight": float(d_weight)}
 
     def card_line(self) -> str:
@@ -161,4 +161,4 @@ class GANTerm(LossTerm):
             ramp += f" (steps 0-{d.pretrain_steps - 1}: the discriminator alone, against the frozen VAE)"
         return (f"PatchGAN ({d.n_layers} layers, {d.norm} norm, {d.loss} loss) from step {d.start}{ramp}, "
                 f"weight {d.weight:g}" + (f" × the adaptive weight (max {d.adaptive_weight_max:g})" if d.adaptive
-                                          else " (fixed, no adaptive weight)"))
+                                          else " (fixed, against a per-element mean NLL; no adaptive weight)"))

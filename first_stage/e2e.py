@@ -41,7 +41,7 @@ from .alignment import FoundationFeatures, load_foundation_model
 from .config import Config, ConfigError, E2EConfig
 from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch, repa_loss, repa_projector
 from .latent_norm import LatentNormalizer
-from .loss_term import LossContext, LossTerm, StepDraw, refuse_below
+from .loss_term import LossContext, LossTerm, StepDraw, mean_unit, refuse_below
 from .model import DTYPES, ForwardPlan, downsampling_factor, is_tiny
 
 TRANSFORMER_FILE = "e2e_transformer.safetensors"  # in an export's finetune/ bundle: the raw transformer
@@ -289,7 +289,8 @@ class E2ETerm(LossTerm):
         finally:
             raw.train(was_training).requires_grad_(True)
         align = repa_loss(projected, plan.tokens)
-        return self.config.e2e.align_weight * align, {"train/e2e/vae_align": align.item()}
+        weight = self.config.e2e.align_weight * mean_unit(self.config, out.target)  # REPA-E's 1.5 is against a mean
+        return weight * align, {"train/e2e/vae_align": align.item()}
 
     def transformer_loss(self, transformer: nn.Module, z: torch.Tensor, plan: DiffusionDraw) -> tuple[torch.Tensor,
                                                                                                       dict]:

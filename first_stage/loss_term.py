@@ -96,6 +96,13 @@ def refuse_below(config: Config, minimum: float, *keys: str) -> None:
             raise ConfigError(f"{key} must be >= {minimum:g}, got {value}")
 
 
+def mean_unit(config: Config, target: torch.Tensor) -> float:
+    """What a weight stated against a per-element *mean* NLL (REPA-E's fixed weights) is multiplied by under
+    ``loss.reduction``: 1 for "mean"; for "sum", whose NLL is summed over an image's elements, their number
+    (3·H·W of ``target``, (B, 3, H, W)), so that the term keeps the same balance against the NLL."""
+    return 1.0 if config.loss.reduction == "mean" else float(target[0].numel())
+
+
 def adaptive_weight(nll: torch.Tensor, term: torch.Tensor, layer: torch.Tensor, max_weight: float) -> torch.Tensor:
     """Balance ``term`` against the NLL by their gradient norms at ``layer`` (taming-transformers'
     adaptive weight), in fp32: clamp(|grad nll| / (|grad term| + 1e-4), 0, max_weight), detached."""

@@ -21,6 +21,7 @@ from . import __version__
 from .checkpoint import BUNDLE_DIR
 from .config import Config, DataConfig
 from .data import describe, preprocessing
+from .diffusability import DEPLOYED_STD_TOLERANCE  # an e2e export's normaliser is held to the same
 from .e2e import TRANSFORMER_EMA_FILE, TRANSFORMER_FILE
 from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
 from .model import Autoencoder, downsampling_factor
@@ -541,11 +542,15 @@ def e2e_sentence(report: dict) -> str:
     e = report.get("e2e")
     if e is None:
         return ""
+    stds = e["calibration_after"]["channel_std"]
+    off = [v for v in stds if not 1 / DEPLOYED_STD_TOLERANCE <= v <= DEPLOYED_STD_TOLERANCE]
+    caution = (f" CAUTION: the calibration images' latents come out of this normaliser with a per-channel std of "
+               f"{min(stds):.3g} … {max(stds):.3g}, not about 1 (the EMA lags the latents' scale: a longer run, or a "
+               f"lower e2e.ema_decay for a short one)" if off else "")
     return (f"End-to-end tuning (REPA-E): the normaliser is the transformer's EMA (decay {e['ema_decay']:g}) BatchNorm "
             f"after {e['transformer_steps']} transformer steps, at step {e['step']} (the statistics it started from, "
             f"measured before the first step, weigh {100 * e['start_share']:.3g}% in it); pipelines apply "
-            f"{e['exported']}, the "
-            f"transformer trained on {e['transformer_normalised']}; {e['eps_note']}.")
+            f"{e['exported']}, the transformer trained on {e['transformer_normalised']}; {e['eps_note']}.{caution}")
 
 
 def adaptation_sentence(report: dict) -> str:

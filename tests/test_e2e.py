@@ -300,3 +300,32 @@ def test_e2e_resume_into_another_transformer_is_refused_naming_the_file(e2e_part
     (ckpt / "e2e_ema.pt").unlink()
     with pytest.raises(CheckpointError, match=r"e2e_ema\.pt not found"):
         restore(accelerator, parts, ckpt)
+
+
+def test_e2e_fixed_weights_keep_their_balance_under_the_sum_reduction(dinov2_folder, images):
+    """REPA-E's align weight (1.5) and fixed GAN weight (0.1) are stated against a per-element mean NLL: under
+    loss.reduction "sum", whose NLL sums an image's 3·H·W elements, the terms are 3·H·W times larger, so the
+    balance is the same."""
+    from first_stage.loss_term import LossContext
+
+    terms = {}
+    for reduction in ("mean", "sum"):
+        config = load_config(None, [*E2E_TINY, f"e2e.model={dinov2_folder}", f"loss.reduction={reduction}",
+                                    "discriminator.enabled=true", "discriminator.start=0", "discriminator.channels=16",
+                                    "discriminator.adaptive=false", "discriminator.weight=0.1"])
+        accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
+        try:
+            torch.manual_seed(0)
+            parts = build_parts(config, accelerator)
+            out, plan = forward(parts, config, accelerator, images)
+            e2e_start(parts, out.z, plan)
+            gan = next(t for t in parts.loss_fn.terms if t.name == "gan")
+            ctx = LossContext(step=0, nll=torch.zeros(()), base=parts.loss_fn, plan=plan,
+                              discriminator=parts.raw_discriminator, last_layer=parts.raw_model.last_layer())
+            terms[reduction] = (parts.e2e.loss(out, ctx)[0].item(), gan.loss(out, ctx)[0].item())
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    elements = 3 * 32 * 32
+    for mean, summed in zip(terms["mean"], terms["sum"]):
+        assert summed == pytest.approx(elements * mean, rel=1e-5)

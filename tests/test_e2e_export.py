@@ -235,3 +235,16 @@ def test_e2e_checkpoint_reads_its_transformers_and_refusals_name_the_cause(kl_ru
     (checkpoint / TRAINER_STATES["transformer_ema"]).unlink()
     with pytest.raises(FileNotFoundError, match="e2e_ema.pt"):
         read_checkpoint(checkpoint)
+
+
+def test_e2e_sentence_cautions_when_the_normaliser_lags_the_latents():
+    """The normaliser is not measured: when the calibration latents come out of it with a per-channel std far
+    from 1 (the EMA lagging a short run's latent scale), the card's and printout's sentence says so."""
+    from first_stage.reports import e2e_sentence
+
+    e2e = {"ema_decay": 0.99, "transformer_steps": 200, "step": 200, "start_share": 0.134, "exported": "x",
+           "transformer_normalised": "y", "eps_note": "z", "calibration_after": {"channel_std": [1.0, 1.1]}}
+    assert "CAUTION" not in e2e_sentence({"e2e": e2e})
+    e2e["calibration_after"]["channel_std"] = [1.0, 1.7]
+    assert "CAUTION: the calibration images' latents come out of this normaliser with a per-channel std of 1 … 1.7" \
+        in e2e_sentence({"e2e": e2e})
