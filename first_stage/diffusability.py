@@ -52,7 +52,7 @@ from .data import DataError, describe
 from .alignment import load_foundation_model
 from .evaluation import build_fid, stream_images
 from .latent_norm import LatentNormalizer
-from .latent_stats import GAUSSIAN_TAIL, reduce_sum
+from .latent_stats import DEPLOYED_STD_TOLERANCE, GAUSSIAN_TAIL, reduce_sum
 from .dit import DIT_NAMES, DIT_SIZES, ProbeDiT, dit_patch, repa_loss, repa_projector
 from .model import Autoencoder
 
@@ -70,9 +70,6 @@ DIT_PROBES = {name: DIT_SIZES[name] for name in ("tiny", "small", "base")}
 FAMILIES = ("unet", "dit")
 TIME_SCALE = 1000.0  # t in [0, 1] enters the sinusoidal embedding as t · 1000, like DDPM's steps
 NORMALISATIONS = ("channel", "exported")
-# The as-deployed latents are flagged when their std is outside [1/1.5, 1.5]: a diffusion model trained on
-# them sees a signal-to-noise ratio at every t that is ≥ 2.25× off the one its noise schedule was tuned for.
-DEPLOYED_STD_TOLERANCE = 1.5
 
 
 class RepaProbe(nn.Module):

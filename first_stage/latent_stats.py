@@ -26,6 +26,10 @@ from .regularizers import gaussian_kl, kl_per_element
 LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance here
 TAIL_KS = (3, 4, 6)
 GAUSSIAN_TAIL = {k: math.erfc(k / math.sqrt(2)) for k in TAIL_KS}  # P(|x| > k), x ~ N(0, 1)
+# Normalised latents are flagged when their std is outside [1/1.5, 1.5] (the probe's as-deployed column, an e2e
+# export's normaliser): a diffusion model trained on them sees a signal-to-noise ratio at every t that is ≥ 2.25×
+# off the one its noise schedule was tuned for.
+DEPLOYED_STD_TOLERANCE = 1.5
 ZHAT_RANGE, ZHAT_BINS = 12.0, 240  # histogram of ẑ over [-12, 12]; beyond goes to the end bins
 LOGVAR_BINS = 100  # histogram of the log-variance over the clamp range
 ACTIVE_THRESHOLD = 0.01  # a channel is active when Var over images and positions of E[z_c] exceeds this

@@ -21,9 +21,8 @@ from . import __version__
 from .checkpoint import BUNDLE_DIR
 from .config import Config, DataConfig
 from .data import describe, preprocessing
-from .diffusability import DEPLOYED_STD_TOLERANCE  # an e2e export's normaliser is held to the same
 from .e2e import TRANSFORMER_EMA_FILE, TRANSFORMER_FILE
-from .latent_stats import GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
+from .latent_stats import DEPLOYED_STD_TOLERANCE, GAUSSIAN_TAIL, LOGVAR_CLAMP, modal_share_by_chance
 from .model import Autoencoder, downsampling_factor
 
 SCHEMA_VERSION = 2  # 2: preprocessing, images_asked, images_available, skipped_files

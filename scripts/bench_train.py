@@ -225,7 +225,7 @@ def align_pass(e2e, z: torch.Tensor, images: torch.Tensor, plan) -> None:
     """The align pass alone (``E2ETerm.loss``: the frozen transformer to ``e2e.encoder_depth``, the projector, REPA's
     loss) and its backward to a copy of the latent ``z``: where the VAE step's own backward takes over."""
     latent = z.clone().requires_grad_()
-    loss, _ = e2e.loss(SimpleNamespace(z=latent, inputs=images), SimpleNamespace(plan=plan))
+    loss, _ = e2e.loss(SimpleNamespace(z=latent, inputs=images, target=images), SimpleNamespace(plan=plan))
     loss.backward()
 
 
