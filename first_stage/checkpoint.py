@@ -19,6 +19,7 @@ in a way that can run code (:func:`check_checkpoint` refuses a folder before any
 from __future__ import annotations
 
 import datetime
+import functools
 import errno
 import json
 import shutil
@@ -325,10 +326,22 @@ class LoadedVAE:
     projection: dict[str, torch.Tensor] | None = None  # the alignment projection of a checkpoint
     loss_terms: list[str] | None = None  # of a checkpoint: what trained the weights (LOSS_TERMS)
     encoder_origin: dict | None = None  # of a checkpoint started from released weights (recorded_origin)
-    # of a checkpoint of end-to-end tuning (e2e.enabled): the transformer's state dict and its EMA's (whose BatchNorm
-    # statistics are the export's normaliser), whatever ``weights`` says
-    transformer: dict[str, torch.Tensor] | None = None
-    transformer_ema: dict[str, torch.Tensor] | None = None
+
+    # Of a checkpoint of end-to-end tuning (e2e.enabled): the transformer's state dict and its EMA's (whose BatchNorm
+    # statistics are the export's normaliser), whatever ``weights`` says; read when first asked for (only the export
+    # needs them: a DiT-B's two are about 1 GB), None for any other source.
+    @functools.cached_property
+    def transformer(self) -> dict[str, torch.Tensor] | None:
+        return self._e2e_state("raw_transformer")
+
+    @functools.cached_property
+    def transformer_ema(self) -> dict[str, torch.Tensor] | None:
+        return self._e2e_state("transformer_ema")
+
+    def _e2e_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        if self.config is None or not self.config.e2e.enabled:
+            return None
+        return read_state(self.path / TRAINER_STATES[name])
 
 
 def trainer_state_file(path: Path, name: str, discriminator: bool) -> Path:
@@ -359,7 +372,7 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
     weights (``weights="ema"``, when the run kept them) or the raw ones; ``None`` takes what the
     run's ``export.weights`` says (raw when it kept no EMA). Tensors come from safetensors or
     ``torch.load(weights_only=True)``. A checkpoint of end-to-end tuning also gives its transformer and the
-    transformer's EMA (:data:`TRAINER_STATES`), as state dicts."""
+    transformer's EMA (:data:`TRAINER_STATES`), as state dicts read when first asked for."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = resolve_resume("latest", path / "checkpoints")
@@ -386,13 +399,11 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
     elif weights != "raw":
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     disc_file = path / DISCRIMINATOR_WEIGHTS
-    transformers = {}
-    for name in ("raw_transformer", "transformer_ema") if config.e2e.enabled else ():
+    for name in ("raw_transformer", "transformer_ema") if config.e2e.enabled else ():  # read when asked for
         file = path / TRAINER_STATES[name]
         if not file.is_file():
             raise FileNotFoundError(f"{file.resolve()} not found: a checkpoint of a run with e2e.enabled keeps its "
                                     "transformer there (the EMA's BatchNorm statistics are the exported normaliser)")
-        transformers[name] = read_state(file)
     return LoadedVAE(
         path=path, vae=vae.eval(), weights=weights, config=config,
         step=int(json.loads((path / TRAINING_STATE).read_text())["step"]),
@@ -401,7 +412,6 @@ def read_checkpoint(path: Path, weights: str | None = "ema") -> LoadedVAE:
         projection={k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")} or None,
         loss_terms=json.loads((path / LOSS_TERMS).read_text()) if (path / LOSS_TERMS).is_file() else None,
         encoder_origin=recorded_origin(path),
-        transformer=transformers.get("raw_transformer"), transformer_ema=transformers.get("transformer_ema"),
     )
 
 

@@ -14,9 +14,10 @@ A step, as :func:`first_stage.trainer.micro_step` runs it with section ``e2e`` o
    transformer, BatchNorm buffers included (:func:`ema_update`).
 
 The latent BatchNorm (:class:`LatentBatchNorm`: affine off, eps 1e-4, momentum 0.1) is the transformer's
-first layer, started from the first step's measured per-channel statistics (REPA-E measures its dataset
-beforehand), updated only by the transformer step, its statistics reduced over every process (REPA-E's
-SyncBN); the EMA transformer's buffers are the tuned VAE's exported normaliser. For an
+first layer, started from per-channel statistics measured before the first step (``e2e.bn_init_images``
+images, ``trainer.e2e_measure``; REPA-E measures its dataset beforehand), updated only by the transformer
+step, its statistics reduced over every process (REPA-E's SyncBN); the EMA transformer's buffers are the
+tuned VAE's exported normaliser. For an
 ``AutoencoderKLFlux2`` the transformer reads the 2×2 patches its own BatchNorm normalises, so the buffers
 are its ``bn.*``.
 
@@ -194,12 +195,6 @@ def check_e2e(config: Config) -> None:
                           "e2e transformer's grid; set it to 0 with e2e.enabled")
 
 
-def transformer_layout(vae) -> LatentNormalizer:
-    """What the transformer's input is: the latent itself, or for a VAE with a FLUX.2 BatchNorm its 2×2
-    patches (the layout its ``bn`` normalises)."""
-    return LatentNormalizer.of(vae)
-
-
 class E2ETerm(LossTerm):
     """REPA-E's alignment of the VAE step as a loss-term unit: ``align_weight`` × the REPA loss of the
     align pass. :meth:`build` loads the vision model and builds the transformer and its EMA (held here
@@ -223,7 +218,8 @@ class E2ETerm(LossTerm):
             raise ConfigError("e2e.enabled: an AutoencoderTiny has no posterior to tune end to end")
         self.autocast = DTYPES.get(self.config.train.mixed_precision)  # None for "no"
         self.vision: FoundationFeatures = load_foundation_model(cfg.model, "latent", self.autocast).to(device)
-        self.layout = transformer_layout(vae)
+        # the transformer reads the latent, or for a VAE with a FLUX.2 BatchNorm the 2×2 patches its bn normalises
+        self.layout = LatentNormalizer.of(vae)
         side = self.config.data.resolution // downsampling_factor(vae.config)
         probe = self.layout.layout(torch.zeros(1, vae.config.latent_channels, side, side))
         self.channels, self.side = probe.shape[1], probe.shape[-1]
@@ -243,6 +239,13 @@ class E2ETerm(LossTerm):
         if ema_file is not None and not self.ema_missing:
             load_transformer(self.ema, str(ema_file))
         return None
+
+    @torch.no_grad()
+    def start_statistics(self, sums: torch.Tensor) -> None:
+        """The BatchNorm's, and its EMA's, running statistics from :meth:`LatentBatchNorm.sums` of latents in the
+        transformer's layout (over every process): REPA-E's ``init_bn``."""
+        self.transformer.bn.start_from(sums)
+        ema_update(self.ema, self.transformer, 0.0)
 
     @property
     def tokens_grid(self) -> tuple[int, int]:

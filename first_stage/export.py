@@ -249,8 +249,9 @@ def normalisation_kind(requested: str, vae: Autoencoder) -> str:
 def check_e2e_kind(kind: str) -> None:
     """Refuse a normalisation kind that cannot carry an end-to-end tuned VAE's BatchNorm statistics."""
     if kind not in ("per_channel", "batch_norm"):
-        raise ValueError(f"latent_norm {kind}: an end-to-end tuned AutoencoderKL exports its transformer's BatchNorm "
-                         "statistics per channel (latents_mean, latents_std); use latent_norm per_channel")
+        raise ConfigError(f"export.latent_norm {kind}: an end-to-end tuned AutoencoderKL exports its transformer's "
+                          "BatchNorm statistics per channel (latents_mean, latents_std); set export.latent_norm="
+                          "per_channel (scripts/export.py: --latent-norm per_channel)")
 
 
 def check_exportable(latent_norm: str, vae: Autoencoder, resolution: int, where: str, e2e: bool = False) -> str:

@@ -40,7 +40,7 @@ from .checkpoint import (AUTOENCODER_CONFIG, CONFIG_FILE, ENCODER_ORIGIN, LOSS_T
 from .config import Config, ConfigError, LossConfig, OptimizerConfig, TrainConfig, changed_since, to_yaml
 from .export import check_exportable
 from .discriminator import build_discriminator, discriminator_side, load_discriminator
-from .e2e import E2E_MEASURE_TAG, TRANSFORMER_EMA_FILE, E2ETerm, ema_update
+from .e2e import E2E_MEASURE_TAG, TRANSFORMER_EMA_FILE, E2ETerm, LatentBatchNorm, ema_update
 from .latent_stats import latent_batch_stats
 from .loss_term import BuiltSizes, StepDraw
 from .losses import LPIPS_MIN_SIDE, GeneratorLoss, discriminator_step_loss
@@ -229,7 +229,7 @@ def build_parts(config: Config, accelerator) -> TrainingParts:
             adopt_encoder(vae, teacher)  # a fresh student's latents are its teacher's
     # not after training (an AutoencoderTiny decodes its teacher's normalised latents: the teacher's are checked)
     check_exportable(config.export.latent_norm, teacher.vae if is_tiny(vae) else vae, config.data.resolution,
-                     "data.resolution")
+                     "data.resolution", e2e=config.e2e.enabled)
     # a student that took its teacher's encoder has the teacher's origin (its export keeps the normalisation)
     origin = None if is_tiny(vae) else encoder_origin(config.model.init_from or config.teacher.path, vae)
     set_trainable(vae, config.model.trainable)
@@ -274,10 +274,6 @@ def attach_transformer(parts: TrainingParts, e2e: E2ETerm, config: Config, accel
     of Accelerate's: it has its own optimiser and GradScaler, like the discriminator, and its checkpoint files
     are named, not numbered), its AdamW (section e2e's settings, constant learning rate) and fp16 GradScaler."""
     vae = parts.raw_model.vae
-    if not has_batch_norm(vae) and config.export.latent_norm != "per_channel":
-        raise ConfigError(f"export.latent_norm: end-to-end tuning exports its BatchNorm's per-channel statistics as "
-                          f"latents_mean/latents_std; set export.latent_norm=per_channel (this config says "
-                          f"{config.export.latent_norm})")
     if has_batch_norm(vae) and config.e2e.bn_eps != vae.config.batch_norm_eps:
         raise ConfigError(f"e2e.bn_eps: the transformer's BatchNorm becomes the VAE's bn, whose eps is "
                           f"{vae.config.batch_norm_eps:g}; set e2e.bn_eps={vae.config.batch_norm_eps:g}")
@@ -462,10 +458,8 @@ def micro_step(accelerator, parts: TrainingParts, x: torch.Tensor, noise: torch.
 def e2e_start(parts: TrainingParts, z: torch.Tensor, plan: ForwardPlan) -> None:
     """Before the align pass of the run's first step: the transformer's BatchNorm (and its EMA's) starts from
     the measured statistics of this micro-batch's latents over every process (REPA-E's ``init_bn``)."""
-    bn = parts.raw_transformer.bn
-    if int(bn.num_batches_tracked) == 0 and not parts.e2e.measured:  # no step yet (a skipped one undoes its)
-        bn.start_from(bn.sums(parts.e2e.layout.layout(z.detach().float())))
-        ema_update(parts.transformer_ema, parts.raw_transformer, 0.0)
+    if int(parts.raw_transformer.bn.num_batches_tracked) == 0 and not parts.e2e.measured:  # a skipped step undoes
+        parts.e2e.start_statistics(LatentBatchNorm.sums(parts.e2e.layout.layout(z.detach().float())))
 
 
 @torch.no_grad()
@@ -475,7 +469,7 @@ def e2e_measure(accelerator, parts: TrainingParts, batches, seed: int) -> int:
     the images, :func:`first_stage.data.calibration_batches`), summed over every process: REPA-E measures its
     dataset before training (``init_bn``). Each image's sample is seeded by (seed, its id). Returns the
     images measured over all processes."""
-    vae, bn = parts.raw_model.vae, parts.raw_transformer.bn
+    vae = parts.raw_model.vae
     sums = torch.zeros(1 + 2 * parts.e2e.channels, dtype=torch.float64, device=accelerator.device)
     images = 0
     for batch in batches:
@@ -486,10 +480,9 @@ def e2e_measure(accelerator, parts: TrainingParts, batches, seed: int) -> int:
             posterior = vae.encode(x).latent_dist
         noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
             hash((seed, E2E_MEASURE_TAG, i)))) for i in batch["ids"]]).to(accelerator.device)
-        sums += bn.sums(parts.e2e.layout.layout(posterior_sample(posterior, noise).float()))
+        sums += LatentBatchNorm.sums(parts.e2e.layout.layout(posterior_sample(posterior, noise).float()))
         images += x.shape[0]
-    bn.start_from(sums)
-    ema_update(parts.transformer_ema, parts.raw_transformer, 0.0)
+    parts.e2e.start_statistics(sums)
     parts.e2e.measured = True
     return int(sum_over_processes(accelerator, images)[0])
 

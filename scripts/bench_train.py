@@ -156,16 +156,26 @@ def bench_config(args, vgg_file: Path):
     return config, lpips
 
 
+def model_or_standin(name: str, size: str | None, folder: Path) -> tuple[str, str]:
+    """The vision model ``name`` when it loads, else a random DINOv2 of ``size`` saved to ``folder`` (the
+    model's own error when there is no size): (the model to use, what the rows say about it)."""
+    try:
+        load_foundation_model(name)
+        return name, name
+    except AlignmentModelError:
+        if size is None:
+            raise
+    save_standin_dinov2(folder, *STANDINS[size])
+    cost = ("the FLOPs equal the real model's, the weights are random" if size in DINOV2_SIZES
+            else "a toy size, NOT the cost of a real DINOv2")
+    return str(folder), f"random DINOv2-{size} ({name} not on disk; {cost})"
+
+
 def alignment_model(config, size: str, folder: Path) -> tuple[list[str], str]:
     """``alignment.model`` as given when it loads, else a random DINOv2 of ``size`` saved to ``folder``:
     (the override to use, what the rows say about it)."""
-    try:
-        load_foundation_model(config.alignment.model)
-        return [], config.alignment.model
-    except AlignmentModelError:
-        save_standin_dinov2(folder, *STANDINS[size])
-        same = "same cost" if size in DINOV2_SIZES else "a toy size, NOT the cost of a real DINOv2"
-        return [f"alignment.model={folder}"], f"random DINOv2-{size} ({config.alignment.model} not on disk; {same})"
+    model, note = model_or_standin(config.alignment.model, size, folder)
+    return ([] if model == config.alignment.model else [f"alignment.model={model}"]), note
 
 
 def student_overrides(spec: str, teacher_channels: int) -> list[str]:
@@ -195,19 +205,12 @@ def vision_model(config, given: str | None, standin: str | None, folder: Path) -
         load_foundation_model(given)  # refused here, naming it, rather than at the step's build
         return given, given
     name = config.e2e.model
-    try:
-        load_foundation_model(name)
-        return name, name
-    except AlignmentModelError:
-        pass
     size = standin or next((s for s in DINOV2_SIZES if s in name.lower()), None)
-    if size is None:
+    try:
+        return model_or_standin(name, size, folder)
+    except AlignmentModelError:
         raise SystemExit(f"--e2e: e2e.model {name!r} is not on disk and names no DINOv2 size "
-                         f"({', '.join(DINOV2_SIZES)}); pass --vision-model or --vision-standin")
-    save_standin_dinov2(folder, *STANDINS[size])
-    cost = ("the FLOPs equal the real model's, the weights are random" if size in DINOV2_SIZES
-            else "a toy size, NOT the cost of a real DINOv2")
-    return str(folder), f"random DINOv2-{size} ({name} not on disk; {cost})"
+                         f"({', '.join(DINOV2_SIZES)}); pass --vision-model or --vision-standin") from None
 
 
 def e2e_overrides(config, vision: str, transformer: str | None) -> list[str]:
