@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and images built in the test, nothing downloaded."""
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -68,11 +69,9 @@ def vgg_file(tmp_path_factory):
 def accelerator():
     """A one-process CPU Accelerator, its global state reset afterwards."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerator()
 
 
 @pytest.fixture
@@ -129,3 +128,25 @@ def identical(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
     return a == b
+
+
+@contextlib.contextmanager
+def training_accelerator(config):
+    """A one-process CPU Accelerator as the entry points build it for ``config`` (trainer.accelerator_options),
+    Accelerate's global state reset on exit, so that the next test can build another."""
+    from accelerate import Accelerator
+
+    from first_stage.trainer import accelerator_options
+
+    try:
+        yield Accelerator(cpu=True, **accelerator_options(config.train))
+    finally:
+        reset_accelerator()
+
+
+def reset_accelerator() -> None:
+    """Forget Accelerate's global state (process, mixed precision, gradient accumulation) of the last Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
 
+from conftest import training_accelerator
 from first_stage.checkpoint import EXPORT_REPORT
 from first_stage.convert import to_ldm_state_dict
 from first_stage.config import ConfigError, DataConfig, ModelConfig, load_config
@@ -19,7 +20,7 @@ from first_stage.export import ExportOptions, ExportSource, export_autoencoder
 from first_stage.model import count_parameters, new_autoencoder
 from first_stage.model import ENCODER_PREFIXES
 from first_stage.teacher import Teacher, decode_cost
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step, validate
+from first_stage.trainer import TrainingState, build_parts, train_step, validate
 
 STEPS = 6
 
@@ -47,8 +48,7 @@ def train(overrides: list[str], photographs, steps: int = STEPS):
     """Train ``steps`` steps on the photographs in process; the parts and each step's logs."""
     config = load_config(None, ["data.resolution=32", "train.batch_size=4", "loss.perceptual_weight=0",
                                 "optimizer.lr=1e-3", "regularizer.kl_weight=0", *overrides])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         torch.manual_seed(0)
         parts = build_parts(config, accelerator)
         state, logs = TrainingState(), []
@@ -56,9 +56,6 @@ def train(overrides: list[str], photographs, steps: int = STEPS):
         for _ in range(steps):
             logs.append(train_step(accelerator, parts, config, state, iter([batch])))
         return config, parts, logs
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def export(config, parts, photographs, out):

@@ -7,13 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
+from conftest import training_accelerator
 from first_stage.config import ConfigError, load_config
 from first_stage.e2e import E2ETransformer, LatentBatchNorm, ema_update, repa_loss
 from first_stage.loss_term import StepDraw
-from first_stage.trainer import (TrainingState, accelerator_options, build_parts, e2e_start, forward_plan, micro_step,
+from first_stage.trainer import (TrainingState, build_parts, e2e_start, forward_plan, micro_step,
                                  posterior_noise, train_step)
 
 E2E_TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "e2e.enabled=true",
@@ -27,11 +26,9 @@ def e2e_parts(dinov2_folder):
     config = load_config(None, [*E2E_TINY, f"e2e.model={dinov2_folder}", "discriminator.enabled=true",
                                 "discriminator.start=0", "discriminator.channels=16", "discriminator.adaptive=false",
                                 "discriminator.weight=0.1"])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    torch.manual_seed(0)
-    yield config, build_parts(config, accelerator), accelerator
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with training_accelerator(config) as accelerator:
+        torch.manual_seed(0)
+        yield config, build_parts(config, accelerator), accelerator
 
 
 def forward(parts, config, accelerator, images, step=0):
@@ -237,8 +234,7 @@ def test_e2e_micro_step_runs_before_the_discriminator_pretraining_ends_without_t
     """During discriminator.pretrain_steps only the discriminator trains: the transformer sees nothing."""
     config = load_config(None, [*E2E_TINY, f"e2e.model={dinov2_folder}", "discriminator.enabled=true",
                                 "discriminator.start=0", "discriminator.channels=16", "discriminator.pretrain_steps=1"])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         parts = build_parts(config, accelerator)
         before = {k: v.clone() for k, v in parts.raw_transformer.state_dict().items()}
         out_shape = parts.latent_shape(32)
@@ -247,9 +243,6 @@ def test_e2e_micro_step_runs_before_the_discriminator_pretraining_ends_without_t
         finite, logs = micro_step(accelerator, parts, images, noise, 0, config, None, plan)
         assert finite and "train/e2e/denoise" not in logs
         assert all(torch.equal(v, before[k]) for k, v in parts.raw_transformer.state_dict().items())
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def test_e2e_draws_are_a_function_of_the_image_not_the_layout(e2e_parts):
@@ -313,8 +306,7 @@ def test_e2e_fixed_weights_keep_their_balance_under_the_sum_reduction(dinov2_fol
         config = load_config(None, [*E2E_TINY, f"e2e.model={dinov2_folder}", f"loss.reduction={reduction}",
                                     "discriminator.enabled=true", "discriminator.start=0", "discriminator.channels=16",
                                     "discriminator.adaptive=false", "discriminator.weight=0.1"])
-        accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-        try:
+        with training_accelerator(config) as accelerator:
             torch.manual_seed(0)
             parts = build_parts(config, accelerator)
             out, plan = forward(parts, config, accelerator, images)
@@ -323,9 +315,6 @@ def test_e2e_fixed_weights_keep_their_balance_under_the_sum_reduction(dinov2_fol
             ctx = LossContext(step=0, nll=torch.zeros(()), base=parts.loss_fn, plan=plan,
                               discriminator=parts.raw_discriminator, last_layer=parts.raw_model.last_layer())
             terms[reduction] = (parts.e2e.loss(out, ctx)[0].item(), gan.loss(out, ctx)[0].item())
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
     elements = 3 * 32 * 32
     for mean, summed in zip(terms["mean"], terms["sum"]):
         assert summed == pytest.approx(elements * mean, rel=1e-5)

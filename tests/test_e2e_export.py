@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -30,6 +29,7 @@ from first_stage.latent_norm import LatentNormalizer
 from first_stage.model import new_autoencoder
 from first_stage.trainer import TrainingState, accelerator_options, build_parts, run_files, train_step, trainer_states
 
+from conftest import reset_accelerator
 from test_e2e import E2E_TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +38,6 @@ E2E_RUN = [*E2E_TINY, "discriminator.enabled=true", "discriminator.start=0", "di
            "discriminator.adaptive=false", "discriminator.weight=0.1", "export.calibration_images=4", "data.split=all"]
 # e2e.bn_eps stays 1e-4: flux2-tiny's batch_norm_eps
 FLUX2 = ["model.preset=flux2-tiny", "export.latent_norm=batch_norm", "discriminator.enabled=false"]
-
-
-def reset_accelerator() -> None:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture

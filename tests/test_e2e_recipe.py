@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from conftest import training_accelerator
 from first_stage.config import ModelConfig, load_config
 from first_stage.model import new_autoencoder
 from first_stage.regularizers import KLRegularizer
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+from first_stage.trainer import TrainingState, build_parts, train_step
 
 RECIPE = Path(__file__).parents[1] / "configs" / "e2e_sd_f8c4.yaml"
 
@@ -61,8 +60,7 @@ def test_e2e_recipe_pretrains_the_discriminator_then_tunes_end_to_end(dinov2_fol
         "train.batch_size=2", "e2e.transformer=tiny", "e2e.encoder_depth=1", "e2e.projector_dim=16",
         f"e2e.model={dinov2_folder}", "discriminator.channels=16", "discriminator.pretrain_steps=1",
         f"loss.lpips_weights={vgg_file}", "loss.lpips_download=false"])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         parts = build_parts(config, accelerator)
         batch = {"pixel_values": images, "skipped": 0, "upsized": 0}
         state = TrainingState()
@@ -92,6 +90,3 @@ def test_e2e_recipe_pretrains_the_discriminator_then_tunes_end_to_end(dinov2_fol
             assert moved(module, before)
         assert int(parts.raw_transformer.bn.num_batches_tracked) == 1
         assert parts.transformer_ema.bn.running_var.ne(1).all()  # started from the batch, as the raw one
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()

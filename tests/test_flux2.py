@@ -15,6 +15,7 @@ from diffusers import (AutoencoderKLFlux2, AutoencoderDC, FlowMatchEulerDiscrete
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import training_accelerator
 from first_stage.checkpoint import EXPORT_WEIGHTS, load_vae
 from first_stage.config import ModelConfig
 from first_stage.convert import bfl_obstacles, bfl_params, to_bfl_state_dict
@@ -450,18 +451,15 @@ def test_the_from_scratch_recipe_trains_a_step_with_alignment(dinov2_folder):
     one step of the FLUX.2 class through build_parts and train_step."""
     from pathlib import Path
 
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     from first_stage.config import load_config
-    from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+    from first_stage.trainer import TrainingState, build_parts, train_step
     recipe = Path(__file__).parents[1] / "configs" / "flux2_f8c32_align.yaml"
     config = load_config(recipe, ["model.preset=flux2-tiny", f"alignment.model={dinov2_folder}", "data.source=sample",
                                   "data.resolution=32", "train.batch_size=2", "train.mixed_precision=no",
                                   "loss.perceptual_weight=0", "discriminator.start=0", "discriminator.channels=16"])
     assert config.alignment.enabled and config.discriminator.enabled
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         parts = build_parts(config, accelerator)
         assert type(parts.raw_model.vae).__name__ == "AutoencoderKLFlux2" and parts.raw_model.projection is not None
         bn = {k: v.clone() for k, v in parts.raw_model.vae.bn.state_dict().items()}
@@ -469,6 +467,3 @@ def test_the_from_scratch_recipe_trains_a_step_with_alignment(dinov2_folder):
         logs = train_step(accelerator, parts, config, TrainingState(), batches)
         assert logs["train/loss/align_cos"] > 0 and "train/loss/kl" in logs
         assert all(torch.equal(v, parts.raw_model.vae.bn.state_dict()[k]) for k, v in bn.items())  # never trained
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()

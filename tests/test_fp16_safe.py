@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 
+from conftest import training_accelerator
 from first_stage.config import ConfigError, ModelConfig, load_config
 from first_stage.export import FP16_MAX, fp16_overflow_check
 from first_stage.fp16_safe import (RESCALE_TARGET, Fp16SafeTerm, activation_excess, groupnorm_fed_convs,
                                    probe_batch, rescale_groupnorm_fed)
 from first_stage.model import AutoencoderWrapper, new_autoencoder
 from first_stage.terms import build_terms
-from first_stage.trainer import TrainingState, accelerator_options, build_parts, train_step
+from first_stage.trainer import TrainingState, build_parts, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # The stated tolerances of the fine-tune, against the overflowing original in fp32 on the probe images:
@@ -164,8 +163,7 @@ def test_the_finetune_passes_the_audit_and_holds_outputs_and_latents(tmp_path):
     outputs, latents = outputs_and_latents(original, x)
 
     config = load_config(None, FINETUNE + [f"model.init_from={tmp_path / 'vae'}", f"teacher.path={tmp_path / 'vae'}"])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         torch.manual_seed(0)
         parts = build_parts(config, accelerator)
         term = parts.loss_fn.terms[-1]
@@ -178,9 +176,6 @@ def test_the_finetune_passes_the_audit_and_holds_outputs_and_latents(tmp_path):
         assert state.skipped_steps == 0
         assert all(entry["train/fp16_peak"] < config.fp16_safe.limit for entry in logs)
         assert any("fp16-safe fine-tune" in line for line in parts.loss_fn.card_lines())
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
     after = fp16_overflow_check(vae, x)
     assert after["overflow"] == [] and after["peak"] < config.fp16_safe.limit

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from conftest import identical
+from conftest import identical, training_accelerator
 from first_stage.checkpoint import (AUTOENCODER_WEIGHTS, CONFIG_FILE, TRAINER_STATES,
                                     TRAINING_STATE, CheckpointError, check_checkpoint, legacy_state_files,
                                     save_checkpoint)
 from first_stage.config import ConfigError, changed_since, load_config, to_dict, with_overrides
 from first_stage.losses import discriminator_step_loss
-from first_stage.trainer import (TrainingState, accelerator_options, build_parts, lr_factor, micro_step,
+from first_stage.trainer import (TrainingState, build_parts, lr_factor, micro_step,
                                  note_layout, posterior_noise, restore, run_files, train_step, trainer_states)
 
 TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", "discriminator.enabled=true",
@@ -33,11 +31,9 @@ TINY = ["data.resolution=32", "train.batch_size=2", "loss.perceptual_weight=0", 
 def parts_and_accelerator():
     """Training parts of the tiny config on a one-process CPU Accelerator (reset afterwards)."""
     config = load_config(None, TINY)
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    torch.manual_seed(0)
-    yield config, build_parts(config, accelerator), accelerator
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with training_accelerator(config) as accelerator:
+        torch.manual_seed(0)
+        yield config, build_parts(config, accelerator), accelerator
 
 
 def grads(params) -> list[torch.Tensor]:
@@ -110,8 +106,7 @@ def test_discriminator_pretraining_leaves_the_vae_bit_for_bit(images):
     discriminator alone against the frozen VAE's reconstructions. Weights, buffers, EMA and optimiser state
     of the VAE stay bit for bit; then the fine-tune starts with the schedule counted from there."""
     config = load_config(None, TINY + ["discriminator.pretrain_steps=2", "train.max_steps=10"])
-    accelerator = Accelerator(cpu=True, **accelerator_options(config.train))
-    try:
+    with training_accelerator(config) as accelerator:
         torch.manual_seed(0)
         parts = build_parts(config, accelerator)
         vae = {name: copy.deepcopy(getattr(parts, name).state_dict()) for name in ("raw_model", "optimizer", "ema")}
@@ -130,9 +125,6 @@ def test_discriminator_pretraining_leaves_the_vae_bit_for_bit(images):
         factor = lr_factor(0, config.optimizer, 8)  # the warm-up starts after the pre-training
         assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(config.optimizer.lr * factor)
         assert "steps 0-1: the discriminator alone" in parts.loss_fn.card_lines()[-1]
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
     for wrong in (["discriminator.start=5"], ["discriminator.enabled=false"]):
         with pytest.raises(ConfigError, match="discriminator.enabled=true and discriminator.start=0"):
             load_config(None, TINY + ["discriminator.pretrain_steps=2", *wrong])
